@@ -1,0 +1,1 @@
+"""Budget calibration and INT8 quantization (see issue 6)."""

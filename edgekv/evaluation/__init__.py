@@ -1,0 +1,1 @@
+"""Benchmarks, retrieval tasks and fidelity metrics (see issue 5)."""

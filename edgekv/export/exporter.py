@@ -1,0 +1,220 @@
+"""`edgekv export`: trace a Hugging Face causal LM into fixed-shape per-layer ONNX graphs.
+
+Four variants of the L+1 graphs of a step are written (see modules.py for the graphs):
+
+    budget-decode / budget-prefill   KV input of the profile's budget (larger for the first dense layers),
+                                     used by the quest and streaming policies;
+    dense-decode / dense-prefill     KV input of the model's full context: the classic static-NPU design
+                                     that benchmarks compare against.
+
+Graphs that are identical across variants (the embedding graph) are written once; every weight is
+written once into the shared weight files (weights.py).
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+import edgekv
+from edgekv.export.modules import EmbedQKV, LastLayerHead, LayerBoundary
+from edgekv.export.weights import WeightWriter, parameter_digests
+from edgekv.toolkit.manifest import write_manifest
+from edgekv.toolkit.models import DEFAULT_MODEL, LoadedModel, load_model
+from edgekv.toolkit.profiles import Profile, load_profile
+
+VARIANTS = ("budget-decode", "budget-prefill", "dense-decode", "dense-prefill")
+GRAPHS_SUBDIR = "graphs"
+TOKENIZER_SUBDIR = "tokenizer"
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    kind: str  # embed | layer | head
+    layer: int  # the layer whose attention runs in the graph (-1 for embed)
+    seq_len: int
+    budget: int  # KV slots (0 for embed)
+
+    @property
+    def name(self) -> str:
+        if self.kind == "embed":
+            return f"embed.s{self.seq_len}"
+        if self.kind == "head":
+            return f"head.s{self.seq_len}.b{self.budget}"
+        return f"layer{self.layer:02d}.s{self.seq_len}.b{self.budget}"
+
+
+def model_dims(config) -> dict[str, int]:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
+            "q_heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+            "head_dim": head_dim, "vocab": config.vocab_size, "max_context": config.max_position_embeddings}
+
+
+def plan_variants(profile: Profile, layers: int, max_context: int) -> dict[str, list[GraphPlan]]:
+    plans = {}
+    for variant in VARIANTS:
+        dense, prefill = variant.startswith("dense"), variant.endswith("prefill")
+        seq = profile.prefill_chunk if prefill else 1
+
+        def budget(layer: int) -> int:
+            return max_context if dense else profile.layer_budget(layer, prefill)
+
+        plans[variant] = ([GraphPlan("embed", -1, seq, 0)]
+                          + [GraphPlan("layer", layer, seq, budget(layer)) for layer in range(layers - 1)]
+                          + [GraphPlan("head", layers - 1, seq, budget(layers - 1))])
+    return plans
+
+
+def example_inputs(plan: GraphPlan, dims: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Inputs that fix every shape of the traced graph (values are irrelevant to the trace)."""
+    s, b = plan.seq_len, plan.budget
+    positions = torch.arange(s, dtype=torch.int64).reshape(1, s)
+    if plan.kind == "embed":
+        return {"input_ids": torch.zeros(1, s, dtype=torch.int64), "position_ids": positions}
+    inputs = {
+        "hidden_in": torch.randn(1, s, dims["hidden"]),
+        "q_in": torch.randn(1, dims["q_heads"], s, dims["head_dim"]),
+        "k_sel": torch.randn(1, dims["kv_heads"], b, dims["head_dim"]),
+        "v_sel": torch.randn(1, dims["kv_heads"], b, dims["head_dim"]),
+        "mask": torch.zeros(1, 1, s, b),
+    }
+    if plan.kind == "layer":
+        inputs["position_ids"] = positions
+    return inputs
+
+
+def output_names(plan: GraphPlan) -> list[str]:
+    return ["logits"] if plan.kind == "head" else ["hidden_out", "q_out", "k_out", "v_out"]
+
+
+def graph_module(model, plan: GraphPlan) -> torch.nn.Module:
+    if plan.kind == "embed":
+        return EmbedQKV(model)
+    if plan.kind == "head":
+        return LastLayerHead(model)
+    return LayerBoundary(model, plan.layer)
+
+
+def trace_graph(model, plan: GraphPlan, dims: dict[str, int], opset: int) -> onnx.ModelProto:
+    inputs = example_inputs(plan, dims)
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter is used on purpose: it gives static shapes, folds constants and
+        # traces these small modules in well under a second each. Its deprecation notice is noise here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph_module(model, plan), tuple(inputs.values()), buffer, dynamo=False,
+                          opset_version=opset, input_names=list(inputs), output_names=output_names(plan),
+                          do_constant_folding=True)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def tensor_specs(values) -> list[dict]:
+    specs = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        specs.append({"name": value.name, "shape": [d.dim_value if d.HasField("dim_value") else d.dim_param
+                                                    for d in tensor_type.shape.dim],
+                      "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).name})
+    return specs
+
+
+def generation_defaults(loaded: LoadedModel) -> dict:
+    config = loaded.model.generation_config
+    eos = config.eos_token_id if config.eos_token_id is not None else loaded.model.config.eos_token_id
+    eos_ids = sorted(set(eos if isinstance(eos, list) else [eos])) if eos is not None else []
+    return {"eos_token_ids": eos_ids, "do_sample": bool(config.do_sample),
+            "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
+            "repetition_penalty": config.repetition_penalty}
+
+
+def model_record(loaded: LoadedModel) -> dict:
+    config = loaded.model.config
+    return {"name": loaded.source.name, "source": str(loaded.source.path), "source_sha256": loaded.source_sha256,
+            "architecture": loaded.architecture, **model_dims(config),
+            "rope_theta": float(config.rope_theta), "rope_scaling": getattr(config, "rope_scaling", None),
+            "rms_norm_eps": float(config.rms_norm_eps), "tie_word_embeddings": bool(config.tie_word_embeddings),
+            "sliding_window": getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True)
+            else None,
+            "bos_token_id": config.bos_token_id}
+
+
+def default_out_dir(model_name: str, profile: Profile) -> Path:
+    return Path("artifacts") / f"{model_name}-{profile.name}"
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    seconds: float
+    graph_count: int
+    weight_bytes: int
+    artifact_bytes: int
+
+
+def export_artifact(model_spec: str = DEFAULT_MODEL, profile_spec: str = "npu-small", out_dir: Path | None = None,
+                    progress: Callable[[str], None] = print,
+                    step: Callable[[str, int, int], None] | None = None) -> ExportResult:
+    """Export `model_spec` for `profile_spec` into `out_dir`; step(name, i, n) reports graph progress."""
+    start = time.perf_counter()
+    profile = load_profile(profile_spec)
+    progress(f"loading model {model_spec}")
+    loaded = load_model(model_spec, progress)
+    dims = model_dims(loaded.model.config)
+    out_dir = Path(out_dir) if out_dir else default_out_dir(loaded.source.name, profile)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    graphs_dir = staging / GRAPHS_SUBDIR
+    graphs_dir.mkdir(parents=True)
+
+    variants = plan_variants(profile, dims["layers"], dims["max_context"])
+    unique = {plan.name: plan for plans in variants.values() for plan in plans}
+    writer = WeightWriter(graphs_dir, parameter_digests(loaded.model))
+    graphs = {}
+    for i, plan in enumerate(unique.values()):
+        if step:
+            step(plan.name, i, len(unique))
+        proto = trace_graph(loaded.model, plan, dims, profile.opset)
+        writer.externalize(proto)
+        rel = f"{GRAPHS_SUBDIR}/{plan.name}.onnx"
+        onnx.save(proto, staging / rel)
+        graphs[plan.name] = {"name": plan.name, "file": rel, "kind": plan.kind, "layer": plan.layer,
+                             "seq_len": plan.seq_len, "budget": plan.budget,
+                             "inputs": tensor_specs(proto.graph.input), "outputs": tensor_specs(proto.graph.output),
+                             "weights": [t.name for t in proto.graph.initializer
+                                         if t.data_location == onnx.TensorProto.EXTERNAL]}
+    if step:
+        step("done", len(unique), len(unique))
+    writer.close()
+
+    loaded.tokenizer.save_pretrained(staging / TOKENIZER_SUBDIR)
+    manifest = {
+        "format_version": edgekv.ARTIFACT_FORMAT_VERSION,
+        "edgekv_version": edgekv.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": model_record(loaded),
+        "profile": profile.to_tables(),
+        "graphs": graphs,
+        "variants": {variant: [plan.name for plan in plans] for variant, plans in variants.items()},
+        "weights": {e.name: {"file": f"{GRAPHS_SUBDIR}/{e.file}", "offset": e.offset, "length": e.length,
+                             "dtype": e.dtype, "shape": list(e.shape)} for e in writer.entries.values()},
+        "tokenizer": {"dir": TOKENIZER_SUBDIR, "chat_template": loaded.tokenizer.chat_template},
+        "generation": generation_defaults(loaded),
+    }
+    write_manifest(staging, manifest)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    weight_bytes = sum(e.length for e in writer.entries.values())
+    artifact_bytes = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+    return ExportResult(out_dir, time.perf_counter() - start, len(unique), weight_bytes, artifact_bytes)
+

@@ -1,0 +1,131 @@
+"""The per-layer graph modules that are traced to ONNX.
+
+A decoder of L layers becomes L+1 graphs per step (see docs/architecture.md, "Data flow"):
+
+    embed_qkv:   input_ids, position_ids                      -> hidden, q, k, v        (layer 0's q/k/v)
+    layer[l]:    hidden, q, k_sel, v_sel, mask, position_ids  -> hidden, q, k, v        (attn+MLP of l, q/k/v of l+1)
+    head:        hidden, q, k_sel, v_sel, mask                -> logits of the last row (attn+MLP of L-1)
+
+The host sits between the graphs: it appends the new k/v to its page store and gathers the selected
+pages into the fixed-size k_sel/v_sel with an additive mask. Every shape is fixed at trace time.
+
+The modules call the Hugging Face model's own submodules (norms, projections, MLP, rotary embedding),
+so rope theta, rope scaling, eps, biases and activation are the model's own, never re-derived here.
+Hidden states are 2-D [S, H] inside the graphs so every projection is a plain matrix product.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+# Additive mask value for slots a query must not see. Finite (float16's lowest) so a row whose
+# slots are all masked (a padding row) gives a uniform softmax instead of NaN, and the same mask
+# works if a device runs the graph in float16. exp(-65504) is exactly 0 in float32.
+MASK_VALUE = -65504.0
+
+
+def _dims(model) -> tuple[int, int, int]:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_attention_heads, cfg.num_key_value_heads, head_dim
+
+
+def project_qkv(model, layer_index: int, hidden: torch.Tensor, position_ids: torch.Tensor):
+    """Pre-attention norm, q/k/v projections and RoPE at absolute positions, for one layer.
+
+    hidden [S, H] -> q [1, Hq, S, D], k and v [1, Hkv, S, D]; q and k are post-RoPE.
+    """
+    n_q, n_kv, head_dim = _dims(model)
+    layer = model.model.layers[layer_index]
+    seq = hidden.shape[0]
+    x = layer.input_layernorm(hidden)
+    attn = layer.self_attn
+    q = attn.q_proj(x).reshape(seq, n_q, head_dim).transpose(0, 1).unsqueeze(0)
+    k = attn.k_proj(x).reshape(seq, n_kv, head_dim).transpose(0, 1).unsqueeze(0)
+    v = attn.v_proj(x).reshape(seq, n_kv, head_dim).transpose(0, 1).unsqueeze(0)
+    cos, sin = rope_tables(model, position_ids)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def rope_tables(model, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [1, S, D] at absolute positions from the model's own inverse frequencies.
+
+    inv_freq and attention_scaling come from the model's rotary module, which applied the config's
+    rope theta and scaling (llama3, linear, yarn, ...). Same products as transformers' own forward, but
+    written without its batch expand, which the tracer turns into Expand/Where/Equal shape arithmetic.
+    """
+    rotary = model.model.rotary_emb
+    freqs = position_ids.reshape(-1, 1).float() * rotary.inv_freq.float().reshape(1, -1)
+    angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(0)
+    return angles.cos() * rotary.attention_scaling, angles.sin() * rotary.attention_scaling
+
+
+def attend_and_mlp(model, layer_index: int, hidden: torch.Tensor, q: torch.Tensor, k_sel: torch.Tensor,
+                   v_sel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of the S queries over the gathered KV budget, output projection and MLP.
+
+    Grouped-query attention without copying K/V per query head: the G query heads of a group are
+    stacked along the row axis and multiply their group's K directly ([Hkv, G*S, B]), which keeps the
+    largest tensor G times smaller than repeating K and V would.
+    """
+    n_q, n_kv, head_dim = _dims(model)
+    layer = model.model.layers[layer_index]
+    seq, budget, groups = hidden.shape[0], k_sel.shape[2], n_q // n_kv
+    attn = layer.self_attn
+    qg = q.reshape(n_kv, groups * seq, head_dim) * attn.scaling
+    scores = torch.matmul(qg, k_sel.reshape(n_kv, budget, head_dim).transpose(1, 2))
+    scores = scores.reshape(n_kv, groups, seq, budget) + mask.reshape(1, 1, seq, budget)
+    probs = torch.softmax(scores, dim=-1).reshape(n_kv, groups * seq, budget)
+    out = torch.matmul(probs, v_sel.reshape(n_kv, budget, head_dim))
+    out = out.reshape(n_q, seq, head_dim).transpose(0, 1).reshape(seq, n_q * head_dim)
+    hidden = hidden + attn.o_proj(out)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+class EmbedQKV(nn.Module):
+    """input_ids [1, S], position_ids [1, S] -> hidden [1, S, H] and layer 0's q, k, v."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, input_ids, position_ids):
+        hidden = self.lm.model.embed_tokens(input_ids.reshape(-1))
+        q, k, v = project_qkv(self.lm, 0, hidden, position_ids)
+        return hidden.unsqueeze(0), q, k, v
+
+
+class LayerBoundary(nn.Module):
+    """Attention and MLP of layer l fused with the q/k/v projection of layer l+1."""
+
+    def __init__(self, model, layer_index: int):
+        super().__init__()
+        self.lm = model
+        self.layer_index = layer_index
+
+    def forward(self, hidden_in, q_in, k_sel, v_sel, mask, position_ids):
+        hidden = attend_and_mlp(self.lm, self.layer_index, hidden_in[0], q_in, k_sel, v_sel, mask)
+        q, k, v = project_qkv(self.lm, self.layer_index + 1, hidden, position_ids)
+        return hidden.unsqueeze(0), q, k, v
+
+
+class LastLayerHead(nn.Module):
+    """Attention and MLP of the last layer, final norm and LM head on the last row -> logits [1, 1, V].
+
+    The LM head multiplies the weight as stored ([V, H] @ h^T) so that with tied embeddings the graph
+    uses the very tensor the embedding graph gathers from, and the artifact stores it once.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, hidden_in, q_in, k_sel, v_sel, mask):
+        last = len(self.lm.model.layers) - 1
+        hidden = attend_and_mlp(self.lm, last, hidden_in[0], q_in, k_sel, v_sel, mask)
+        final = self.lm.model.norm(hidden[-1:])
+        logits = torch.matmul(self.lm.lm_head.weight, final.transpose(0, 1))
+        return logits.reshape(1, 1, -1)

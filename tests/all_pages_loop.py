@@ -1,0 +1,65 @@
+"""The simplest host loop over an artifact's graphs: every token's K/V is selected (no paging).
+
+It checks the exported graphs against transformers before the real runtime exists on top of them:
+with all pages selected, the graphs must compute exactly the model's dense attention.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgekv.export.modules import MASK_VALUE
+from edgekv.runtime.graphs import GraphSessions
+
+
+def run_step(sessions: GraphSessions, graphs, caches: list[list[np.ndarray]], tokens: list[int], start: int):
+    """Feed `tokens` at positions start.. through one step's graphs; returns the last row's logits.
+
+    The chunk is left-padded to the graph's fixed length so the last real token sits on the last row,
+    the only row whose logits the head graph returns. Padding rows' K/V are discarded.
+    """
+    seq = graphs[0].seq_len
+    n = len(tokens)
+    pad = seq - n
+    ids = np.zeros((1, seq), dtype=np.int64)
+    ids[0, pad:] = tokens
+    positions = np.zeros((1, seq), dtype=np.int64)
+    positions[0, pad:] = np.arange(start, start + n)
+    hidden, q, k, v = sessions.run(graphs[0], {"input_ids": ids, "position_ids": positions})
+    for layer, graph in enumerate(graphs[1:]):
+        caches[layer].append((k[:, :, pad:], v[:, :, pad:]))
+        keys = np.concatenate([c[0] for c in caches[layer]], axis=2)
+        values = np.concatenate([c[1] for c in caches[layer]], axis=2)
+        length, budget = keys.shape[2], graph.budget
+        assert length <= budget, f"context {length} exceeds the graph budget {budget}"
+        k_sel = np.zeros(keys.shape[:2] + (budget, keys.shape[3]), dtype=np.float32)
+        v_sel = np.zeros_like(k_sel)
+        k_sel[:, :, :length], v_sel[:, :, :length] = keys, values
+        slot = np.arange(budget)
+        row_pos = positions[0][:, None]
+        visible = (slot[None, :] <= row_pos) & (slot[None, :] < length)
+        visible[:pad] = False
+        mask = np.where(visible, 0.0, MASK_VALUE).astype(np.float32).reshape(1, 1, seq, budget)
+        feeds = {"hidden_in": hidden, "q_in": q, "k_sel": k_sel, "v_sel": v_sel, "mask": mask}
+        if graph.kind == "layer":
+            feeds["position_ids"] = positions
+            hidden, q, k, v = sessions.run(graph, feeds)
+        else:
+            (logits,) = sessions.run(graph, feeds)
+    return logits[0, -1]
+
+
+def greedy_all_pages(sessions: GraphSessions, policy: str, prompt: list[int], new_tokens: int):
+    """Greedy tokens and the prompt's last-token logits through the `policy` (budget or dense) graphs."""
+    manifest = sessions.manifest
+    prefill, decode = manifest.variant(f"{policy}-prefill"), manifest.variant(f"{policy}-decode")
+    caches: list[list] = [[] for _ in range(len(prefill) - 1)]
+    chunk = prefill[0].seq_len
+    for start in range(0, len(prompt), chunk):
+        logits = run_step(sessions, prefill, caches, prompt[start:start + chunk], start)
+    first_logits = logits
+    tokens = [int(np.argmax(logits))]
+    while len(tokens) < new_tokens:
+        logits = run_step(sessions, decode, caches, tokens[-1:], len(prompt) + len(tokens) - 1)
+        tokens.append(int(np.argmax(logits)))
+    return tokens, first_logits
