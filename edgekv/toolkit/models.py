@@ -99,6 +99,19 @@ def check_architecture(config) -> str:
     raise EdgekvError(f"unsupported architecture {found}; edgekv exports {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
+def check_model(spec: str) -> ModelSource:
+    """Resolve --model and check its architecture from the config alone, before any weight is loaded."""
+    from transformers import AutoConfig
+
+    source = resolve_model(spec)
+    if source.is_gguf:
+        config = AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
+    else:
+        config = AutoConfig.from_pretrained(source.path)
+    check_architecture(config)
+    return source
+
+
 def fix_rope_config(config, config_json: dict) -> None:
     """Carry transformers-5 style `rope_parameters` into the 4.57 fields it otherwise ignores.
 

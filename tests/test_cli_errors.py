@@ -1,0 +1,55 @@
+"""Bad input: a one-line error naming the problem, and a non-zero exit."""
+
+import shutil
+from pathlib import Path
+
+from conftest import run_edgekv
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_unknown_profile_lists_the_profiles():
+    assert_one_line_error(run_edgekv("export", "--profile", "npu-huge"), "unknown profile 'npu-huge'",
+                          "npu-large, npu-medium, npu-small")
+
+
+def test_profile_with_unknown_key(tmp_path):
+    shipped = Path(__file__).parents[1] / "edgekv" / "device_profiles" / "npu-small.toml"
+    path = tmp_path / "bad.toml"
+    path.write_text(shipped.read_text().replace("opset = 17", "opset = 17\nfoo = 1"))
+    assert_one_line_error(run_edgekv("export", "--profile", str(path)), "unknown key 'graph.foo'")
+
+
+def test_missing_model_path(tmp_path):
+    assert_one_line_error(run_edgekv("export", "--model", str(tmp_path / "missing")), "not found")
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    assert_one_line_error(run_edgekv("export", "--model", str(tmp_path), "--out", str(tmp_path / "out")),
+                          "unsupported architecture GPT2LMHeadModel", "LlamaForCausalLM")
+
+
+def test_modified_graph_file_is_named_by_validate(tiny_artifacts, tmp_path):
+    copy = tmp_path / "artifact"
+    shutil.copytree(tiny_artifacts["llama"], copy)
+    victim = copy / "graphs" / "layer01.s1.b512.onnx"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    result = run_edgekv("validate", str(copy))
+    assert result.returncode != 0
+    assert "graphs/layer01.s1.b512.onnx: sha256 differs from the manifest" in result.stderr
+
+
+def test_validate_on_a_non_artifact(tmp_path):
+    assert_one_line_error(run_edgekv("validate", str(tmp_path)), "not an edgekv artifact",
+                          "edgekv export --profile npu-small")
