@@ -17,8 +17,12 @@ import onnxruntime as ort
 from edgekv.toolkit.manifest import GraphEntry, Manifest
 
 
-def load_shared_weights(manifest: Manifest) -> dict[str, ort.OrtValue]:
-    """One OrtValue per weight tensor, backed by one in-memory copy of each weight file."""
+def load_shared_weights(manifest: Manifest) -> tuple[dict[str, np.ndarray], dict[str, ort.OrtValue]]:
+    """One OrtValue per weight tensor, backed by one in-memory copy of each weight file.
+
+    The OrtValues borrow the arrays' memory without holding a reference: the caller must keep the
+    returned file arrays alive as long as any session uses the values.
+    """
     files: dict[str, np.ndarray] = {}
     values = {}
     for name, entry in manifest.data["weights"].items():
@@ -27,7 +31,7 @@ def load_shared_weights(manifest: Manifest) -> dict[str, ort.OrtValue]:
             raw = files[entry["file"]] = np.fromfile(manifest.directory / entry["file"], dtype=np.uint8)
         array = raw[entry["offset"]:entry["offset"] + entry["length"]].view(entry["dtype"]).reshape(entry["shape"])
         values[name] = ort.OrtValue.ortvalue_from_numpy(array)
-    return values
+    return files, values
 
 
 def available_providers(requested: tuple[str, ...]) -> list[str]:
@@ -42,6 +46,7 @@ class GraphSessions:
     """One InferenceSession per graph of the artifact, created lazily and kept."""
 
     manifest: Manifest
+    weight_files: dict[str, np.ndarray]  # owns the memory the weight OrtValues point into
     weights: dict[str, ort.OrtValue]
     providers: list[str]
     threads: int = 0  # 0: onnxruntime's default (one per core)
@@ -51,8 +56,8 @@ class GraphSessions:
 
     @classmethod
     def open(cls, manifest: Manifest, threads: int = 0) -> "GraphSessions":
-        return cls(manifest, load_shared_weights(manifest), available_providers(manifest.profile.execution_providers),
-                   threads)
+        files, weights = load_shared_weights(manifest)
+        return cls(manifest, files, weights, available_providers(manifest.profile.execution_providers), threads)
 
     def session(self, graph: GraphEntry) -> ort.InferenceSession:
         found = self._sessions.get(graph.name)

@@ -1,0 +1,244 @@
+"""The host runtime: chunked prefill and token-by-token decode through an artifact's static graphs.
+
+Per step (S tokens at positions p..p+S-1), per layer l:
+    graph  -> q, k_new, v_new of layer l          (embed graph, or the boundary graph of layer l-1)
+    host   PageStore[l].append(k_new, v_new)      (pages and their key min/max)
+    host   select_pages(policy, q, page metadata) (which pages enter the budget)
+    host   TieredPool.gather -> k_sel, v_sel; mask
+    graph  attention + MLP of layer l (+ q/k/v of layer l+1, or the LM head)
+
+Every graph input and output is a numpy buffer allocated once and bound once (onnxruntime IOBinding
+over OrtValues that share the buffers' memory): a step only writes into them and runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnxruntime as ort
+
+from edgekv.export.modules import MASK_VALUE
+from edgekv.runtime.graphs import GraphSessions
+from edgekv.runtime.pages import PageStore
+from edgekv.runtime.sampling import Sampler
+from edgekv.runtime.selection import POLICIES, select_pages, slot_positions
+from edgekv.runtime.tiers import TieredPool
+from edgekv.toolkit.errors import EdgekvError
+from edgekv.toolkit.manifest import GraphEntry, Manifest, load_verified
+
+
+@dataclass
+class BoundStep:
+    """The L+1 graphs of one variant with their preallocated, bound buffers."""
+
+    graphs: list[GraphEntry]
+    sessions: list[ort.InferenceSession]
+    bindings: list[ort.IOBinding]
+    buffers: dict[str, np.ndarray]  # input_ids, position_ids, hidden0/1, q0/1, k_new, v_new, logits
+    kv: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]  # budget -> (k_sel, v_sel, mask)
+    bound_values: list[ort.OrtValue]  # the bindings refer to these; they must live as long as the step
+
+    @property
+    def seq_len(self) -> int:
+        return self.graphs[0].seq_len
+
+
+def _spec(graph: GraphEntry, name: str):
+    return next(t for t in graph.inputs + graph.outputs if t.name == name)
+
+
+def bind_step(sessions: GraphSessions, graphs: list[GraphEntry]) -> BoundStep:
+    def zeros(graph: GraphEntry, name: str) -> np.ndarray:
+        spec = _spec(graph, name)
+        return np.zeros(spec.shape, dtype=spec.dtype)
+
+    embed, head = graphs[0], graphs[-1]
+    buffers = {"input_ids": zeros(embed, "input_ids"), "position_ids": zeros(embed, "position_ids"),
+               "hidden0": zeros(embed, "hidden_out"), "hidden1": zeros(embed, "hidden_out"),
+               "q0": zeros(embed, "q_out"), "q1": zeros(embed, "q_out"),
+               "k_new": zeros(embed, "k_out"), "v_new": zeros(embed, "v_out"), "logits": zeros(head, "logits")}
+    kv = {}
+    for graph in graphs[1:]:
+        if graph.budget not in kv:
+            kv[graph.budget] = (zeros(graph, "k_sel"), zeros(graph, "v_sel"), zeros(graph, "mask"))
+    # OrtValues share the numpy buffers' memory, so binding once is enough: later steps write the arrays.
+    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in buffers.items()}
+    kv_values = {b: tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in arrays) for b, arrays in kv.items()}
+    session_list, bindings = [], []
+    for index, graph in enumerate(graphs):
+        session = sessions.session(graph)
+        binding = session.io_binding()
+        if graph.kind == "embed":
+            inputs = {"input_ids": "input_ids", "position_ids": "position_ids"}
+        else:
+            layer = index - 1
+            k_sel, v_sel, mask = kv_values[graph.budget]
+            binding.bind_ortvalue_input("k_sel", k_sel)
+            binding.bind_ortvalue_input("v_sel", v_sel)
+            binding.bind_ortvalue_input("mask", mask)
+            inputs = {"hidden_in": f"hidden{layer % 2}", "q_in": f"q{layer % 2}"}
+            if graph.kind == "layer":
+                inputs["position_ids"] = "position_ids"
+        for input_name, buffer_name in inputs.items():
+            binding.bind_ortvalue_input(input_name, values[buffer_name])
+        if graph.kind == "head":
+            binding.bind_ortvalue_output("logits", values["logits"])
+        else:
+            out = index % 2  # embed writes buffers 0, layer l's graph writes (l + 1) % 2
+            for output_name, buffer_name in (("hidden_out", f"hidden{out}"), ("q_out", f"q{out}"),
+                                             ("k_out", "k_new"), ("v_out", "v_new")):
+                binding.bind_ortvalue_output(output_name, values[buffer_name])
+        session_list.append(session)
+        bindings.append(binding)
+    bound = list(values.values()) + [v for triple in kv_values.values() for v in triple]
+    return BoundStep(graphs, session_list, bindings, buffers, kv, bound)
+
+
+@dataclass
+class Timers:
+    graph_s: float = 0.0
+    select_s: float = 0.0
+    gather_s: float = 0.0  # appending new K/V to the pages, gathering the budget and building the mask
+
+
+@dataclass
+class Engine:
+    """One conversation's state over an artifact: the paged KV cache and the bound graphs."""
+
+    manifest: Manifest
+    policy: str
+    sessions: GraphSessions
+    prefill_step: BoundStep
+    decode_step: BoundStep
+    pool: TieredPool
+    stores: list[PageStore]
+    session_dir: Path
+    tokens: list[int] = field(default_factory=list)  # tokens whose K/V are in the cache
+    timers: Timers = field(default_factory=Timers)
+    warned_context: bool = False
+
+    @classmethod
+    def open(cls, artifact: Path | str, policy: str = "quest", spill_dir: Path | str | None = None,
+             threads: int = 0, host_kv_bytes: int | None = None, device_kv_bytes: int | None = None) -> "Engine":
+        if policy not in POLICIES:
+            raise EdgekvError(f"unknown policy '{policy}'; choose one of: {', '.join(POLICIES)}")
+        manifest = load_verified(artifact)
+        profile, model = manifest.profile, manifest.model
+        session_dir = make_session_dir(spill_dir)
+        sessions = GraphSessions.open(manifest, threads)
+        family = "dense" if policy == "dense" else "budget"
+        pool = TieredPool(model["layers"], model["kv_heads"], model["head_dim"], profile.page_size,
+                          device_kv_bytes or profile.device_kv_bytes, host_kv_bytes or profile.host_kv_bytes,
+                          session_dir / "kv-spill.bin")
+        return cls(manifest, policy, sessions, bind_step(sessions, manifest.variant(f"{family}-prefill")),
+                   bind_step(sessions, manifest.variant(f"{family}-decode")), pool,
+                   [PageStore(layer, pool) for layer in range(model["layers"])], session_dir)
+
+    @property
+    def page_size(self) -> int:
+        return self.pool.page_size
+
+    def _run(self, step: BoundStep, index: int) -> None:
+        start = time.perf_counter()
+        step.sessions[index].run_with_iobinding(step.bindings[index])
+        self.timers.graph_s += time.perf_counter() - start
+
+    def _forward(self, step: BoundStep, tokens: list[int]) -> np.ndarray:
+        """Run len(tokens) <= S tokens through one step's graphs; returns the last token's logits."""
+        seq, n, start = step.seq_len, len(tokens), len(self.tokens)
+        pad = seq - n  # left padding: the last real token sits on the last row, the one the head returns
+        if self.policy == "dense" and start + n > step.graphs[-1].budget:
+            raise EdgekvError(f"the dense baseline's static context is {step.graphs[-1].budget} tokens; "
+                              f"use --policy quest for longer contexts")
+        if start + n > self.manifest.model["max_context"] and not self.warned_context:
+            warnings.warn(f"context passes the model's trained context of {self.manifest.model['max_context']} "
+                          "tokens; quality may degrade", stacklevel=2)
+            self.warned_context = True
+        b = step.buffers
+        b["input_ids"][0, :pad] = 0
+        b["input_ids"][0, pad:] = tokens
+        b["position_ids"][0, :pad] = 0
+        b["position_ids"][0, pad:] = np.arange(start, start + n)
+        row_positions = b["position_ids"][0]
+        first_new = start // self.page_size
+        self._run(step, 0)
+        for layer, store in enumerate(self.stores):
+            graph = step.graphs[layer + 1]
+            k_sel, v_sel, mask = step.kv[graph.budget]
+            t0 = time.perf_counter()
+            store.append(b["k_new"][0, :, pad:], b["v_new"][0, :, pad:])
+            t1 = time.perf_counter()
+            kmin, kmax = store.metadata()
+            pages = select_pages(self.policy, b[f"q{layer % 2}"][0, :, pad:], kmin, kmax, store.n_pages,
+                                 first_new, graph.budget // self.page_size)
+            t2 = time.perf_counter()
+            self.pool.gather(layer, pages, k_sel[0], v_sel[0])
+            fill_mask(mask[0, 0], slot_positions(pages[0], self.page_size), store.length, row_positions, pad)
+            t3 = time.perf_counter()
+            self.timers.select_s += t2 - t1
+            self.timers.gather_s += (t1 - t0) + (t3 - t2)
+            self._run(step, layer + 1)
+        self.tokens.extend(tokens)
+        return b["logits"][0, -1]
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        """Feed tokens in fixed chunks (the first chunk holds the remainder); returns the last logits."""
+        if not tokens:
+            raise EdgekvError("empty prompt: give at least one token of text")
+        chunk = self.prefill_step.seq_len
+        first = len(tokens) % chunk or chunk
+        logits = self._forward(self.prefill_step, tokens[:first])
+        for start in range(first, len(tokens), chunk):
+            logits = self._forward(self.prefill_step, tokens[start:start + chunk])
+        return logits
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._forward(self.decode_step, [token])
+
+    def generate(self, prompt: list[int], max_new_tokens: int, sampler: Sampler, eos_ids: set[int],
+                 stop: Callable[[list[int]], bool] | None = None) -> Iterator[int]:
+        """Prefill the prompt, then yield sampled tokens until EOS, a stop condition or the limit.
+
+        The last yielded token is not yet in the cache (it is fed by the next step or turn).
+        """
+        logits = self.prefill(prompt)
+        generated: list[int] = []
+        while len(generated) < max_new_tokens:
+            token = sampler(logits, self.tokens)
+            generated.append(token)
+            yield token
+            if token in eos_ids or (stop and stop(generated)) or len(generated) == max_new_tokens:
+                return
+            logits = self.decode(token)
+
+    def close(self) -> None:
+        """Remove the session directory and its spill file."""
+        self.pool.close()
+        shutil.rmtree(self.session_dir, ignore_errors=True)
+
+
+def fill_mask(mask: np.ndarray, positions: np.ndarray, length: int, row_positions: np.ndarray, pad: int) -> None:
+    """Additive mask [S, B]: slot j is visible to row r iff it holds a token at or before r's position."""
+    filled = len(positions)
+    visible = (positions[None, :] <= row_positions[:, None]) & (positions[None, :] < length)
+    mask[:, :filled] = np.where(visible, 0.0, MASK_VALUE)
+    mask[:, filled:] = MASK_VALUE
+    mask[:pad] = MASK_VALUE
+
+
+def make_session_dir(spill_dir: Path | str | None) -> Path:
+    """A fresh directory for the session's spill file, under spill_dir (default: the system temp dir)."""
+    parent = Path(spill_dir) if spill_dir else Path(tempfile.gettempdir())
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="edgekv-session-", dir=parent))
+    except OSError as e:
+        raise EdgekvError(f"cannot write the spill directory {parent} ({e.strerror}); pass a writable "
+                          "--spill-dir") from None
