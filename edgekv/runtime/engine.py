@@ -29,6 +29,7 @@ from edgekv.runtime.graphs import GraphSessions
 from edgekv.runtime.pages import PageStore
 from edgekv.runtime.sampling import Sampler
 from edgekv.runtime.selection import POLICIES, select_pages, slot_positions
+from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S, GenerationStats
 from edgekv.runtime.tiers import TieredPool
 from edgekv.toolkit.errors import EdgekvError
 from edgekv.toolkit.manifest import GraphEntry, Manifest, load_verified
@@ -217,6 +218,35 @@ class Engine:
             if token in eos_ids or (stop and stop(generated)) or len(generated) == max_new_tokens:
                 return
             logits = self.decode(token)
+
+    def run(self, prompt: list[int], max_new_tokens: int, sampler: Sampler, eos_ids: set[int],
+            decode_text: Callable[[list[int]], str], stop: Callable[[list[int]], bool] | None = None,
+            on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationStats]:
+        """generate() with timing: returns the tokens and their GenerationStats."""
+        self.timers = Timers()
+        transfer_before = self.pool.transfer_bytes
+        start = time.perf_counter()
+        first_at = None
+        tokens: list[int] = []
+        for token in self.generate(prompt, max_new_tokens, sampler, eos_ids, stop):
+            if first_at is None:
+                first_at = time.perf_counter()
+            tokens.append(token)
+            if on_token:
+                on_token(token)
+        end = time.perf_counter()
+        ttft = first_at - start
+        decode_s = end - first_at
+        decode_rate = (len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0
+        words = len(decode_text(tokens).split())
+        stats = GenerationStats(
+            prompt_tokens=len(prompt), generated_tokens=len(tokens), ttft_s=ttft,
+            prefill_tok_s=len(prompt) / ttft, decode_tok_s=decode_rate,
+            words_per_s=words / decode_s if decode_s > 0 else 0.0,
+            reading_speed_ratio=decode_rate / READING_SPEED_TOKENS_PER_S, pages=self.pool.counts(),
+            transfer_bytes=self.pool.transfer_bytes - transfer_before, graph_s=self.timers.graph_s,
+            select_s=self.timers.select_s, gather_s=self.timers.gather_s)
+        return tokens, stats
 
     def close(self) -> None:
         """Remove the session directory and its spill file."""

@@ -106,6 +106,89 @@ def validate(directory: Path, profile_spec: str | None) -> None:
     out.print("[green]valid[/green]")
 
 
+def _sampling_options(command):
+    """Sampling options shared by generate and chat; unset ones fall back to the model's defaults."""
+    for option in reversed([
+        click.option("--temperature", type=float, default=None, help="0 = greedy (default unless the model says)."),
+        click.option("--top-k", type=int, default=None),
+        click.option("--top-p", type=float, default=None),
+        click.option("--repetition-penalty", type=float, default=None),
+        click.option("--seed", type=int, default=None),
+    ]):
+        command = option(command)
+    return command
+
+
+def _artifact_dir(directory: Path | None) -> Path:
+    """DIR, or the default export; a missing default says which command makes it."""
+    if directory is not None:
+        return directory
+    from edgekv.export.exporter import default_out_dir
+    from edgekv.toolkit.models import DEFAULT_MODEL
+
+    default = default_out_dir(DEFAULT_MODEL, load_profile("npu-small"))
+    if not default.exists():
+        raise EdgekvError(f"no artifact at {default}; create it with `edgekv export --profile npu-small` "
+                          "or pass an artifact directory")
+    return default
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path), required=False)
+@click.option("--prompt", default=None, help="The prompt text.")
+@click.option("--prompt-file", type=click.Path(path_type=Path), default=None, help="Read the prompt from a file.")
+@click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
+@click.option("--policy", type=click.Choice(["quest", "streaming", "dense"]), default="quest", show_default=True)
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--stop", "stops", multiple=True, help="Stop when the reply contains this text (repeatable).")
+@click.option("--spill-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the session directory for spilled KV pages goes [default: system temp].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token_ids, stats.")
+@_sampling_options
+def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops, spill_dir, as_json, temperature,
+             top_k, top_p, repetition_penalty, seed) -> None:
+    """Generate a reply through the static graphs with the paged KV cache."""
+    import json
+
+    from edgekv.runtime.engine import Engine
+    from edgekv.runtime.sampling import Sampler, SamplingConfig
+    from edgekv.runtime.tokens import ArtifactTokenizer
+
+    if (prompt is None) == (prompt_file is None):
+        raise EdgekvError("give exactly one of --prompt TEXT or --prompt-file FILE")
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise EdgekvError(f"prompt file {prompt_file} does not exist")
+        prompt = prompt_file.read_text()
+    if not prompt.strip():
+        raise EdgekvError("empty prompt: give some text with --prompt or --prompt-file")
+    engine = Engine.open(_artifact_dir(directory), policy, spill_dir)
+    try:
+        tokenizer = ArtifactTokenizer.load(engine.manifest)
+        ids = tokenizer.encode(prompt) if raw else tokenizer.chat_prompt([{"role": "user", "content": prompt}])
+        sampler = Sampler(SamplingConfig.from_generation_defaults(
+            engine.manifest.data["generation"], temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed))
+        stream = None if as_json else tokenizer.streamer(lambda text: print(text, end="", flush=True))
+        tokens, stats = engine.run(ids, max_new_tokens, sampler, tokenizer.eos_ids, tokenizer.decode,
+                                   stop=tokenizer.stop_check(stops), on_token=stream)
+        text = tokenizer.decode(tokens)
+        if as_json:
+            print(json.dumps({"text": text, "token_ids": tokens, "stats": stats.to_dict()}))
+        else:
+            print()
+            console.print(f"[dim]{stats.generated_tokens} tokens, {stats.decode_tok_s:.1f} tok/s decode "
+                          f"({stats.reading_speed_ratio:.1f}x reading speed), {stats.words_per_s:.1f} words/s, "
+                          f"prefill {stats.prompt_tokens} tokens at {stats.prefill_tok_s:.0f} tok/s, "
+                          f"pages device/host/disk {stats.pages['device']}/{stats.pages['host']}/"
+                          f"{stats.pages['disk']}[/dim]")
+    except KeyboardInterrupt:
+        console.print("\n[yellow]interrupted[/yellow]")
+        sys.exit(130)
+    finally:
+        engine.close()
+
+
 def _print_summary(manifest, report) -> None:
     model, profile = manifest.model, manifest.profile
     table = Table(title=f"{manifest.directory}: {model['name']} ({model['architecture']}) for {profile.name}")
