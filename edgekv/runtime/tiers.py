@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekv.toolkit.errors import EdgekvError
+
 HOST, DISK = 0, 1
 
 
@@ -54,8 +56,10 @@ class SpillFile:
         return slot
 
     def load(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """Read a page back and free its slot (copies: the slot may be reused at once)."""
+        keys, values = np.array(self.array[slot, 0]), np.array(self.array[slot, 1])
         self.free.append(slot)
-        return self.array[slot, 0], self.array[slot, 1]
+        return keys, values
 
     def close(self) -> None:
         self.array = None
@@ -114,7 +118,7 @@ class TieredPool:
         self.last_used[layer][page] = self.clock
 
     # -- host slots and spilling ------------------------------------------------------------------
-    def _host_slot(self, protect: tuple[int, int]) -> int:
+    def _host_slot(self, protect: tuple[int, int], pinned_from: int | None = None) -> int:
         if self.host_free:
             return self.host_free.pop()
         if self.host_used < self.host_capacity:
@@ -124,23 +128,27 @@ class TieredPool:
                 self.host_v = np.concatenate([self.host_v, np.empty((grow, *self.host_v.shape[1:]), np.float32)])
             self.host_used += 1
             return self.host_used - 1
-        return self._spill_coldest(protect)
+        return self._spill_coldest(protect, pinned_from)
 
-    def _spill_coldest(self, protect: tuple[int, int]) -> int:
-        """Move the least recently used host page (other than `protect`) to disk; returns its slot."""
+    def _spill_coldest(self, protect: tuple[int, int], pinned_from: int | None) -> int:
+        """Move the least recently used host page to disk and return its slot. Never `protect`, nor a
+        page stamped at or after `pinned_from` (the pages of the gather under way)."""
+        usable_below = np.iinfo(np.int64).max if pinned_from is None else pinned_from
         best = None
         for layer in range(len(self.tier)):
             n = self.n_pages[layer]
             if n == 0:
                 continue
-            stamps = np.where(self.tier[layer][:n] == HOST, self.last_used[layer][:n], np.iinfo(np.int64).max)
+            usable = (self.tier[layer][:n] == HOST) & (self.last_used[layer][:n] < usable_below)
+            stamps = np.where(usable, self.last_used[layer][:n], np.iinfo(np.int64).max)
             if protect[0] == layer and protect[1] < n:
                 stamps[protect[1]] = np.iinfo(np.int64).max
             page = int(np.argmin(stamps))
             if stamps[page] != np.iinfo(np.int64).max and (best is None or stamps[page] < best[0]):
                 best = (stamps[page], layer, page)
         if best is None:
-            raise RuntimeError("host KV budget too small to hold the pages of one step")
+            raise EdgekvError(f"the host KV budget ({self.host_capacity} pages) cannot hold the pages of one "
+                              "step; raise runtime.host_kv_bytes in the profile")
         _, layer, page = best
         slot = int(self.slot[layer][page])
         if self.spill is None:
@@ -151,9 +159,9 @@ class TieredPool:
         self.pages_spilled += 1
         return slot
 
-    def _restore(self, layer: int, page: int) -> None:
+    def _restore(self, layer: int, page: int, pinned_from: int | None = None) -> None:
         keys, values = self.spill.load(int(self.slot[layer][page]))
-        slot = self._host_slot(protect=(layer, page))
+        slot = self._host_slot(protect=(layer, page), pinned_from=pinned_from)
         self.host_k[slot], self.host_v[slot] = keys, values
         self.slot[layer][page] = slot
         self.tier[layer][page] = HOST
@@ -164,9 +172,10 @@ class TieredPool:
         """Copy pages [kv_heads, k] (per KV head) into k_out/v_out [kv_heads, >= k*page_size, head_dim]."""
         self.clock += 1
         used = np.unique(pages)
-        for page in used[self.tier[layer][used] == DISK]:
-            self._restore(layer, int(page))
+        # Stamp first: pages of this gather are the most recent, so restoring one never spills another.
         self.last_used[layer][used] = self.clock
+        for page in used[self.tier[layer][used] == DISK]:
+            self._restore(layer, int(page), pinned_from=self.clock)
         for page in used.tolist():
             key = (layer, page)
             if key in self.device_lru:

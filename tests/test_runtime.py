@@ -1,0 +1,161 @@
+"""The host runtime over real artifacts: exactness against dense and transformers, spilling, static
+shapes at any context, retrieval, and bad input."""
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import EDGEKV, run_edgekv
+from edgekv.runtime.engine import Engine
+from edgekv.runtime.sampling import Sampler, SamplingConfig
+from edgekv.runtime.tokens import ArtifactTokenizer
+from edgekv.toolkit.errors import EdgekvError
+from test_export import NEW_TOKENS, reference
+
+GREEDY = SamplingConfig()
+
+
+def generate(artifact, policy, prompt, new_tokens=NEW_TOKENS, **engine_options):
+    engine = Engine.open(artifact, policy, **engine_options)
+    try:
+        tokens = list(engine.generate(prompt, new_tokens, Sampler(GREEDY), eos_ids=set()))
+        return tokens, engine.pool.counts(), engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def story_prompt(default_model):
+    messages = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+    return default_model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def test_quest_streaming_and_dense_equal_transformers_while_the_context_fits(default_artifact, default_model,
+                                                                           story_prompt):
+    want, _ = reference(default_model, story_prompt)
+    for policy in ("quest", "streaming", "dense"):
+        tokens, _, _ = generate(default_artifact, policy, story_prompt)
+        assert tokens == want, policy
+
+
+def test_spilled_run_gives_the_same_tokens(default_artifact, story_prompt, tmp_path):
+    in_memory, counts, _ = generate(default_artifact, "quest", story_prompt)
+    assert counts["disk"] == 0
+    page_bytes = 2 * 3 * 16 * 64 * 4
+    spilled, counts, engine = generate(default_artifact, "quest", story_prompt, spill_dir=tmp_path,
+                                       host_kv_bytes=60 * page_bytes)
+    assert counts["disk"] > 0 and engine.pool.pages_spilled > 0
+    assert spilled == in_memory
+    assert list(tmp_path.iterdir()) == []  # the session directory and its spill file are gone
+
+
+def test_graph_inputs_keep_their_shapes_from_1k_to_16k(tiny_artifacts):
+    engine = Engine.open(tiny_artifacts["llama"], "quest")
+    try:
+        def bound_shapes():
+            step = engine.decode_step
+            return ({k: v.shape for k, v in step.buffers.items()},
+                    {b: tuple(a.shape for a in arrays) for b, arrays in step.kv.items()})
+
+        rng = np.random.default_rng(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.prefill(rng.integers(3, 300, 1024).tolist())
+            engine.decode(5)
+            at_1k = bound_shapes()
+            engine.prefill(rng.integers(3, 300, 15 * 1024).tolist())
+            logits = engine.decode(5)
+        assert len(engine.tokens) == 16 * 1024 + 2
+        assert bound_shapes() == at_1k
+        assert np.isfinite(logits).all()
+        # Past the trained context (512 for the tiny model): one warning, not one per step.
+        assert sum("trained context" in str(w.message) for w in caught) == 1
+    finally:
+        engine.close()
+
+
+def passkey_prompt(tokenizer, total_tokens: int, depth: float, key: int) -> list[int]:
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    per_filler = len(tokenizer.encode(filler))
+    n = total_tokens // per_filler
+    cut = int(n * depth)
+    text = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+            + filler * cut + needle + filler * (n - cut) + "What is the pass key? The pass key is")
+    return tokenizer.encode(text)
+
+
+def test_quest_retrieves_a_pass_key_beyond_its_budget(default_artifact):
+    # 2K tokens against a decode budget of 512 (prefill 1024): selection is really at work.
+    engine = Engine.open(default_artifact, "quest")
+    try:
+        tokenizer = ArtifactTokenizer.load(engine.manifest)
+        prompt = passkey_prompt(tokenizer, 2048, 0.5, 68521)
+        assert len(prompt) > 4 * engine.manifest.profile.decode_budget - 100
+        tokens = list(engine.generate(prompt, 8, Sampler(GREEDY), eos_ids=set()))
+        assert "68521" in tokenizer.decode(tokens)
+    finally:
+        engine.close()
+
+
+def test_generate_json_reports_the_stats(default_artifact):
+    result = run_edgekv("generate", str(default_artifact), "--prompt", "What is the capital of France?",
+                        "--max-new-tokens", "12", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert "Paris" in out["text"] and len(out["token_ids"]) <= 12
+    stats = out["stats"]
+    for key in ("prompt_tokens", "generated_tokens", "ttft_s", "prefill_tok_s", "decode_tok_s", "words_per_s",
+                "reading_speed_ratio", "pages", "transfer_bytes", "graph_s", "select_s", "gather_s"):
+        assert key in stats
+    assert stats["reading_speed_ratio"] == pytest.approx(stats["decode_tok_s"] / 5.3)
+    assert set(stats["pages"]) == {"device", "host", "disk"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "   "], "empty prompt"),
+    (["--prompt-file", "/nonexistent/prompt.txt"], "prompt file /nonexistent/prompt.txt does not exist"),
+    (["--prompt", "hi", "--spill-dir", "/proc/edgekv"], "cannot write the spill directory /proc/edgekv"),
+])
+def test_generate_bad_input(default_artifact, args, message):
+    result = run_edgekv("generate", str(default_artifact), *args)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"]
+    assert message in result.stderr
+
+
+def test_artifact_of_another_format_version_is_refused(tiny_artifacts, tmp_path):
+    copy = tmp_path / "old"
+    shutil.copytree(tiny_artifacts["llama"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 0
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EdgekvError, match="artifact format 0.*re-export it"):
+        Engine.open(copy, "quest")
+
+
+def test_unknown_policy_is_refused(tiny_artifacts):
+    with pytest.raises(EdgekvError, match="unknown policy 'sparse'"):
+        Engine.open(tiny_artifacts["llama"], "sparse")
+
+
+def test_ctrl_c_stops_generation_cleanly(default_artifact, tmp_path):
+    process = subprocess.Popen([EDGEKV, "generate", str(default_artifact), "--prompt", "Tell me a very long story.",
+                                "--max-new-tokens", "2000", "--temperature", "0.8", "--seed", "1",
+                                "--spill-dir", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.read(1)  # streaming has started
+    assert first
+    assert any(tmp_path.iterdir())  # the session directory exists while generating
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,105 @@
+"""Page metadata, Quest scores and the selection policies on hand-made data."""
+
+import numpy as np
+import pytest
+
+from edgekv.runtime.pages import PageStore
+from edgekv.runtime.selection import quest_page_scores, select_pages
+from edgekv.runtime.tiers import TieredPool
+
+KV_HEADS, GROUPS, HEAD_DIM, PAGE = 2, 3, 8, 4
+
+
+def make_store(tmp_path, host_pages: int = 1000, device_pages: int = 1000):
+    page_bytes = 2 * KV_HEADS * PAGE * HEAD_DIM * 4
+    pool = TieredPool(1, KV_HEADS, HEAD_DIM, PAGE, device_pages * page_bytes, host_pages * page_bytes,
+                      tmp_path / "spill.bin")
+    return pool, PageStore(0, pool)
+
+
+def test_page_min_max_follow_appends_in_uneven_chunks(tmp_path):
+    pool, store = make_store(tmp_path)
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(KV_HEADS, 23, HEAD_DIM)).astype(np.float32)
+    values = rng.normal(size=keys.shape).astype(np.float32)
+    for start, stop in ((0, 3), (3, 4), (4, 13), (13, 23)):
+        store.append(keys[:, start:stop], values[:, start:stop])
+    assert (store.length, store.n_pages) == (23, 6)
+    kmin, kmax = store.metadata()
+    for page in range(6):
+        chunk = keys[:, page * PAGE:(page + 1) * PAGE]
+        np.testing.assert_array_equal(kmin[page], chunk.min(axis=1))
+        np.testing.assert_array_equal(kmax[page], chunk.max(axis=1))
+    k_out = np.zeros((KV_HEADS, 6 * PAGE, HEAD_DIM), np.float32)
+    v_out = np.zeros_like(k_out)
+    pool.gather(0, np.broadcast_to(np.arange(6), (KV_HEADS, 6)), k_out, v_out)
+    np.testing.assert_array_equal(k_out[:, :23], keys)
+    np.testing.assert_array_equal(v_out[:, :23], values)
+    assert not k_out[:, 23:].any()  # the unwritten rows of the current page are zeros, never stale memory
+
+
+def test_quest_score_is_the_per_channel_upper_bound(tmp_path):
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(KV_HEADS * GROUPS, 2, HEAD_DIM)).astype(np.float32)  # 2 rows, as in a prefill chunk
+    kmin = rng.normal(size=(5, KV_HEADS, HEAD_DIM)).astype(np.float32)
+    kmax = kmin + rng.uniform(0, 2, size=kmin.shape).astype(np.float32)
+    scores = quest_page_scores(q, kmin, kmax)
+    assert scores.shape == (KV_HEADS, 5)
+    for head in range(KV_HEADS):
+        rows = q[head * GROUPS:(head + 1) * GROUPS].reshape(-1, HEAD_DIM)  # the group's heads and rows
+        for page in range(5):
+            brute = max(sum(max(x * kmax[page, head, i], x * kmin[page, head, i]) for i, x in enumerate(row))
+                        for row in rows)
+            assert scores[head, page] == pytest.approx(brute, rel=1e-5)
+            # The bound holds for any key inside the page's box.
+            key = rng.uniform(kmin[page, head], kmax[page, head])
+            assert (rows @ key).max() <= scores[head, page] + 1e-5
+
+
+def test_quest_finds_the_page_a_query_wants(tmp_path):
+    _, store = make_store(tmp_path)
+    rng = np.random.default_rng(2)
+    keys = rng.normal(size=(KV_HEADS, 40, HEAD_DIM)).astype(np.float32) * 0.1
+    keys[:, 21] = 5.0  # page 5 holds a key every query aligned with +1 wants
+    store.append(keys, keys)
+    q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
+    pages = select_pages("quest", q, *store.metadata(), store.n_pages, first_new=store.n_pages - 1, budget_pages=3)
+    assert pages.tolist() == [[0, 5, 9]] * KV_HEADS  # sink, the wanted page, the current page
+
+
+def test_streaming_keeps_sink_and_recent_pages(tmp_path):
+    _, store = make_store(tmp_path)
+    store.append(*(np.zeros((KV_HEADS, 40, HEAD_DIM), np.float32),) * 2)
+    q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
+    pages = select_pages("streaming", q, *store.metadata(), store.n_pages, first_new=9, budget_pages=4)
+    assert pages.tolist() == [[0, 7, 8, 9]] * KV_HEADS
+
+
+@pytest.mark.parametrize("policy", ["quest", "streaming", "dense"])
+def test_every_page_is_selected_in_order_while_the_context_fits(tmp_path, policy):
+    _, store = make_store(tmp_path)
+    store.append(*(np.ones((KV_HEADS, 30, HEAD_DIM), np.float32),) * 2)
+    q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
+    pages = select_pages(policy, q, *store.metadata(), store.n_pages, first_new=7, budget_pages=8)
+    assert pages.tolist() == [list(range(8))] * KV_HEADS
+
+
+def test_spilled_pages_come_back_unchanged(tmp_path):
+    pool, store = make_store(tmp_path, host_pages=3, device_pages=2)
+    rng = np.random.default_rng(3)
+    keys = rng.normal(size=(KV_HEADS, 6 * PAGE, HEAD_DIM)).astype(np.float32)
+    store.append(keys, -keys)
+    assert pool.counts() == {"device": 0, "host": 3, "disk": 3}
+    assert (tmp_path / "spill.bin").stat().st_size > 0
+    k_out = np.zeros((KV_HEADS, 6 * PAGE, HEAD_DIM), np.float32)
+    v_out = np.zeros_like(k_out)
+    for pages in ([0, 1], [4, 5], [2, 3]):
+        selected = np.broadcast_to(np.array(pages), (KV_HEADS, 2))
+        pool.gather(0, selected, k_out, v_out)
+        want = np.concatenate([keys[:, p * PAGE:(p + 1) * PAGE] for p in pages], axis=1)
+        np.testing.assert_array_equal(k_out[:, :2 * PAGE], want)
+        np.testing.assert_array_equal(v_out[:, :2 * PAGE], -want)
+    assert pool.pages_restored >= 2 and sum(pool.counts()[t] for t in ("host", "disk")) == 6
+    assert pool.transfer_bytes == 6 * pool.page_bytes  # every gathered page came from below the device pool
+    pool.close()
+    assert not (tmp_path / "spill.bin").exists()
