@@ -43,7 +43,7 @@ class BoundStep:
     sessions: list[ort.InferenceSession]
     bindings: list[ort.IOBinding]
     buffers: dict[str, np.ndarray]  # input_ids, position_ids, hidden0/1, q0/1, k_new, v_new, logits
-    kv: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]  # budget -> (k_sel, v_sel, mask)
+    layer_kv: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per layer: the bound k_sel, v_sel, mask
     bound_values: list[ort.OrtValue]  # the bindings refer to these; they must live as long as the step
 
     @property
@@ -55,7 +55,14 @@ def _spec(graph: GraphEntry, name: str):
     return next(t for t in graph.inputs + graph.outputs if t.name == name)
 
 
-def bind_step(sessions: GraphSessions, graphs: list[GraphEntry]) -> BoundStep:
+def bind_step(sessions: GraphSessions, graphs: list[GraphEntry],
+              caches: list[tuple[np.ndarray, np.ndarray]] | None = None) -> BoundStep:
+    """Allocate and bind every buffer of one variant's graphs.
+
+    Budget policies gather into one k_sel/v_sel pair per distinct budget, reused layer after layer.
+    The dense baseline passes `caches`: one static KV buffer per layer that new tokens are written into
+    in place, as the classic static-NPU design does (no gathering).
+    """
     def zeros(graph: GraphEntry, name: str) -> np.ndarray:
         spec = _spec(graph, name)
         return np.zeros(spec.shape, dtype=spec.dtype)
@@ -65,13 +72,26 @@ def bind_step(sessions: GraphSessions, graphs: list[GraphEntry]) -> BoundStep:
                "hidden0": zeros(embed, "hidden_out"), "hidden1": zeros(embed, "hidden_out"),
                "q0": zeros(embed, "q_out"), "q1": zeros(embed, "q_out"),
                "k_new": zeros(embed, "k_out"), "v_new": zeros(embed, "v_out"), "logits": zeros(head, "logits")}
-    kv = {}
+    masks: dict[int, np.ndarray] = {}
+    gather: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    layer_kv = []
     for graph in graphs[1:]:
-        if graph.budget not in kv:
-            kv[graph.budget] = (zeros(graph, "k_sel"), zeros(graph, "v_sel"), zeros(graph, "mask"))
+        if graph.budget not in masks:
+            masks[graph.budget] = zeros(graph, "mask")
+        if caches is not None:
+            k_sel, v_sel = caches[graph.layer]
+        else:
+            if graph.budget not in gather:
+                gather[graph.budget] = (zeros(graph, "k_sel"), zeros(graph, "v_sel"))
+            k_sel, v_sel = gather[graph.budget]
+        layer_kv.append((k_sel, v_sel, masks[graph.budget]))
     # OrtValues share the numpy buffers' memory, so binding once is enough: later steps write the arrays.
     values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in buffers.items()}
-    kv_values = {b: tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in arrays) for b, arrays in kv.items()}
+    kv_values: dict[int, ort.OrtValue] = {}
+    for arrays in layer_kv:
+        for array in arrays:
+            if id(array) not in kv_values:
+                kv_values[id(array)] = ort.OrtValue.ortvalue_from_numpy(array)
     session_list, bindings = [], []
     for index, graph in enumerate(graphs):
         session = sessions.session(graph)
@@ -80,10 +100,8 @@ def bind_step(sessions: GraphSessions, graphs: list[GraphEntry]) -> BoundStep:
             inputs = {"input_ids": "input_ids", "position_ids": "position_ids"}
         else:
             layer = index - 1
-            k_sel, v_sel, mask = kv_values[graph.budget]
-            binding.bind_ortvalue_input("k_sel", k_sel)
-            binding.bind_ortvalue_input("v_sel", v_sel)
-            binding.bind_ortvalue_input("mask", mask)
+            for name, array in zip(("k_sel", "v_sel", "mask"), layer_kv[layer]):
+                binding.bind_ortvalue_input(name, kv_values[id(array)])
             inputs = {"hidden_in": f"hidden{layer % 2}", "q_in": f"q{layer % 2}"}
             if graph.kind == "layer":
                 inputs["position_ids"] = "position_ids"
@@ -98,8 +116,8 @@ def bind_step(sessions: GraphSessions, graphs: list[GraphEntry]) -> BoundStep:
                 binding.bind_ortvalue_output(output_name, values[buffer_name])
         session_list.append(session)
         bindings.append(binding)
-    bound = list(values.values()) + [v for triple in kv_values.values() for v in triple]
-    return BoundStep(graphs, session_list, bindings, buffers, kv, bound)
+    bound = list(values.values()) + list(kv_values.values())
+    return BoundStep(graphs, session_list, bindings, buffers, layer_kv, bound)
 
 
 @dataclass
@@ -121,6 +139,7 @@ class Engine:
     pool: TieredPool
     stores: list[PageStore]
     session_dir: Path
+    dense_caches: list[tuple[np.ndarray, np.ndarray]] | None  # the dense baseline's static KV buffers
     tokens: list[int] = field(default_factory=list)  # tokens whose K/V are in the cache
     timers: Timers = field(default_factory=Timers)
     warned_context: bool = False
@@ -138,9 +157,13 @@ class Engine:
         pool = TieredPool(model["layers"], model["kv_heads"], model["head_dim"], profile.page_size,
                           device_kv_bytes or profile.device_kv_bytes, host_kv_bytes or profile.host_kv_bytes,
                           session_dir / "kv-spill.bin")
-        return cls(manifest, policy, sessions, bind_step(sessions, manifest.variant(f"{family}-prefill")),
-                   bind_step(sessions, manifest.variant(f"{family}-decode")), pool,
-                   [PageStore(layer, pool) for layer in range(model["layers"])], session_dir)
+        caches = None
+        if policy == "dense":
+            shape = (1, model["kv_heads"], model["max_context"], model["head_dim"])
+            caches = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(model["layers"])]
+        return cls(manifest, policy, sessions, bind_step(sessions, manifest.variant(f"{family}-prefill"), caches),
+                   bind_step(sessions, manifest.variant(f"{family}-decode"), caches), pool,
+                   [PageStore(layer, pool) for layer in range(model["layers"])], session_dir, caches)
 
     @property
     def page_size(self) -> int:
@@ -170,9 +193,13 @@ class Engine:
         row_positions = b["position_ids"][0]
         first_new = start // self.page_size
         self._run(step, 0)
+        if self.dense_caches is not None:
+            self._forward_dense(step, n, start, pad)
+            self.tokens.extend(tokens)
+            return b["logits"][0, -1]
         for layer, store in enumerate(self.stores):
             graph = step.graphs[layer + 1]
-            k_sel, v_sel, mask = step.kv[graph.budget]
+            k_sel, v_sel, mask = step.layer_kv[layer]
             t0 = time.perf_counter()
             store.append(b["k_new"][0, :, pad:], b["v_new"][0, :, pad:])
             t1 = time.perf_counter()
@@ -188,6 +215,21 @@ class Engine:
             self._run(step, layer + 1)
         self.tokens.extend(tokens)
         return b["logits"][0, -1]
+
+    def _forward_dense(self, step: BoundStep, n: int, start: int, pad: int) -> None:
+        """The classic static design: new K/V written in place into each layer's full-context buffer."""
+        b = step.buffers
+        t0 = time.perf_counter()
+        mask = step.layer_kv[0][2]  # one mask buffer serves every layer of the step
+        fill_mask(mask[0, 0], np.arange(start + n), start + n, b["position_ids"][0], pad)
+        self.timers.gather_s += time.perf_counter() - t0
+        for layer in range(len(self.stores)):
+            t0 = time.perf_counter()
+            k_cache, v_cache, _ = step.layer_kv[layer]
+            k_cache[0, :, start:start + n] = b["k_new"][0, :, pad:]
+            v_cache[0, :, start:start + n] = b["v_new"][0, :, pad:]
+            self.timers.gather_s += time.perf_counter() - t0
+            self._run(step, layer + 1)
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Feed tokens in fixed chunks (the first chunk holds the remainder); returns the last logits."""
