@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import EDGEKV, run_edgekv
+from edgekv.evaluation.passkey import passkey_prompt
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.tokens import ArtifactTokenizer
@@ -80,24 +81,13 @@ def test_graph_inputs_keep_their_shapes_from_1k_to_16k(tiny_artifacts):
         engine.close()
 
 
-def passkey_prompt(tokenizer, total_tokens: int, depth: float, key: int) -> list[int]:
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    per_filler = len(tokenizer.encode(filler))
-    n = total_tokens // per_filler
-    cut = int(n * depth)
-    text = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-            + filler * cut + needle + filler * (n - cut) + "What is the pass key? The pass key is")
-    return tokenizer.encode(text)
-
-
 def test_quest_retrieves_a_pass_key_beyond_its_budget(default_artifact):
     # 2K tokens against a decode budget of 512 (prefill 1024): selection is really at work.
     engine = Engine.open(default_artifact, "quest")
     try:
         tokenizer = ArtifactTokenizer.load(engine.manifest)
-        prompt = passkey_prompt(tokenizer, 2048, 0.5, 68521)
-        assert len(prompt) > 4 * engine.manifest.profile.decode_budget - 100
+        prompt = passkey_prompt(tokenizer.encode, 2048, 0.5, 68521).tokens
+        assert 2000 < len(prompt) <= 2048
         tokens = list(engine.generate(prompt, 8, Sampler(GREEDY), eos_ids=set()))
         assert "68521" in tokenizer.decode(tokens)
     finally:

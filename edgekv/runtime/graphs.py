@@ -65,6 +65,9 @@ class GraphSessions:
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.threads
             options.add_session_config_entry("session.disable_prepacking", "1")
+            # The host works between every two graph calls; onnxruntime's worker threads would otherwise
+            # spin after each call and take the cores from page selection and gathering.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             for name in graph.weights:
                 options.add_initializer(name, self.weights[name])
             found = self._sessions[graph.name] = ort.InferenceSession(

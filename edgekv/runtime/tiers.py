@@ -75,8 +75,10 @@ class TieredPool:
         self.page_bytes = 2 * kv_heads * page_size * head_dim * 4
         self.host_capacity = max(2, host_bytes // self.page_bytes)
         self.device_capacity = max(1, device_bytes // self.page_bytes)
-        self.host_k = np.empty((0, kv_heads, page_size, head_dim), dtype=np.float32)
-        self.host_v = np.empty_like(self.host_k)
+        # Allocated once at full capacity: np.zeros maps untouched memory lazily, so RAM is only used as
+        # pages arrive, and slots never move (no copies when the cache grows).
+        self.host_k = np.zeros((self.host_capacity, kv_heads, page_size, head_dim), dtype=np.float32)
+        self.host_v = np.zeros_like(self.host_k)
         self.host_used = 0  # slots handed out so far (free ones are reused first)
         self.host_free: list[int] = []
         # Per layer, per page: tier, slot in that tier, and the step it was last used (for LRU spills).
@@ -122,10 +124,6 @@ class TieredPool:
         if self.host_free:
             return self.host_free.pop()
         if self.host_used < self.host_capacity:
-            if self.host_used == len(self.host_k):
-                grow = min(max(64, len(self.host_k)), self.host_capacity - len(self.host_k))
-                self.host_k = np.concatenate([self.host_k, np.empty((grow, *self.host_k.shape[1:]), np.float32)])
-                self.host_v = np.concatenate([self.host_v, np.empty((grow, *self.host_v.shape[1:]), np.float32)])
             self.host_used += 1
             return self.host_used - 1
         return self._spill_coldest(protect, pinned_from)
