@@ -62,7 +62,7 @@ def test_graph_inputs_keep_their_shapes_from_1k_to_16k(tiny_artifacts):
         def bound_shapes():
             step = engine.decode_step
             return ({k: v.shape for k, v in step.buffers.items()},
-                    {b: tuple(a.shape for a in arrays) for b, arrays in step.kv.items()})
+                    [tuple(a.shape for a in arrays) for arrays in step.layer_kv])
 
         rng = np.random.default_rng(0)
         with warnings.catch_warnings(record=True) as caught:
@@ -74,6 +74,8 @@ def test_graph_inputs_keep_their_shapes_from_1k_to_16k(tiny_artifacts):
             logits = engine.decode(5)
         assert len(engine.tokens) == 16 * 1024 + 2
         assert bound_shapes() == at_1k
+        step = engine.decode_step
+        assert [k.shape for k, _, _ in step.layer_kv] == [(1, 2, g.budget, 16) for g in step.graphs[1:]]
         assert np.isfinite(logits).all()
         # Past the trained context (512 for the tiny model): one warning, not one per step.
         assert sum("trained context" in str(w.message) for w in caught) == 1

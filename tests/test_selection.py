@@ -25,11 +25,12 @@ def test_page_min_max_follow_appends_in_uneven_chunks(tmp_path):
     for start, stop in ((0, 3), (3, 4), (4, 13), (13, 23)):
         store.append(keys[:, start:stop], values[:, start:stop])
     assert (store.length, store.n_pages) == (23, 6)
-    kmin, kmax = store.metadata()
+    bounds = store.bounds()
+    assert bounds.shape == (KV_HEADS, 6, 2 * HEAD_DIM)
     for page in range(6):
         chunk = keys[:, page * PAGE:(page + 1) * PAGE]
-        np.testing.assert_array_equal(kmin[page], chunk.min(axis=1))
-        np.testing.assert_array_equal(kmax[page], chunk.max(axis=1))
+        np.testing.assert_array_equal(bounds[:, page, :HEAD_DIM], chunk.max(axis=1))
+        np.testing.assert_array_equal(bounds[:, page, HEAD_DIM:], chunk.min(axis=1))
     k_out = np.zeros((KV_HEADS, 6 * PAGE, HEAD_DIM), np.float32)
     v_out = np.zeros_like(k_out)
     pool.gather(0, np.broadcast_to(np.arange(6), (KV_HEADS, 6)), k_out, v_out)
@@ -43,7 +44,7 @@ def test_quest_score_is_the_per_channel_upper_bound(tmp_path):
     q = rng.normal(size=(KV_HEADS * GROUPS, 2, HEAD_DIM)).astype(np.float32)  # 2 rows, as in a prefill chunk
     kmin = rng.normal(size=(5, KV_HEADS, HEAD_DIM)).astype(np.float32)
     kmax = kmin + rng.uniform(0, 2, size=kmin.shape).astype(np.float32)
-    scores = quest_page_scores(q, kmin, kmax)
+    scores = quest_page_scores(q, np.concatenate([kmax, kmin], axis=-1).transpose(1, 0, 2))
     assert scores.shape == (KV_HEADS, 5)
     for head in range(KV_HEADS):
         rows = q[head * GROUPS:(head + 1) * GROUPS].reshape(-1, HEAD_DIM)  # the group's heads and rows
@@ -63,7 +64,7 @@ def test_quest_finds_the_page_a_query_wants(tmp_path):
     keys[:, 21] = 5.0  # page 5 holds a key every query aligned with +1 wants
     store.append(keys, keys)
     q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
-    pages = select_pages("quest", q, *store.metadata(), store.n_pages, first_new=store.n_pages - 1, budget_pages=3)
+    pages = select_pages("quest", q, store.bounds(), store.n_pages, first_new=store.n_pages - 1, budget_pages=3)
     assert pages.tolist() == [[0, 5, 9]] * KV_HEADS  # sink, the wanted page, the current page
 
 
@@ -71,7 +72,7 @@ def test_streaming_keeps_sink_and_recent_pages(tmp_path):
     _, store = make_store(tmp_path)
     store.append(*(np.zeros((KV_HEADS, 40, HEAD_DIM), np.float32),) * 2)
     q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
-    pages = select_pages("streaming", q, *store.metadata(), store.n_pages, first_new=9, budget_pages=4)
+    pages = select_pages("streaming", q, store.bounds(), store.n_pages, first_new=9, budget_pages=4)
     assert pages.tolist() == [[0, 7, 8, 9]] * KV_HEADS
 
 
@@ -80,7 +81,7 @@ def test_every_page_is_selected_in_order_while_the_context_fits(tmp_path, policy
     _, store = make_store(tmp_path)
     store.append(*(np.ones((KV_HEADS, 30, HEAD_DIM), np.float32),) * 2)
     q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
-    pages = select_pages(policy, q, *store.metadata(), store.n_pages, first_new=7, budget_pages=8)
+    pages = select_pages(policy, q, store.bounds(), store.n_pages, first_new=7, budget_pages=8)
     assert pages.tolist() == [list(range(8))] * KV_HEADS
 
 

@@ -203,8 +203,7 @@ class Engine:
             t0 = time.perf_counter()
             store.append(b["k_new"][0, :, pad:], b["v_new"][0, :, pad:])
             t1 = time.perf_counter()
-            kmin, kmax = store.metadata()
-            pages = select_pages(self.policy, b[f"q{layer % 2}"][0, :, pad:], kmin, kmax, store.n_pages,
+            pages = select_pages(self.policy, b[f"q{layer % 2}"][0, :, pad:], store.bounds(), store.n_pages,
                                  first_new, graph.budget // self.page_size)
             t2 = time.perf_counter()
             self.pool.gather(layer, pages, k_sel[0], v_sel[0])

@@ -3,6 +3,8 @@
 Keys are stored after RoPE at their absolute positions, so a gathered page keeps its true positions.
 Each page keeps, per KV head and channel, the min and max of its keys: the upper bound of q·k over the
 page is then sum_i max(q_i*max_i, q_i*min_i) (Quest), computed for all pages at once in selection.py.
+The bounds are laid out [kv_heads, pages, 2*head_dim] (max, then min) so that scoring is one batched
+matrix product over contiguous rows.
 
 Where a page's bytes live (host RAM or the disk spill file) is the business of tiers.py; this class
 holds the per-layer page table and the metadata, which always stay in RAM.
@@ -23,9 +25,8 @@ class PageStore:
         self.pool = pool
         self.page_size = pool.page_size
         self.length = 0  # tokens stored
-        capacity = 64
-        self.kmin = np.empty((capacity, pool.kv_heads, pool.head_dim), dtype=np.float32)
-        self.kmax = np.empty_like(self.kmin)
+        self.head_dim = pool.head_dim
+        self._bounds = np.empty((pool.kv_heads, 64, 2 * pool.head_dim), dtype=np.float32)
 
     @property
     def n_pages(self) -> int:
@@ -42,20 +43,20 @@ class PageStore:
                 self._new_page(page)
             k, v = keys[:, written:written + take], values[:, written:written + take]
             self.pool.write(self.layer, page, offset, k, v)
+            kmax, kmin = self._bounds[:, page, :self.head_dim], self._bounds[:, page, self.head_dim:]
             if offset == 0:
-                self.kmin[page], self.kmax[page] = k.min(axis=1), k.max(axis=1)
+                kmax[:], kmin[:] = k.max(axis=1), k.min(axis=1)
             else:
-                np.minimum(self.kmin[page], k.min(axis=1), out=self.kmin[page])
-                np.maximum(self.kmax[page], k.max(axis=1), out=self.kmax[page])
+                np.maximum(kmax, k.max(axis=1), out=kmax)
+                np.minimum(kmin, k.min(axis=1), out=kmin)
             self.length += take
             written += take
 
     def _new_page(self, page: int) -> None:
-        if page == len(self.kmin):  # grow the metadata by doubling: amortised O(1) per page
-            self.kmin = np.concatenate([self.kmin, np.empty_like(self.kmin)])
-            self.kmax = np.concatenate([self.kmax, np.empty_like(self.kmax)])
+        if page == self._bounds.shape[1]:  # grow the metadata by doubling: amortised O(1) per page
+            self._bounds = np.concatenate([self._bounds, np.empty_like(self._bounds)], axis=1)
         self.pool.allocate(self.layer, page)
 
-    def metadata(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-page key min and max, [n_pages, kv_heads, head_dim] each (views, no copy)."""
-        return self.kmin[:self.n_pages], self.kmax[:self.n_pages]
+    def bounds(self) -> np.ndarray:
+        """Per-page key max and min, [kv_heads, n_pages, 2*head_dim] (a view, no copy)."""
+        return self._bounds[:, :self.n_pages]

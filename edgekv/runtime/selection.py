@@ -17,20 +17,20 @@ import numpy as np
 POLICIES = ("quest", "streaming", "dense")
 
 
-def quest_page_scores(q: np.ndarray, kmin: np.ndarray, kmax: np.ndarray) -> np.ndarray:
+def quest_page_scores(q: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """Quest's upper bound of q·k over each page, aggregated per KV head.
 
-    q [q_heads, rows, head_dim] (post-RoPE, real rows only); kmin/kmax [pages, kv_heads, head_dim].
-    The bound sum_i max(q_i*max_i, q_i*min_i) equals relu(q)·max + min(q, 0)·min: two matrix products
+    q [q_heads, rows, head_dim] (post-RoPE, real rows only); bounds [kv_heads, pages, 2*head_dim], each
+    page's per-channel key max then min. The bound sum_i max(q_i*max_i, q_i*min_i) equals
+    relu(q)·max + min(q, 0)·min: one batched matrix product of [relu(q), min(q, 0)] with the bounds,
     over all pages at once. The G query heads of a KV head's group, and all rows of a prefill chunk,
     are aggregated with max: a page is worth keeping if any of them wants it.
     Returns [kv_heads, pages].
     """
-    kv_heads = kmin.shape[1]
+    kv_heads = bounds.shape[0]
     grouped = q.reshape(kv_heads, -1, q.shape[-1])  # [kv_heads, G*rows, head_dim]
-    upper = np.matmul(np.maximum(grouped, 0), kmax.transpose(1, 2, 0))
-    upper += np.matmul(np.minimum(grouped, 0), kmin.transpose(1, 2, 0))
-    return upper.max(axis=1)
+    split = np.concatenate([np.maximum(grouped, 0), np.minimum(grouped, 0)], axis=-1)
+    return np.matmul(split, bounds.transpose(0, 2, 1)).max(axis=1)
 
 
 def _with_forced(middle: np.ndarray, first_new: int, n_pages: int) -> np.ndarray:
@@ -41,10 +41,10 @@ def _with_forced(middle: np.ndarray, first_new: int, n_pages: int) -> np.ndarray
     return np.concatenate([sink, np.sort(middle, axis=1), new], axis=1)
 
 
-def select_pages(policy: str, q: np.ndarray, kmin: np.ndarray, kmax: np.ndarray, n_pages: int,
-                 first_new: int, budget_pages: int) -> np.ndarray:
+def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, first_new: int,
+                 budget_pages: int) -> np.ndarray:
     """Pages [kv_heads, k] for one layer and step. `first_new` is the first page the step writes."""
-    kv_heads = kmin.shape[1]
+    kv_heads = bounds.shape[0]
     if n_pages <= budget_pages:
         return np.broadcast_to(np.arange(n_pages, dtype=np.int64), (kv_heads, n_pages))
     if policy == "dense":
@@ -56,7 +56,7 @@ def select_pages(policy: str, q: np.ndarray, kmin: np.ndarray, kmax: np.ndarray,
     if policy == "streaming":
         middle = np.broadcast_to(np.arange(first_new - room, first_new, dtype=np.int64), (kv_heads, room))
         return _with_forced(middle, first_new, n_pages)
-    scores = quest_page_scores(q, kmin[1:first_new], kmax[1:first_new])  # candidates: pages 1..first_new-1
+    scores = quest_page_scores(q, bounds[:, 1:first_new])  # candidates: pages 1..first_new-1
     top = np.argpartition(-scores, room - 1, axis=1)[:, :room] if room else np.zeros((kv_heads, 0), np.int64)
     return _with_forced(top + 1, first_new, n_pages)
 
