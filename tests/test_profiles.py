@@ -6,14 +6,14 @@ from conftest import run_edgekv
 from edgekv.toolkit.errors import EdgekvError
 from edgekv.toolkit.profiles import load_profile, shipped_profile_names
 
-SHIPPED = {"npu-small": (512, 64), "npu-medium": (1024, 128), "npu-large": (2048, 128)}
+SHIPPED = {"npu-small": (8, 512, 64), "npu-medium": (16, 1024, 128), "npu-large": (16, 2048, 128)}
 
 
 def test_shipped_profiles_have_the_documented_budgets():
     assert shipped_profile_names() == sorted(SHIPPED)
-    for name, (budget, chunk) in SHIPPED.items():
+    for name, (page, budget, chunk) in SHIPPED.items():
         p = load_profile(name)
-        assert (p.name, p.page_size, p.decode_budget, p.prefill_chunk, p.opset) == (name, 16, budget, chunk, 17)
+        assert (p.name, p.page_size, p.decode_budget, p.prefill_chunk, p.opset) == (name, page, budget, chunk, 17)
         assert p.layer_budget(0, prefill=False) == 4 * budget == p.layer_budget(1, prefill=False)
         assert p.layer_budget(2, prefill=False) == budget
         assert p.layer_budget(0, prefill=True) == 4 * p.prefill_budget
@@ -33,10 +33,10 @@ def test_user_profile_file_loads(tmp_path):
 
 
 @pytest.mark.parametrize("old,new,message", [
-    ("page_size = 16", "page_size = 16\nbudget = 3", "unknown key 'kv.budget'"),
-    ("page_size = 16", "page_sise = 16", "unknown key 'kv.page_sise'"),
+    ("page_size = 8", "page_size = 8\nbudget = 3", "unknown key 'kv.budget'"),
+    ("page_size = 8", "page_sise = 8", "unknown key 'kv.page_sise'"),
     ("opset = 17", "", "missing key 'graph.opset'"),
-    ("page_size = 16", "page_size = 17", "key 'kv.page_size' must be a power of two"),
+    ("page_size = 8", "page_size = 17", "key 'kv.page_size' must be a power of two"),
     ("decode_budget = 512", "decode_budget = 500", "key 'kv.decode_budget' must be a multiple of kv.page_size"),
     ("decode_budget = 512", 'decode_budget = "512"', "key 'kv.decode_budget' must be a positive integer"),
     ('kv_dtype = "float32"', 'kv_dtype = "float13"', "key 'kv.kv_dtype' must be one of"),

@@ -17,6 +17,7 @@ from edgekv.runtime.engine import Engine
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.tokens import ArtifactTokenizer
 from edgekv.toolkit.errors import EdgekvError
+from edgekv.toolkit.manifest import load_verified
 from test_export import NEW_TOKENS, reference
 
 GREEDY = SamplingConfig()
@@ -48,9 +49,10 @@ def test_quest_streaming_and_dense_equal_transformers_while_the_context_fits(def
 def test_spilled_run_gives_the_same_tokens(default_artifact, story_prompt, tmp_path):
     in_memory, counts, _ = generate(default_artifact, "quest", story_prompt)
     assert counts["disk"] == 0
-    page_bytes = 2 * 3 * 16 * 64 * 4
+    manifest = load_verified(default_artifact)
+    page_bytes = 2 * manifest.model["kv_heads"] * manifest.profile.page_size * manifest.model["head_dim"] * 4
     spilled, counts, engine = generate(default_artifact, "quest", story_prompt, spill_dir=tmp_path,
-                                       host_kv_bytes=60 * page_bytes)
+                                       host_kv_bytes=100 * page_bytes)
     assert counts["disk"] > 0 and engine.pool.pages_spilled > 0
     assert spilled == in_memory
     assert list(tmp_path.iterdir()) == []  # the session directory and its spill file are gone
