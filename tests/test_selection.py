@@ -76,7 +76,7 @@ def test_streaming_keeps_sink_and_recent_pages(tmp_path):
     assert pages.tolist() == [[0, 7, 8, 9]] * KV_HEADS
 
 
-@pytest.mark.parametrize("policy", ["quest", "streaming", "dense"])
+@pytest.mark.parametrize("policy", ["quest", "streaming"])
 def test_every_page_is_selected_in_order_while_the_context_fits(tmp_path, policy):
     _, store = make_store(tmp_path)
     store.append(*(np.ones((KV_HEADS, 30, HEAD_DIM), np.float32),) * 2)

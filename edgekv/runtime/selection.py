@@ -43,12 +43,13 @@ def _with_forced(middle: np.ndarray, first_new: int, n_pages: int) -> np.ndarray
 
 def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, first_new: int,
                  budget_pages: int) -> np.ndarray:
-    """Pages [kv_heads, k] for one layer and step. `first_new` is the first page the step writes."""
+    """Pages [kv_heads, k] for one layer and step (quest or streaming; dense never selects).
+
+    `first_new` is the first page the step writes.
+    """
     kv_heads = bounds.shape[0]
     if n_pages <= budget_pages:
         return np.broadcast_to(np.arange(n_pages, dtype=np.int64), (kv_heads, n_pages))
-    if policy == "dense":
-        raise ValueError("the dense policy selects every page; its graphs' budget must cover the context")
     first_new = max(first_new, 1)
     room = budget_pages - 1 - (n_pages - first_new)  # middle pages that fit besides sink and new pages
     if room < 0:
