@@ -17,12 +17,9 @@ import onnxruntime as ort
 from edgekv.toolkit.manifest import GraphEntry, Manifest
 
 
-def load_shared_weights(manifest: Manifest) -> tuple[dict[str, np.ndarray], dict[str, ort.OrtValue]]:
-    """One OrtValue per weight tensor, backed by one in-memory copy of each weight file.
-
-    The OrtValues borrow the arrays' memory without holding a reference: the caller must keep the
-    returned file arrays alive as long as any session uses the values.
-    """
+def load_shared_weights(manifest: Manifest) -> dict[str, ort.OrtValue]:
+    """One OrtValue per weight tensor, each a view into one in-memory copy of its weight file
+    (an OrtValue made from a numpy array keeps that array, and so the file's buffer, alive)."""
     files: dict[str, np.ndarray] = {}
     values = {}
     for name, entry in manifest.data["weights"].items():
@@ -31,7 +28,7 @@ def load_shared_weights(manifest: Manifest) -> tuple[dict[str, np.ndarray], dict
             raw = files[entry["file"]] = np.fromfile(manifest.directory / entry["file"], dtype=np.uint8)
         array = raw[entry["offset"]:entry["offset"] + entry["length"]].view(entry["dtype"]).reshape(entry["shape"])
         values[name] = ort.OrtValue.ortvalue_from_numpy(array)
-    return files, values
+    return values
 
 
 def available_providers(requested: tuple[str, ...]) -> list[str]:
@@ -46,7 +43,6 @@ class GraphSessions:
     """One InferenceSession per graph of the artifact, created lazily and kept."""
 
     manifest: Manifest
-    weight_files: dict[str, np.ndarray]  # owns the memory the weight OrtValues point into
     weights: dict[str, ort.OrtValue]
     providers: list[str]
     threads: int = 0  # 0: onnxruntime's default (one per core)
@@ -56,8 +52,8 @@ class GraphSessions:
 
     @classmethod
     def open(cls, manifest: Manifest, threads: int = 0) -> "GraphSessions":
-        files, weights = load_shared_weights(manifest)
-        return cls(manifest, files, weights, available_providers(manifest.profile.execution_providers), threads)
+        return cls(manifest, load_shared_weights(manifest), available_providers(manifest.profile.execution_providers),
+                   threads)
 
     def session(self, graph: GraphEntry) -> ort.InferenceSession:
         found = self._sessions.get(graph.name)
