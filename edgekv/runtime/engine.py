@@ -44,7 +44,6 @@ class BoundStep:
     bindings: list[ort.IOBinding]
     buffers: dict[str, np.ndarray]  # input_ids, position_ids, hidden0/1, q0/1, k_new, v_new, logits
     layer_kv: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per layer: the bound k_sel, v_sel, mask
-    bound_values: list[ort.OrtValue]  # the bindings refer to these; they must live as long as the step
 
     @property
     def seq_len(self) -> int:
@@ -86,6 +85,7 @@ def bind_step(sessions: GraphSessions, graphs: list[GraphEntry],
             k_sel, v_sel = gather[graph.budget]
         layer_kv.append((k_sel, v_sel, masks[graph.budget]))
     # OrtValues share the numpy buffers' memory, so binding once is enough: later steps write the arrays.
+    # (Each IOBinding keeps the OrtValues bound to it alive, and each OrtValue its numpy array.)
     values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in buffers.items()}
     kv_values: dict[int, ort.OrtValue] = {}
     for arrays in layer_kv:
@@ -116,8 +116,7 @@ def bind_step(sessions: GraphSessions, graphs: list[GraphEntry],
                 binding.bind_ortvalue_output(output_name, values[buffer_name])
         session_list.append(session)
         bindings.append(binding)
-    bound = list(values.values()) + list(kv_values.values())
-    return BoundStep(graphs, session_list, bindings, buffers, layer_kv, bound)
+    return BoundStep(graphs, session_list, bindings, buffers, layer_kv)
 
 
 @dataclass
@@ -139,7 +138,6 @@ class Engine:
     pool: TieredPool
     stores: list[PageStore]
     session_dir: Path
-    dense_caches: list[tuple[np.ndarray, np.ndarray]] | None  # the dense baseline's static KV buffers
     tokens: list[int] = field(default_factory=list)  # tokens whose K/V are in the cache
     timers: Timers = field(default_factory=Timers)
     warned_context: bool = False
@@ -163,7 +161,7 @@ class Engine:
             caches = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(model["layers"])]
         return cls(manifest, policy, sessions, bind_step(sessions, manifest.variant(f"{family}-prefill"), caches),
                    bind_step(sessions, manifest.variant(f"{family}-decode"), caches), pool,
-                   [PageStore(layer, pool) for layer in range(model["layers"])], session_dir, caches)
+                   [PageStore(layer, pool) for layer in range(model["layers"])], session_dir)
 
     @property
     def page_size(self) -> int:
@@ -193,7 +191,7 @@ class Engine:
         row_positions = b["position_ids"][0]
         first_new = start // self.page_size
         self._run(step, 0)
-        if self.dense_caches is not None:
+        if self.policy == "dense":
             self._forward_dense(step, n, start, pad)
             self.tokens.extend(tokens)
             return b["logits"][0, -1]
