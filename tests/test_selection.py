@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from edgekv.runtime.pages import PageStore
+from edgekv.runtime.budget import ResidentBudget, slot_positions
 from edgekv.runtime.selection import quest_page_scores, select_pages
 from edgekv.runtime.tiers import TieredPool
 
@@ -26,11 +27,11 @@ def test_page_min_max_follow_appends_in_uneven_chunks(tmp_path):
         store.append(keys[:, start:stop], values[:, start:stop])
     assert (store.length, store.n_pages) == (23, 6)
     bounds = store.bounds()
-    assert bounds.shape == (KV_HEADS, 6, 2 * HEAD_DIM)
+    assert bounds.shape == (KV_HEADS, 2 * HEAD_DIM, 6)
     for page in range(6):
         chunk = keys[:, page * PAGE:(page + 1) * PAGE]
-        np.testing.assert_array_equal(bounds[:, page, :HEAD_DIM], chunk.max(axis=1))
-        np.testing.assert_array_equal(bounds[:, page, HEAD_DIM:], chunk.min(axis=1))
+        np.testing.assert_array_equal(bounds[:, :HEAD_DIM, page], chunk.max(axis=1))
+        np.testing.assert_array_equal(bounds[:, HEAD_DIM:, page], chunk.min(axis=1))
     k_out = np.zeros((KV_HEADS, 6 * PAGE, HEAD_DIM), np.float32)
     v_out = np.zeros_like(k_out)
     pool.gather(0, np.broadcast_to(np.arange(6), (KV_HEADS, 6)), k_out, v_out)
@@ -44,7 +45,7 @@ def test_quest_score_is_the_per_channel_upper_bound(tmp_path):
     q = rng.normal(size=(KV_HEADS * GROUPS, 2, HEAD_DIM)).astype(np.float32)  # 2 rows, as in a prefill chunk
     kmin = rng.normal(size=(5, KV_HEADS, HEAD_DIM)).astype(np.float32)
     kmax = kmin + rng.uniform(0, 2, size=kmin.shape).astype(np.float32)
-    scores = quest_page_scores(q, np.concatenate([kmax, kmin], axis=-1).transpose(1, 0, 2))
+    scores = quest_page_scores(q, np.concatenate([kmax, kmin], axis=-1).transpose(1, 2, 0))
     assert scores.shape == (KV_HEADS, 5)
     for head in range(KV_HEADS):
         rows = q[head * GROUPS:(head + 1) * GROUPS].reshape(-1, HEAD_DIM)  # the group's heads and rows
@@ -64,7 +65,7 @@ def test_quest_finds_the_page_a_query_wants(tmp_path):
     keys[:, 21] = 5.0  # page 5 holds a key every query aligned with +1 wants
     store.append(keys, keys)
     q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
-    pages = select_pages("quest", q, store.bounds(), store.n_pages, first_new=store.n_pages - 1, budget_pages=3)
+    pages = select_pages("quest", q, store.bounds(), store.n_pages, first_new=store.n_pages - 1, budget_pages=3).pages()
     assert pages.tolist() == [[0, 5, 9]] * KV_HEADS  # sink, the wanted page, the current page
 
 
@@ -72,7 +73,7 @@ def test_streaming_keeps_sink_and_recent_pages(tmp_path):
     _, store = make_store(tmp_path)
     store.append(*(np.zeros((KV_HEADS, 40, HEAD_DIM), np.float32),) * 2)
     q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
-    pages = select_pages("streaming", q, store.bounds(), store.n_pages, first_new=9, budget_pages=4)
+    pages = select_pages("streaming", q, store.bounds(), store.n_pages, first_new=9, budget_pages=4).pages()
     assert pages.tolist() == [[0, 7, 8, 9]] * KV_HEADS
 
 
@@ -81,7 +82,7 @@ def test_every_page_is_selected_in_order_while_the_context_fits(tmp_path, policy
     _, store = make_store(tmp_path)
     store.append(*(np.ones((KV_HEADS, 30, HEAD_DIM), np.float32),) * 2)
     q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
-    pages = select_pages(policy, q, store.bounds(), store.n_pages, first_new=7, budget_pages=8)
+    pages = select_pages(policy, q, store.bounds(), store.n_pages, first_new=7, budget_pages=8).pages()
     assert pages.tolist() == [list(range(8))] * KV_HEADS
 
 
@@ -104,3 +105,26 @@ def test_spilled_pages_come_back_unchanged(tmp_path):
     assert pool.transfer_bytes == 6 * pool.page_bytes  # every gathered page came from below the device pool
     pool.close()
     assert not (tmp_path / "spill.bin").exists()
+
+
+def test_resident_budget_holds_exactly_the_selection_as_it_changes(tmp_path):
+    """Step after step, with selections that keep some pages and swap others, the resident buffer's
+    visible rows are, per head, exactly the rows of the selected pages, and empty slots are masked."""
+    pool, store = make_store(tmp_path)
+    rng = np.random.default_rng(4)
+    budget_pages = 6
+    buffer = ResidentBudget.over(np.zeros((KV_HEADS, budget_pages * PAGE, HEAD_DIM), np.float32),
+                                 np.zeros((KV_HEADS, budget_pages * PAGE, HEAD_DIM), np.float32), PAGE)
+    keys = rng.normal(size=(KV_HEADS, 120, HEAD_DIM)).astype(np.float32)
+    for length in (1, 5, 9, 17, 23, 60, 61, 64, 65, 90, 119):
+        store.append(keys[:, store.length:length], -keys[:, store.length:length])
+        q = rng.normal(size=(KV_HEADS * GROUPS, 1, HEAD_DIM)).astype(np.float32)
+        selection = select_pages("quest", q, store.bounds(), store.n_pages, store.n_pages - 1, budget_pages)
+        buffer.update(pool, 0, selection)
+        positions = slot_positions(selection, budget_pages * PAGE, PAGE)
+        visible = positions < length  # decode: every stored position is at or before the current token
+        for head, pages in enumerate(selection.pages()):
+            rows = np.concatenate([np.arange(p * PAGE, min((p + 1) * PAGE, length)) for p in pages])
+            got, want = buffer.k[head][visible], keys[head, rows]
+            assert sorted(map(tuple, got)) == sorted(map(tuple, want)), length
+            np.testing.assert_array_equal(np.sort(buffer.v[head][visible], axis=0), np.sort(-want, axis=0))

@@ -4,7 +4,8 @@ Per step (S tokens at positions p..p+S-1), per layer l:
     graph  -> q, k_new, v_new of layer l          (embed graph, or the boundary graph of layer l-1)
     host   PageStore[l].append(k_new, v_new)      (pages and their key min/max)
     host   select_pages(policy, q, page metadata) (which pages enter the budget)
-    host   TieredPool.gather -> k_sel, v_sel; mask
+    host   decode: ResidentBudget[l].update       (copies only the pages that entered the selection)
+           prefill: TieredPool.gather             (the chunk's pages, gathered into a shared buffer)
     graph  attention + MLP of layer l (+ q/k/v of layer l+1, or the LM head)
 
 Every graph input and output is a numpy buffer allocated once and bound once (onnxruntime IOBinding
@@ -25,10 +26,11 @@ import numpy as np
 import onnxruntime as ort
 
 from edgekv.export.modules import MASK_VALUE
+from edgekv.runtime.budget import ResidentBudget, gathered_positions, slot_positions
 from edgekv.runtime.graphs import GraphSessions
 from edgekv.runtime.pages import PageStore
 from edgekv.runtime.sampling import Sampler
-from edgekv.runtime.selection import POLICIES, select_pages, slot_positions
+from edgekv.runtime.selection import POLICIES, select_pages
 from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S, GenerationStats
 from edgekv.runtime.tiers import TieredPool
 from edgekv.toolkit.errors import EdgekvError
@@ -55,12 +57,12 @@ def _spec(graph: GraphEntry, name: str):
 
 
 def bind_step(sessions: GraphSessions, graphs: list[GraphEntry],
-              caches: list[tuple[np.ndarray, np.ndarray]] | None = None) -> BoundStep:
+              layer_buffers: list[tuple[np.ndarray, np.ndarray]] | None = None) -> BoundStep:
     """Allocate and bind every buffer of one variant's graphs.
 
-    Budget policies gather into one k_sel/v_sel pair per distinct budget, reused layer after layer.
-    The dense baseline passes `caches`: one static KV buffer per layer that new tokens are written into
-    in place, as the classic static-NPU design does (no gathering).
+    `layer_buffers` gives each layer its own k_sel/v_sel: the decode step's resident budgets, or the
+    dense baseline's static full-context caches (written in place, as the classic static-NPU design
+    does). Without it (prefill) one k_sel/v_sel pair per distinct budget is reused layer after layer.
     """
     def zeros(graph: GraphEntry, name: str) -> np.ndarray:
         spec = _spec(graph, name)
@@ -77,8 +79,8 @@ def bind_step(sessions: GraphSessions, graphs: list[GraphEntry],
     for graph in graphs[1:]:
         if graph.budget not in masks:
             masks[graph.budget] = zeros(graph, "mask")
-        if caches is not None:
-            k_sel, v_sel = caches[graph.layer]
+        if layer_buffers is not None:
+            k_sel, v_sel = layer_buffers[graph.layer]
         else:
             if graph.budget not in gather:
                 gather[graph.budget] = (zeros(graph, "k_sel"), zeros(graph, "v_sel"))
@@ -138,6 +140,7 @@ class Engine:
     pool: TieredPool
     stores: list[PageStore]
     session_dir: Path
+    resident: list[ResidentBudget]  # the decode step's per-layer budgets (empty for dense)
     tokens: list[int] = field(default_factory=list)  # tokens whose K/V are in the cache
     timers: Timers = field(default_factory=Timers)
     warned_context: bool = False
@@ -155,13 +158,19 @@ class Engine:
         pool = TieredPool(model["layers"], model["kv_heads"], model["head_dim"], profile.page_size,
                           device_kv_bytes or profile.device_kv_bytes, host_kv_bytes or profile.host_kv_bytes,
                           session_dir / "kv-spill.bin")
-        caches = None
+        prefill_graphs, decode_graphs = manifest.variant(f"{family}-prefill"), manifest.variant(f"{family}-decode")
         if policy == "dense":
             shape = (1, model["kv_heads"], model["max_context"], model["head_dim"])
             caches = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(model["layers"])]
-        return cls(manifest, policy, sessions, bind_step(sessions, manifest.variant(f"{family}-prefill"), caches),
-                   bind_step(sessions, manifest.variant(f"{family}-decode"), caches), pool,
-                   [PageStore(layer, pool) for layer in range(model["layers"])], session_dir)
+            prefill_step, decode_step = bind_step(sessions, prefill_graphs, caches), bind_step(sessions, decode_graphs, caches)
+            resident = []
+        else:
+            kv = [(np.zeros(_spec(g, "k_sel").shape, np.float32), np.zeros(_spec(g, "v_sel").shape, np.float32))
+                  for g in decode_graphs[1:]]
+            prefill_step, decode_step = bind_step(sessions, prefill_graphs), bind_step(sessions, decode_graphs, kv)
+            resident = [ResidentBudget.over(k[0], v[0], profile.page_size) for k, v in kv]
+        return cls(manifest, policy, sessions, prefill_step, decode_step, pool,
+                   [PageStore(layer, pool) for layer in range(model["layers"])], session_dir, resident)
 
     @property
     def page_size(self) -> int:
@@ -195,17 +204,27 @@ class Engine:
             self._forward_dense(step, n, start, pad)
             self.tokens.extend(tokens)
             return b["logits"][0, -1]
+        decoding = step is self.decode_step
+        masked: set[int] = set()  # budgets whose mask this step has filled: one mask serves all their layers
         for layer, store in enumerate(self.stores):
             graph = step.graphs[layer + 1]
             k_sel, v_sel, mask = step.layer_kv[layer]
             t0 = time.perf_counter()
             store.append(b["k_new"][0, :, pad:], b["v_new"][0, :, pad:])
             t1 = time.perf_counter()
-            pages = select_pages(self.policy, b[f"q{layer % 2}"][0, :, pad:], store.bounds(), store.n_pages,
-                                 first_new, graph.budget // self.page_size)
+            selection = select_pages(self.policy, b[f"q{layer % 2}"][0, :, pad:], store.bounds(), store.n_pages,
+                                     first_new, graph.budget // self.page_size)
             t2 = time.perf_counter()
-            self.pool.gather(layer, pages, k_sel[0], v_sel[0])
-            fill_mask(mask[0, 0], slot_positions(pages[0], self.page_size), store.length, row_positions, pad)
+            if decoding:
+                self.resident[layer].update(self.pool, layer, selection)
+            else:
+                pages = selection.pages()
+                self.pool.gather(layer, pages, k_sel[0], v_sel[0])
+            if graph.budget not in masked:
+                positions = (slot_positions(selection, graph.budget, self.page_size) if decoding
+                             else gathered_positions(pages[0], self.page_size))
+                fill_mask(mask[0, 0], positions, store.length, row_positions, pad)
+                masked.add(graph.budget)
             t3 = time.perf_counter()
             self.timers.select_s += t2 - t1
             self.timers.gather_s += (t1 - t0) + (t3 - t2)
@@ -294,7 +313,8 @@ class Engine:
 
 
 def fill_mask(mask: np.ndarray, positions: np.ndarray, length: int, row_positions: np.ndarray, pad: int) -> None:
-    """Additive mask [S, B]: slot j is visible to row r iff it holds a token at or before r's position."""
+    """Additive mask [S, B]: slot j is visible to row r iff it holds a token at or before r's position.
+    `positions` gives the first slots' token positions; slots past them are empty."""
     filled = len(positions)
     visible = (positions[None, :] <= row_positions[:, None]) & (positions[None, :] < length)
     mask[:, :filled] = np.where(visible, 0.0, MASK_VALUE)

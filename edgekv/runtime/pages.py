@@ -3,8 +3,8 @@
 Keys are stored after RoPE at their absolute positions, so a gathered page keeps its true positions.
 Each page keeps, per KV head and channel, the min and max of its keys: the upper bound of q·k over the
 page is then sum_i max(q_i*max_i, q_i*min_i) (Quest), computed for all pages at once in selection.py.
-The bounds are laid out [kv_heads, pages, 2*head_dim] (max, then min) so that scoring is one batched
-matrix product over contiguous rows.
+The bounds are laid out [kv_heads, 2*head_dim, pages] (max rows, then min rows) so that scoring is one
+batched matrix product whose page axis is contiguous.
 
 Where a page's bytes live (host RAM or the disk spill file) is the business of tiers.py; this class
 holds the per-layer page table and the metadata, which always stay in RAM.
@@ -26,7 +26,7 @@ class PageStore:
         self.page_size = pool.page_size
         self.length = 0  # tokens stored
         self.head_dim = pool.head_dim
-        self._bounds = np.empty((pool.kv_heads, 64, 2 * pool.head_dim), dtype=np.float32)
+        self._bounds = np.empty((pool.kv_heads, 2 * pool.head_dim, 64), dtype=np.float32)
 
     @property
     def n_pages(self) -> int:
@@ -43,7 +43,7 @@ class PageStore:
                 self._new_page(page)
             k, v = keys[:, written:written + take], values[:, written:written + take]
             self.pool.write(self.layer, page, offset, k, v)
-            kmax, kmin = self._bounds[:, page, :self.head_dim], self._bounds[:, page, self.head_dim:]
+            kmax, kmin = self._bounds[:, :self.head_dim, page], self._bounds[:, self.head_dim:, page]
             if offset == 0:
                 kmax[:], kmin[:] = k.max(axis=1), k.min(axis=1)
             else:
@@ -53,10 +53,10 @@ class PageStore:
             written += take
 
     def _new_page(self, page: int) -> None:
-        if page == self._bounds.shape[1]:  # grow the metadata by doubling: amortised O(1) per page
-            self._bounds = np.concatenate([self._bounds, np.empty_like(self._bounds)], axis=1)
+        if page == self._bounds.shape[2]:  # grow the metadata by doubling: amortised O(1) per page
+            self._bounds = np.concatenate([self._bounds, np.empty_like(self._bounds)], axis=2)
         self.pool.allocate(self.layer, page)
 
     def bounds(self) -> np.ndarray:
-        """Per-page key max and min, [kv_heads, n_pages, 2*head_dim] (a view, no copy)."""
-        return self._bounds[:, :self.n_pages]
+        """Per-page key max and min, [kv_heads, 2*head_dim, n_pages] (a view, no copy)."""
+        return self._bounds[:, :, :self.n_pages]

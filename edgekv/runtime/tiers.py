@@ -2,6 +2,8 @@
 
 - Device pool: the LRU of recently gathered pages, with the profile's device capacity. On an NPU it is
   the memory the graph reads; a page gathered from outside it is a transfer, and its bytes are counted.
+  Eviction is batched (down to DEVICE_EVICT_TO of capacity in one vectorized pass) so that keeping the
+  LRU costs a few array operations per step, not a Python loop over pages.
   (On this CPU-only host the device pool is bookkeeping over host memory: what it measures is how many
   bytes an NPU would have to move per token.)
 - Host pool: page slots in RAM, up to the profile's host KV budget.
@@ -13,8 +15,6 @@ A page holds page_size tokens of K and V for every KV head of one layer.
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,8 @@ import numpy as np
 from edgekv.toolkit.errors import EdgekvError
 
 HOST, DISK = 0, 1
+NOT_ON_DEVICE = -1
+DEVICE_EVICT_TO = 0.95
 
 
 class SpillFile:
@@ -87,7 +89,9 @@ class TieredPool:
         self.last_used = [np.zeros(0, dtype=np.int64) for _ in range(layers)]
         self.n_pages = [0] * layers
         self.clock = 0
-        self.device_lru: OrderedDict[tuple[int, int], None] = OrderedDict()
+        # Per layer, per page: the step it was last gathered while on the device, or NOT_ON_DEVICE.
+        self.device_stamp = [np.zeros(0, dtype=np.int64) for _ in range(layers)]
+        self.device_pages = 0
         self.spill_path = spill_path
         self.spill: SpillFile | None = None
         self.transfer_bytes = 0
@@ -101,6 +105,8 @@ class TieredPool:
             self.tier[layer] = np.concatenate([self.tier[layer], np.zeros(grow, dtype=np.int8)])
             self.slot[layer] = np.concatenate([self.slot[layer], np.zeros(grow, dtype=np.int64)])
             self.last_used[layer] = np.concatenate([self.last_used[layer], np.zeros(grow, dtype=np.int64)])
+            self.device_stamp[layer] = np.concatenate([self.device_stamp[layer],
+                                                       np.full(grow, NOT_ON_DEVICE, dtype=np.int64)])
         self.tier[layer][page] = HOST
         slot = self.slot[layer][page] = self._host_slot(protect=(layer, page))
         # A fresh page's unwritten rows are gathered (then masked) until filled: they must hold finite
@@ -153,7 +159,9 @@ class TieredPool:
             self.spill = SpillFile(self.spill_path, (2, self.kv_heads, self.page_size, self.head_dim))
         self.slot[layer][page] = self.spill.store(self.host_k[slot], self.host_v[slot])
         self.tier[layer][page] = DISK
-        self.device_lru.pop((layer, page), None)
+        if self.device_stamp[layer][page] != NOT_ON_DEVICE:
+            self.device_stamp[layer][page] = NOT_ON_DEVICE
+            self.device_pages -= 1
         self.pages_spilled += 1
         return slot
 
@@ -166,25 +174,44 @@ class TieredPool:
         self.pages_restored += 1
 
     # -- gathering --------------------------------------------------------------------------------
+    def fetch(self, layer: int, pages: np.ndarray) -> None:
+        """Make a layer's selected pages (repeats allowed) readable on the host: stamp them as the most
+        recent, read spilled ones back from disk, count the bytes of those not on the device, and keep the
+        device pool within capacity. (Repeats are cheaper than np.unique here: most pages are resident.)"""
+        self.clock += 1
+        # Stamp first: pages of this fetch are the most recent, so restoring one never spills another.
+        self.last_used[layer][pages] = self.clock
+        tiers = self.tier[layer][pages]
+        if (tiers == DISK).any():
+            for page in np.unique(pages[tiers == DISK]):
+                self._restore(layer, int(page), pinned_from=self.clock)
+        stamps = self.device_stamp[layer]
+        arriving = pages[stamps[pages] == NOT_ON_DEVICE]
+        stamps[pages] = self.clock
+        if arriving.size:
+            arrived = len(np.unique(arriving))
+            self.transfer_bytes += arrived * self.page_bytes
+            self.device_pages += arrived
+            if self.device_pages > self.device_capacity:
+                self._evict_device()
+
+    def _evict_device(self) -> None:
+        """Drop the least recently gathered pages of all layers until the pool is DEVICE_EVICT_TO full."""
+        stamps = np.concatenate([s[:n] for s, n in zip(self.device_stamp, self.n_pages)])
+        on_device = np.flatnonzero(stamps != NOT_ON_DEVICE)
+        excess = self.device_pages - int(self.device_capacity * DEVICE_EVICT_TO)
+        oldest = on_device[np.argpartition(stamps[on_device], excess - 1)[:excess]]
+        offsets = np.cumsum([0] + self.n_pages)
+        for layer in range(len(self.device_stamp)):
+            mine = oldest[(oldest >= offsets[layer]) & (oldest < offsets[layer + 1])]
+            self.device_stamp[layer][mine - offsets[layer]] = NOT_ON_DEVICE
+        self.device_pages -= excess
+
     def gather(self, layer: int, pages: np.ndarray, k_out: np.ndarray, v_out: np.ndarray) -> None:
         """Copy pages [kv_heads, k] (per KV head) into k_out/v_out [kv_heads, >= k*page_size, head_dim]."""
-        self.clock += 1
-        used = np.unique(pages)
-        # Stamp first: pages of this gather are the most recent, so restoring one never spills another.
-        self.last_used[layer][used] = self.clock
-        for page in used[self.tier[layer][used] == DISK]:
-            self._restore(layer, int(page), pinned_from=self.clock)
-        for page in used.tolist():
-            key = (layer, page)
-            if key in self.device_lru:
-                self.device_lru.move_to_end(key)
-            else:
-                self.transfer_bytes += self.page_bytes
-                self.device_lru[key] = None
-                if len(self.device_lru) > self.device_capacity:
-                    self.device_lru.popitem(last=False)
-        heads, k = pages.shape
+        self.fetch(layer, pages.ravel())
         slots = self.slot[layer][pages]
+        heads, k = pages.shape
         span = k * self.page_size
         head_index = np.arange(heads)[:, None]
         k_out[:, :span] = self.host_k[slots, head_index].reshape(heads, span, self.head_dim)
@@ -193,7 +220,7 @@ class TieredPool:
     def counts(self) -> dict[str, int]:
         on_disk = sum(int((t[:n] == DISK).sum()) for t, n in zip(self.tier, self.n_pages))
         total = sum(self.n_pages)
-        return {"device": len(self.device_lru), "host": total - on_disk, "disk": on_disk}
+        return {"device": self.device_pages, "host": total - on_disk, "disk": on_disk}
 
     def close(self) -> None:
         if self.spill is not None:
