@@ -36,6 +36,8 @@ from edgekv.runtime.tiers import TieredPool
 from edgekv.toolkit.errors import EdgekvError
 from edgekv.toolkit.manifest import GraphEntry, Manifest, load_verified
 
+KV_SPILL_FILE = "kv-spill.bin"
+
 
 @dataclass
 class BoundStep:
@@ -157,7 +159,7 @@ class Engine:
         family = "dense" if policy == "dense" else "budget"
         pool = TieredPool(model["layers"], model["kv_heads"], model["head_dim"], profile.page_size,
                           device_kv_bytes or profile.device_kv_bytes, host_kv_bytes or profile.host_kv_bytes,
-                          session_dir / "kv-spill.bin")
+                          session_dir / KV_SPILL_FILE)
         prefill_graphs, decode_graphs = manifest.variant(f"{family}-prefill"), manifest.variant(f"{family}-decode")
         if policy == "dense":
             shape = (1, model["kv_heads"], model["max_context"], model["head_dim"])
@@ -175,6 +177,42 @@ class Engine:
     @property
     def page_size(self) -> int:
         return self.pool.page_size
+
+    def reset(self) -> None:
+        """Empty the KV cache (a new conversation); the graphs and their bound buffers stay."""
+        pool = self.pool
+        pool.close()
+        self.pool = TieredPool(len(self.stores), pool.kv_heads, pool.head_dim, pool.page_size,
+                               pool.device_capacity * pool.page_bytes, pool.host_capacity * pool.page_bytes,
+                               pool.spill_path)
+        self.stores = [PageStore(layer, self.pool) for layer in range(len(self.stores))]
+        for budget in self.resident:
+            budget.clear()
+        self.tokens = []
+        self.warned_context = False
+
+    def kv_snapshot(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every layer's cached keys and values, [kv_heads, tokens, head_dim] each (copies)."""
+        if self.policy == "dense":  # the baseline keeps its cache in the static buffers, not in pages
+            n = len(self.tokens)
+            return [(k[0, :, :n].copy(), v[0, :, :n].copy()) for k, v, _ in self.decode_step.layer_kv]
+        return [store.read() for store in self.stores]
+
+    def restore(self, tokens: list[int], kv: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Replace the cache with saved tokens and their keys and values (no graph runs: bit-exact)."""
+        if len(kv) != len(self.stores) or any(k.shape[1] != len(tokens) for k, _ in kv):
+            raise EdgekvError("the saved KV cache does not match this artifact's layers or its token count")
+        if self.policy == "dense" and len(tokens) > self.manifest.model["max_context"]:
+            raise EdgekvError(f"the saved conversation has {len(tokens)} tokens, more than the dense baseline's "
+                              f"static {self.manifest.model['max_context']}; load it with --policy quest")
+        self.reset()
+        if self.policy == "dense":
+            for (k_cache, v_cache, _), (keys, values) in zip(self.decode_step.layer_kv, kv):
+                k_cache[0, :, :len(tokens)], v_cache[0, :, :len(tokens)] = keys, values
+        else:
+            for store, (keys, values) in zip(self.stores, kv):
+                store.append(keys, values)
+        self.tokens = list(tokens)
 
     def _run(self, step: BoundStep, index: int) -> None:
         start = time.perf_counter()
@@ -248,15 +286,22 @@ class Engine:
             self._run(step, layer + 1)
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
-        """Feed tokens in fixed chunks (the first chunk holds the remainder); returns the last logits."""
+        """Feed tokens and return the last one's logits.
+
+        All but the last token go in fixed chunks (the first chunk holds the remainder). The last token,
+        whose logits are sampled, goes through the decode graph: its pages are then selected for its own
+        query, as in Quest's decode, instead of sharing one selection with the chunk's other rows (on the
+        8K pass-key task, the shared selection missed keys that the token's own selection finds).
+        """
         if not tokens:
             raise EdgekvError("empty prompt: give at least one token of text")
-        chunk = self.prefill_step.seq_len
-        first = len(tokens) % chunk or chunk
-        logits = self._forward(self.prefill_step, tokens[:first])
-        for start in range(first, len(tokens), chunk):
-            logits = self._forward(self.prefill_step, tokens[start:start + chunk])
-        return logits
+        chunk, body = self.prefill_step.seq_len, tokens[:-1]
+        if body:
+            first = len(body) % chunk or chunk
+            self._forward(self.prefill_step, body[:first])
+            for start in range(first, len(body), chunk):
+                self._forward(self.prefill_step, body[start:start + chunk])
+        return self.decode(tokens[-1])
 
     def decode(self, token: int) -> np.ndarray:
         return self._forward(self.decode_step, [token])

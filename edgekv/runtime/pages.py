@@ -60,3 +60,13 @@ class PageStore:
     def bounds(self) -> np.ndarray:
         """Per-page key max and min, [kv_heads, 2*head_dim, n_pages] (a view, no copy)."""
         return self._bounds[:, :, :self.n_pages]
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """All stored keys and values, [kv_heads, length, head_dim] each, wherever their pages live."""
+        pages = [self.pool.read(self.layer, page) for page in range(self.n_pages)]
+        if not pages:
+            empty = np.zeros((self.pool.kv_heads, 0, self.head_dim), np.float32)
+            return empty, empty.copy()
+        keys = np.concatenate([k for k, _ in pages], axis=1)[:, :self.length]
+        values = np.concatenate([v for _, v in pages], axis=1)[:, :self.length]
+        return keys, values

@@ -125,6 +125,13 @@ class TieredPool:
         self.host_v[slot, :, offset:offset + n] = values
         self.last_used[layer][page] = self.clock
 
+    def read(self, layer: int, page: int) -> tuple[np.ndarray, np.ndarray]:
+        """A page's keys and values [kv_heads, page_size, head_dim], read where they are (no tier change)."""
+        slot = self.slot[layer][page]
+        if self.tier[layer][page] == DISK:
+            return self.spill.array[slot, 0], self.spill.array[slot, 1]
+        return self.host_k[slot], self.host_v[slot]
+
     # -- host slots and spilling ------------------------------------------------------------------
     def _host_slot(self, protect: tuple[int, int], pinned_from: int | None = None) -> int:
         if self.host_free:

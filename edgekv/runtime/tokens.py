@@ -31,6 +31,20 @@ class ArtifactTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.hf(text).input_ids)
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Tokens of text that continues a sequence: no BOS or other added tokens."""
+        return list(self.hf(text, add_special_tokens=False).input_ids)
+
+    def decode_exact(self, tokens: list[int]) -> str:
+        """The text tokens stand for, special tokens included and spacing untouched."""
+        return self.hf.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def chat_text(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation rendered by the tokenizer's chat template (plain lines without one)."""
+        if not self.hf.chat_template:
+            return "\n".join(m["content"] for m in messages) + ("\n" if add_generation_prompt else "")
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
     def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         if not self.hf.chat_template:
             return self.encode("\n".join(m["content"] for m in messages))

@@ -189,6 +189,50 @@ def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops,
         engine.close()
 
 
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path), required=False)
+@click.option("--system", default=None, help="System prompt [default: the chat template's own].")
+@click.option("--policy", type=click.Choice(["quest", "streaming", "dense"]), default="quest", show_default=True)
+@click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Longest reply.")
+@click.option("--spill-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the session directory for spilled KV pages goes [default: system temp].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per turn: reply and stats.")
+@_sampling_options
+def chat(directory, system, policy, max_new_tokens, spill_dir, as_json, temperature, top_k, top_p,
+         repetition_penalty, seed) -> None:
+    """Talk to an exported model; the conversation keeps its KV cache from turn to turn, without limit.
+
+    On a terminal: an interactive chat (/help lists the commands). Otherwise each input line is one
+    user turn and replies go to standard output.
+    """
+    from edgekv.runtime.conversation import Conversation
+    from edgekv.runtime.engine import Engine
+    from edgekv.runtime.sampling import SamplingConfig
+    from edgekv.runtime.tokens import ArtifactTokenizer
+    from edgekv.toolkit.chat import ChatLoop
+
+    engine = Engine.open(_artifact_dir(directory), policy, spill_dir)
+    try:
+        tokenizer = ArtifactTokenizer.load(engine.manifest)
+        sampling = SamplingConfig.from_generation_defaults(
+            engine.manifest.data["generation"], temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed)
+        interactive = sys.stdin.isatty()
+        if interactive:
+            import readline  # noqa: F401  (line editing and history for input())
+        loop = ChatLoop(Conversation(engine, tokenizer, sampling, system), max_new_tokens, interactive, as_json)
+        loop.run(input if interactive else _read_stdin_line)
+    finally:
+        engine.close()
+
+
+def _read_stdin_line(_prompt: str) -> str:
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
 def _print_summary(manifest, report) -> None:
     model, profile = manifest.model, manifest.profile
     table = Table(title=f"{manifest.directory}: {model['name']} ({model['architecture']}) for {profile.name}")
