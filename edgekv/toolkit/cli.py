@@ -233,6 +233,62 @@ def _read_stdin_line(_prompt: str) -> str:
     return line.rstrip("\n")
 
 
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path), required=False)
+@click.option("--contexts", default="1024,2048,4096,8192,16384", show_default=True, help="Comma-separated token counts.")
+@click.option("--policies", default="quest,streaming,dense", show_default=True)
+@click.option("--steps", type=int, default=16, show_default=True, help="Timed decode tokens per point.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the rows as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="PNG of decode tokens/s against context, with human reading speed.")
+def bench(directory, contexts, policies, steps, json_path, plot_path) -> None:
+    """Decode and prefill speed per policy and context, measured here and projected on the profile's device."""
+    import json
+
+    from edgekv.evaluation.bench import plot_bench, run_bench
+    from edgekv.runtime.selection import POLICIES
+    from edgekv.toolkit.manifest import load_verified
+
+    artifact = _artifact_dir(directory)
+    manifest = load_verified(artifact)
+    context_list = _int_list(contexts, "--contexts")
+    policy_list = policies.split(",")
+    unknown = [p for p in policy_list if p not in POLICIES]
+    if unknown:
+        raise EdgekvError(f"unknown policy '{unknown[0]}' in --policies; choose from: {', '.join(POLICIES)}")
+    if steps < 1:
+        raise EdgekvError("--steps must be at least 1")
+    rows = run_bench(artifact, policy_list, context_list, steps)
+    device = manifest.profile.name
+    table = Table(title=f"edgekv bench: {manifest.model['name']} on this machine, and projected on {device}")
+    for column in ("policy", "context", "decode tok/s", "x reading", "prefill tok/s", "TTFT s", "peak RSS MiB",
+                   "KV MiB dev/host/disk", "KiB moved/token", "graph/select/gather", f"PROJECTED tok/s on {device}"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        kv = "/".join(f"{r['kv_bytes'][tier] / 2**20:.0f}" for tier in ("device", "host", "disk"))
+        table.add_row(r["policy"], str(r["context"]), f"{r['decode_tok_s']:.1f}", f"{r['reading_speed_ratio']:.1f}",
+                      f"{r['prefill_tok_s']:.0f}", f"{r['ttft_s']:.1f}", f"{r['peak_rss_mib']:.0f}", kv,
+                      f"{r['transfer_bytes_per_token'] / 1024:.0f}",
+                      f"{r['graph_share']:.0%}/{r['select_share']:.0%}/{r['gather_share']:.0%}",
+                      f"{r['projected']['tok_s']:.1f}")
+    (out if out.is_terminal else Console(width=200)).print(table)
+    if json_path:
+        json_path.write_text(json.dumps({"artifact": str(artifact), "profile": device, "steps": steps,
+                                         "rows": rows}, indent=1))
+    if plot_path:
+        plot_bench(rows, plot_path, f"{manifest.model['name']}, {device} budgets (dashed: projected on {device})")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise EdgekvError(f"{option} takes comma-separated integers, e.g. 1024,4096") from None
+    if any(v < 2 for v in values):
+        raise EdgekvError(f"{option} values must be at least 2 tokens")
+    return values
+
+
 def _print_summary(manifest, report) -> None:
     model, profile = manifest.model, manifest.profile
     table = Table(title=f"{manifest.directory}: {model['name']} ({model['architecture']}) for {profile.name}")
