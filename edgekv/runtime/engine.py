@@ -143,17 +143,27 @@ class Engine:
     stores: list[PageStore]
     session_dir: Path
     resident: list[ResidentBudget]  # the decode step's per-layer budgets (empty for dense)
+    budget_scale: float = 1.0  # the share of each graph's KV budget that selection may fill
     tokens: list[int] = field(default_factory=list)  # tokens whose K/V are in the cache
     timers: Timers = field(default_factory=Timers)
     warned_context: bool = False
 
     @classmethod
     def open(cls, artifact: Path | str, policy: str = "quest", spill_dir: Path | str | None = None,
-             threads: int = 0, host_kv_bytes: int | None = None, device_kv_bytes: int | None = None) -> "Engine":
+             threads: int = 0, host_kv_bytes: int | None = None, device_kv_bytes: int | None = None,
+             budget: int | None = None) -> "Engine":
+        """`budget`: a decode budget (tokens) up to the graphs' own, for evaluating smaller budgets: every
+        layer's budget scales with it (the dense layers keep their factor, prefill its ratio) and the
+        graph's unused KV slots are masked, which computes exactly what a smaller graph would."""
         if policy not in POLICIES:
             raise EdgekvError(f"unknown policy '{policy}'; choose one of: {', '.join(POLICIES)}")
         manifest = load_verified(artifact)
         profile, model = manifest.profile, manifest.model
+        # The smallest budget whose scaled prefill budget still holds a chunk's pages and the sink.
+        smallest = -(-(profile.prefill_chunk + 2 * profile.page_size) * profile.decode_budget // profile.prefill_budget)
+        if budget is not None and not smallest <= budget <= profile.decode_budget:
+            raise EdgekvError(f"budget {budget} is outside this artifact's range {smallest}..{profile.decode_budget}; "
+                              "export with a profile of a larger decode_budget for larger budgets")
         session_dir = make_session_dir(spill_dir)
         sessions = GraphSessions.open(manifest, threads)
         family = "dense" if policy == "dense" else "budget"
@@ -172,7 +182,8 @@ class Engine:
             prefill_step, decode_step = bind_step(sessions, prefill_graphs), bind_step(sessions, decode_graphs, kv)
             resident = [ResidentBudget.over(k[0], v[0], profile.page_size) for k, v in kv]
         return cls(manifest, policy, sessions, prefill_step, decode_step, pool,
-                   [PageStore(layer, pool) for layer in range(model["layers"])], session_dir, resident)
+                   [PageStore(layer, pool) for layer in range(model["layers"])], session_dir, resident,
+                   budget_scale=(budget or profile.decode_budget) / profile.decode_budget)
 
     @property
     def page_size(self) -> int:
@@ -251,7 +262,7 @@ class Engine:
             store.append(b["k_new"][0, :, pad:], b["v_new"][0, :, pad:])
             t1 = time.perf_counter()
             selection = select_pages(self.policy, b[f"q{layer % 2}"][0, :, pad:], store.bounds(), store.n_pages,
-                                     first_new, graph.budget // self.page_size)
+                                     first_new, int(graph.budget * self.budget_scale) // self.page_size)
             t2 = time.perf_counter()
             if decoding:
                 self.resident[layer].update(self.pool, layer, selection)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -277,6 +278,83 @@ def bench(directory, contexts, policies, steps, json_path, plot_path) -> None:
                                          "rows": rows}, indent=1))
     if plot_path:
         plot_bench(rows, plot_path, f"{manifest.model['name']}, {device} budgets (dashed: projected on {device})")
+
+
+@cli.command("eval")
+@click.argument("directory", type=click.Path(path_type=Path), required=False)
+@click.option("--task", type=click.Choice(["passkey", "retrieve-number", "retrieve-kv", "agreement"]), required=True)
+@click.option("--contexts", default="2048,4096,8000", show_default=True, help="Comma-separated prompt lengths.")
+@click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, help="Where the answer sits (retrieval).")
+@click.option("--budgets", default=None, help="Decode budgets up to the artifact's [default: the artifact's own].")
+@click.option("--policies", default="quest,streaming,dense", show_default=True)
+@click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
+              help="agreement: the text [default: text the model writes itself from a fixed seed].")
+@click.option("--scored-tokens", type=int, default=128, show_default=True,
+              help="agreement: the last tokens of each context that are compared.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="PNG of accuracy (or agreement) against budget.")
+def evaluate(directory, task, contexts, depths, budgets, policies, text_file, scored_tokens, json_path,
+             plot_path) -> None:
+    """Long-context accuracy per context, depth and budget; or agreement of each policy with dense."""
+    import json
+
+    from edgekv.evaluation.evaluate import EvalPlan, plot_eval, run_agreement, run_retrieval, self_written_text
+    from edgekv.runtime.selection import POLICIES
+    from edgekv.runtime.tokens import ArtifactTokenizer
+    from edgekv.toolkit.manifest import load_verified
+
+    artifact = _artifact_dir(directory)
+    manifest = load_verified(artifact)
+    policy_list = policies.split(",")
+    unknown = [p for p in policy_list if p not in POLICIES]
+    if unknown:
+        raise EdgekvError(f"unknown policy '{unknown[0]}' in --policies; choose from: {', '.join(POLICIES)}")
+    try:
+        depth_list = [float(d) for d in depths.split(",")]
+    except ValueError:
+        raise EdgekvError("--depths takes comma-separated fractions, e.g. 0,0.5,1") from None
+    if any(not 0 <= d <= 1 for d in depth_list):
+        raise EdgekvError("--depths must lie between 0 and 1")
+    plan = EvalPlan(_int_list(contexts, "--contexts"), depth_list,
+                    _int_list(budgets, "--budgets") if budgets else [manifest.profile.decode_budget], policy_list)
+    if "dense" in policy_list and max(plan.contexts) > manifest.model["max_context"]:
+        raise EdgekvError(f"the dense baseline stops at {manifest.model['max_context']} tokens; lower --contexts "
+                          "or leave dense out of --policies")
+    if task == "agreement":
+        if not 2 <= scored_tokens < min(plan.contexts):
+            raise EdgekvError("--scored-tokens must be at least 2 and below the smallest context")
+        if text_file is not None:
+            if not text_file.is_file():
+                raise EdgekvError(f"text file {text_file} does not exist")
+            text = ArtifactTokenizer.load(manifest).encode(text_file.read_text())
+            if len(text) < max(plan.contexts):
+                raise EdgekvError(f"{text_file} has {len(text)} tokens, fewer than the largest context "
+                                  f"{max(plan.contexts)}; give a longer text or smaller --contexts")
+        else:
+            text = self_written_text(artifact, max(plan.contexts))
+        rows = run_agreement(artifact, text, plan, scored_tokens)
+        table = Table(title=f"agreement with dense over the last {scored_tokens} tokens of each context")
+        for column in ("policy", "budget", "context", "top-1 agreement", "mean KL", "perplexity"):
+            table.add_column(column, justify="right")
+        for r in rows:
+            table.add_row(r["policy"], str(r["budget"] or "full"), str(r["context"]), f"{r['top1_agreement']:.3f}",
+                          f"{r['mean_kl']:.4f}", f"{r['perplexity']:.2f}")
+    else:
+        rows = run_retrieval(artifact, task, plan)
+        table = Table(title=f"{task}: share of right answers over {len(depth_list)} depths")
+        for column in ("policy", "budget", "context", "accuracy", "right at depths"):
+            table.add_column(column, justify="right")
+        groups = dict.fromkeys((r["policy"], r["budget"], r["requested_context"]) for r in rows)
+        for policy, budget, context in groups:
+            mine = [r for r in rows if (r["policy"], r["budget"], r["requested_context"]) == (policy, budget, context)]
+            table.add_row(policy, str(budget or "full"), str(context), f"{np.mean([r['correct'] for r in mine]):.2f}",
+                          " ".join(f"{r['depth']:g}" for r in mine if r["correct"]) or "-")
+    (out if out.is_terminal else Console(width=200)).print(table)
+    if json_path:
+        json_path.write_text(json.dumps({"artifact": str(artifact), "task": task, "rows": rows}, indent=1))
+    if plot_path:
+        plot_eval(rows, plot_path, f"{task}: {manifest.model['name']}, {manifest.profile.name}")
 
 
 def _int_list(text: str, option: str) -> list[int]:

@@ -1,0 +1,146 @@
+"""`edgekv eval`: long-context accuracy (retrieval tasks) and fidelity against dense (agreement).
+
+Budgets below the artifact's own are evaluated with Engine.open(budget=...): selection fills that
+share of every graph's KV input and the rest is masked, which is what a smaller graph computes. The
+dense baseline has no budget: it runs once per context.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgekv.evaluation.metrics import mean_kl, perplexity, top1_agreement
+from edgekv.evaluation.tasks import ANSWER_TOKENS, task_prompt
+from edgekv.runtime.engine import Engine
+from edgekv.runtime.sampling import Sampler, SamplingConfig
+from edgekv.runtime.tokens import ArtifactTokenizer
+from edgekv.toolkit.errors import EdgekvError
+
+SELF_TEXT_PROMPT = "Write a long, detailed history of the city of Lyon, chapter after chapter."
+SELF_TEXT_SAMPLING = SamplingConfig(temperature=0.8, top_p=0.95, repetition_penalty=1.1, seed=0)
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    contexts: list[int]
+    depths: list[float]
+    budgets: list[int]
+    policies: list[str]
+
+
+def _runs(plan: EvalPlan) -> list[tuple[str, int | None]]:
+    """(policy, budget) pairs: every budget for the selecting policies, one run for dense."""
+    return [(p, None) if p == "dense" else (p, b) for p in plan.policies for b in (plan.budgets if p != "dense" else [0])]
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_retrieval(artifact: Path, task: str, plan: EvalPlan, seed: int = 0) -> list[dict]:
+    rows = []
+    for policy, budget in _runs(plan):
+        engine = Engine.open(artifact, policy, budget=budget)
+        try:
+            tokenizer = ArtifactTokenizer.load(engine.manifest)
+            for context in plan.contexts:
+                for i, depth in enumerate(plan.depths):
+                    engine.reset()
+                    prompt = task_prompt(task, tokenizer.encode, context, depth, seed + i)
+                    reply = tokenizer.decode(list(engine.generate(prompt.tokens, ANSWER_TOKENS[task],
+                                                                  Sampler(SamplingConfig()), eos_ids=set())))
+                    rows.append({"task": task, "policy": policy, "budget": budget, "context": len(prompt.tokens),
+                                 "requested_context": context, "depth": depth, "answer": prompt.answer,
+                                 "reply": reply, "correct": prompt.answer in reply})
+                    _log(f"  {task} {policy:<9} budget {budget or 'full':>5} context {len(prompt.tokens):>6} "
+                         f"depth {depth:4.0%}: {'right' if rows[-1]['correct'] else 'wrong'} {reply!r}")
+        finally:
+            engine.close()
+    return rows
+
+
+def self_written_text(artifact: Path, tokens_needed: int) -> list[int]:
+    """Text the model writes itself from a fixed seed (quest policy, sampled), for agreement without --text."""
+    engine = Engine.open(artifact, "quest")
+    try:
+        tokenizer = ArtifactTokenizer.load(engine.manifest)
+        prompt = tokenizer.chat_prompt([{"role": "user", "content": SELF_TEXT_PROMPT}])
+        text = list(prompt)
+        sampler = Sampler(SELF_TEXT_SAMPLING)
+        while len(text) < tokens_needed:
+            # No EOS stop: when the model ends its text it is asked to go on.
+            text += list(engine.generate(text[len(engine.tokens):], min(512, tokens_needed - len(text)), sampler,
+                                         eos_ids=set()))
+            _log(f"  self-written text: {len(text)}/{tokens_needed} tokens")
+        return text[:tokens_needed]
+    finally:
+        engine.close()
+
+
+def teacher_forced_logits(engine: Engine, tokens: list[int], scored: int) -> np.ndarray:
+    """Logits predicting each of the last `scored` tokens (what comes before them is prefilled)."""
+    engine.reset()
+    logits = [engine.prefill(tokens[:len(tokens) - scored])]
+    for token in tokens[len(tokens) - scored:-1]:
+        logits.append(engine.decode(token))
+    return np.stack(logits)
+
+
+def run_agreement(artifact: Path, text: list[int], plan: EvalPlan, scored: int) -> list[dict]:
+    """Top-1 agreement and mean KL against dense, and perplexity, over the last `scored` tokens of each context."""
+    rows = []
+    for context in plan.contexts:
+        if context > len(text):
+            raise EdgekvError(f"the text has {len(text)} tokens, fewer than the context {context}; give a longer --text")
+        tokens = text[:context]
+        targets = np.array(tokens[len(tokens) - scored:])  # logits[i] predicts tokens[len - scored + i]
+        reference = None
+        for policy, budget in [("dense", None)] + [r for r in _runs(plan) if r[0] != "dense"]:
+            engine = Engine.open(artifact, policy, budget=budget)
+            try:
+                logits = teacher_forced_logits(engine, tokens, scored)
+            finally:
+                engine.close()
+            if reference is None:
+                reference = logits
+            row = {"task": "agreement", "policy": policy, "budget": budget, "context": context, "scored_tokens": scored,
+                   "top1_agreement": top1_agreement(logits, reference), "mean_kl": mean_kl(logits, reference),
+                   "perplexity": perplexity(logits, targets)}
+            rows.append(row)
+            _log(f"  agreement {policy:<9} budget {budget or 'full':>5} context {context:>6}: top-1 "
+                 f"{row['top1_agreement']:.3f}, KL {row['mean_kl']:.4f}, perplexity {row['perplexity']:.2f}")
+    return rows
+
+
+def plot_eval(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "top1_agreement" if rows and rows[0]["task"] == "agreement" else "correct"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        for context in dict.fromkeys(r.get("requested_context", r["context"]) for r in rows):
+            mine = [r for r in rows if r["policy"] == policy and r.get("requested_context", r["context"]) == context]
+            budgets = sorted({r["budget"] for r in mine if r["budget"] is not None})
+            if budgets:
+                ys = [np.mean([float(r[metric]) for r in mine if r["budget"] == b]) for b in budgets]
+                ax.plot(budgets, ys, "o-", label=f"{policy}, {context} tokens")
+            else:  # dense: one level across the budgets
+                ax.axhline(np.mean([float(r[metric]) for r in mine]), linestyle="--", alpha=0.7,
+                           label=f"dense, {context} tokens")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("decode budget (tokens)")
+    ax.set_ylabel("top-1 agreement with dense" if metric == "top1_agreement" else "accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
