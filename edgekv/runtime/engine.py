@@ -252,7 +252,7 @@ class Engine:
         if self.policy == "dense":
             self._forward_dense(step, n, start, pad)
             self.tokens.extend(tokens)
-            return b["logits"][0, -1]
+            return b["logits"][0, -1].copy()  # the buffer is overwritten by the next step
         decoding = step is self.decode_step
         masked: set[int] = set()  # budgets whose mask this step has filled: one mask serves all their layers
         for layer, store in enumerate(self.stores):
@@ -279,7 +279,7 @@ class Engine:
             self.timers.gather_s += (t1 - t0) + (t3 - t2)
             self._run(step, layer + 1)
         self.tokens.extend(tokens)
-        return b["logits"][0, -1]
+        return b["logits"][0, -1].copy()  # the buffer is overwritten by the next step
 
     def _forward_dense(self, step: BoundStep, n: int, start: int, pad: int) -> None:
         """The classic static design: new K/V written in place into each layer's full-context buffer."""

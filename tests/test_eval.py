@@ -1,0 +1,106 @@
+"""Task generators (the answer is in the prompt, at its depth and length), the metrics on hand-computed
+cases, budgets below the artifact's, and a small end-to-end `edgekv eval` on a tiny model."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import run_edgekv
+from edgekv.evaluation.metrics import mean_kl, perplexity, top1_agreement
+from edgekv.evaluation.tasks import TASKS, task_prompt
+from edgekv.runtime.engine import Engine
+from edgekv.runtime.sampling import Sampler, SamplingConfig
+from edgekv.toolkit.errors import EdgekvError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model):
+    return default_model.tokenizer
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("length", [1024, 4096])
+def test_the_answer_is_in_the_prompt_at_its_depth(tokenizer, task, length):
+    encode = lambda text: tokenizer(text).input_ids  # noqa: E731
+    for depth in (0.0, 0.5, 1.0):
+        prompt = task_prompt(task, encode, length, depth, seed=3)
+        assert 0.9 * length <= len(prompt.tokens) <= length
+        text = tokenizer.decode(prompt.tokens)
+        first = text.find(prompt.answer)
+        assert first >= 0
+        # The answer's first mention sits at the stated depth of the text (within the question's share).
+        body = text.rfind(prompt.answer) if task == "retrieve-kv" else first
+        assert abs(body / len(text) - depth) < 0.12, (task, depth, body / len(text))
+    assert task_prompt(task, encode, length, 0.5, seed=3) == task_prompt(task, encode, length, 0.5, seed=3)
+    assert task_prompt(task, encode, length, 0.5, seed=4).answer != task_prompt(task, encode, length, 0.5, seed=3).answer
+
+
+def test_retrieve_kv_asks_for_the_key_of_its_answer(tokenizer):
+    prompt = task_prompt("retrieve-kv", lambda t: tokenizer(t).input_ids, 2048, 0.3, seed=1)
+    text = tokenizer.decode(prompt.tokens)
+    key = text.rsplit('Key: "', 1)[1].split('"')[0]
+    assert f'"{key}": "{prompt.answer}"' in text
+
+
+def test_metrics_on_hand_computed_cases():
+    reference = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]))
+    same = reference + 3.0  # a constant shift changes no probability
+    assert top1_agreement(same, reference) == 1.0 and mean_kl(same, reference) == pytest.approx(0.0, abs=1e-12)
+    other = np.log(np.array([[0.25, 0.5, 0.25], [0.1, 0.2, 0.7]]))
+    assert top1_agreement(other, reference) == 0.5
+    # KL(p || q) on the first row: 0.5 ln(0.5/0.25) + 0.25 ln(0.25/0.5) = 0.25 ln 2; the second row adds 0.
+    assert mean_kl(other, reference) == pytest.approx(0.25 * math.log(2) / 2)
+    # Perplexity: tokens with probabilities 0.5 and 0.7 -> exp(-(ln 0.5 + ln 0.7) / 2).
+    assert perplexity(reference, np.array([0, 2])) == pytest.approx(math.exp(-(math.log(0.5) + math.log(0.7)) / 2))
+
+
+def test_a_smaller_budget_masks_the_rest_and_is_exact_while_the_context_fits(tiny_artifacts):
+    prompt = list(range(3, 300))
+    runs = {}
+    for budget in (None, 48):
+        engine = Engine.open(tiny_artifacts["llama"], "quest", budget=budget)
+        try:
+            runs[budget] = [engine.prefill(prompt[:40])] + [engine.decode(t) for t in prompt[40:44]]
+            runs[budget].append(engine.prefill(prompt[44:]))
+        finally:
+            engine.close()
+    # 44 tokens fit a 48-token budget: the same logits; at 297 tokens the 48-token budget selects.
+    np.testing.assert_allclose(np.stack(runs[None][:5]), np.stack(runs[48][:5]), atol=1e-5)
+    assert np.abs(runs[None][-1] - runs[48][-1]).max() > 1e-3
+    with pytest.raises(EdgekvError, match="budget 8 is outside this artifact's range 40..512"):
+        Engine.open(tiny_artifacts["llama"], "quest", budget=8)
+
+
+def test_eval_end_to_end_on_a_tiny_model(tiny_artifacts, tmp_path):
+    artifact = str(tiny_artifacts["llama"])
+    result = run_edgekv("eval", artifact, "--task", "retrieve-number", "--contexts", "256", "--depths", "0.5",
+                        "--budgets", "48,512", "--policies", "quest,dense", "--json", str(tmp_path / "r.json"),
+                        "--plot", str(tmp_path / "r.png"))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [(r["policy"], r["budget"]) for r in rows] == [("quest", 48), ("quest", 512), ("dense", None)]
+    assert all(len(r["answer"]) == 10 and isinstance(r["correct"], bool) for r in rows)
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+    text = tmp_path / "text.txt"
+    text.write_text("The robot painted the sky. " * 200)
+    result = run_edgekv("eval", artifact, "--task", "agreement", "--contexts", "300", "--budgets", "48,512",
+                        "--policies", "quest", "--text", str(text), "--scored-tokens", "8", "--json",
+                        str(tmp_path / "a.json"))
+    assert result.returncode == 0, result.stderr
+    rows = {r["budget"]: r for r in json.loads((tmp_path / "a.json").read_text())["rows"]}
+    assert rows[None]["policy"] == "dense" and rows[None]["top1_agreement"] == 1.0
+    assert rows[512]["mean_kl"] < 1e-6  # 300 tokens fit a 512-token budget: dense attention exactly
+    assert rows[48]["mean_kl"] > rows[512]["mean_kl"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "agreement", "--contexts", "300", "--text", "/nonexistent.txt"], "text file /nonexistent.txt does not exist"),
+    (["--task", "passkey", "--depths", "0.5,2"], "--depths must lie between 0 and 1"),
+    (["--task", "passkey", "--contexts", "9000"], "the dense baseline stops at 512 tokens"),
+])
+def test_eval_bad_input(tiny_artifacts, args, message):
+    result = run_edgekv("eval", str(tiny_artifacts["llama"]), *args)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
