@@ -90,25 +90,38 @@ def teacher_forced_logits(engine: Engine, tokens: list[int], scored: int) -> np.
     return np.stack(logits)
 
 
-def run_agreement(artifact: Path, text: list[int], plan: EvalPlan, scored: int) -> list[dict]:
-    """Top-1 agreement and mean KL against dense, and perplexity, over the last `scored` tokens of each context."""
+def forced_logits(artifact: Path, policy: str, budget: int | None, tokens: list[int], scored: int) -> np.ndarray:
+    engine = Engine.open(artifact, policy, budget=budget)
+    try:
+        return teacher_forced_logits(engine, tokens, scored)
+    finally:
+        engine.close()
+
+
+def run_agreement(artifact: Path, text: list[int], plan: EvalPlan, scored: int,
+                  reference: Path | None = None) -> list[dict]:
+    """Top-1 agreement and mean KL over the last `scored` tokens of each context, and perplexity.
+
+    The reference is the artifact's own dense run, or with `reference` (another artifact of the same
+    model, e.g. the float32 one for an INT8 artifact) that artifact under the same policy and budget."""
     rows = []
     for context in plan.contexts:
         if context > len(text):
             raise EdgekvError(f"the text has {len(text)} tokens, fewer than the context {context}; give a longer --text")
         tokens = text[:context]
         targets = np.array(tokens[len(tokens) - scored:])  # logits[i] predicts tokens[len - scored + i]
-        reference = None
-        for policy, budget in [("dense", None)] + [r for r in _runs(plan) if r[0] != "dense"]:
-            engine = Engine.open(artifact, policy, budget=budget)
-            try:
-                logits = teacher_forced_logits(engine, tokens, scored)
-            finally:
-                engine.close()
-            if reference is None:
-                reference = logits
+        dense = None
+        runs = _runs(plan) if reference else [("dense", None)] + [r for r in _runs(plan) if r[0] != "dense"]
+        for policy, budget in runs:
+            logits = forced_logits(artifact, policy, budget, tokens, scored)
+            if reference is not None:
+                against = forced_logits(reference, policy, budget, tokens, scored)
+            else:
+                dense = logits if dense is None else dense
+                against = dense
             row = {"task": "agreement", "policy": policy, "budget": budget, "context": context, "scored_tokens": scored,
-                   "top1_agreement": top1_agreement(logits, reference), "mean_kl": mean_kl(logits, reference),
+                   "reference": str(reference) if reference else "dense",
+                   "top1_agreement": top1_agreement(logits, against), "mean_kl": mean_kl(logits, against),
                    "perplexity": perplexity(logits, targets)}
             rows.append(row)
             _log(f"  agreement {policy:<9} budget {budget or 'full':>5} context {context:>6}: top-1 "

@@ -28,9 +28,10 @@ import torch
 import edgekv
 from edgekv.export.modules import EmbedQKV, LastLayerHead, LayerBoundary
 from edgekv.export.weights import WeightWriter, parameter_digests
-from edgekv.toolkit.manifest import write_manifest
+from edgekv.toolkit.errors import EdgekvError
+from edgekv.toolkit.manifest import read_manifest, write_manifest
 from edgekv.toolkit.models import DEFAULT_MODEL, LoadedModel, load_model
-from edgekv.toolkit.profiles import Profile, load_profile
+from edgekv.toolkit.profiles import SUPPORTED_WEIGHT_DTYPES, Profile, load_profile
 
 VARIANTS = ("budget-decode", "budget-prefill", "dense-decode", "dense-prefill")
 GRAPHS_SUBDIR = "graphs"
@@ -97,22 +98,23 @@ def output_names(plan: GraphPlan) -> list[str]:
     return ["logits"] if plan.kind == "head" else ["hidden_out", "q_out", "k_out", "v_out"]
 
 
-def graph_module(model, plan: GraphPlan) -> torch.nn.Module:
+def graph_module(model, plan: GraphPlan, head_weight_on_right: bool = False) -> torch.nn.Module:
     if plan.kind == "embed":
         return EmbedQKV(model)
     if plan.kind == "head":
-        return LastLayerHead(model)
+        return LastLayerHead(model, head_weight_on_right)
     return LayerBoundary(model, plan.layer)
 
 
-def trace_graph(model, plan: GraphPlan, dims: dict[str, int], opset: int) -> onnx.ModelProto:
+def trace_graph(model, plan: GraphPlan, dims: dict[str, int], opset: int,
+                head_weight_on_right: bool = False) -> onnx.ModelProto:
     inputs = example_inputs(plan, dims)
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter is used on purpose: it gives static shapes, folds constants and
         # traces these small modules in well under a second each. Its deprecation notice is noise here.
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph_module(model, plan), tuple(inputs.values()), buffer, dynamo=False,
+        torch.onnx.export(graph_module(model, plan, head_weight_on_right), tuple(inputs.values()), buffer, dynamo=False,
                           opset_version=opset, input_names=list(inputs), output_names=output_names(plan),
                           do_constant_folding=True)
     return onnx.load_from_string(buffer.getvalue())
@@ -148,8 +150,9 @@ def model_record(loaded: LoadedModel) -> dict:
             "bos_token_id": config.bos_token_id}
 
 
-def default_out_dir(model_name: str, profile: Profile) -> Path:
-    return Path("artifacts") / f"{model_name}-{profile.name}"
+def default_out_dir(model_name: str, profile: Profile, weight_dtype: str = "float32") -> Path:
+    suffix = "" if weight_dtype == "float32" else f"-{weight_dtype}"
+    return Path("artifacts") / f"{model_name}-{profile.name}{suffix}"
 
 
 @dataclass
@@ -163,14 +166,49 @@ class ExportResult:
 
 def export_artifact(model_spec: str = DEFAULT_MODEL, profile_spec: str = "npu-small", out_dir: Path | None = None,
                     progress: Callable[[str], None] = print,
-                    step: Callable[[str, int, int], None] | None = None) -> ExportResult:
-    """Export `model_spec` for `profile_spec` into `out_dir`; step(name, i, n) reports graph progress."""
+                    step: Callable[[str, int, int], None] | None = None, quantize: str | None = None,
+                    calibration_text: Path | None = None) -> ExportResult:
+    """Export `model_spec` for `profile_spec` into `out_dir`; step(name, i, n) reports graph progress.
+
+    `quantize` ("int8"; default: the profile's weight_dtype) exports float32 graphs first, calibrates
+    them on real activations and writes the INT8 artifact (edgekv/calibration/quantize.py)."""
     start = time.perf_counter()
     profile = load_profile(profile_spec)
+    weight_dtype = quantize or profile.weight_dtype
+    if weight_dtype not in SUPPORTED_WEIGHT_DTYPES:
+        raise EdgekvError(f"unknown quantization '{weight_dtype}'; choose one of: {', '.join(SUPPORTED_WEIGHT_DTYPES)}")
     progress(f"loading model {model_spec}")
     loaded = load_model(model_spec, progress)
+    out_dir = Path(out_dir) if out_dir else default_out_dir(loaded.source.name, profile, weight_dtype)
+    if weight_dtype == "float32":
+        write_float_artifact(loaded, profile, out_dir, step)
+    else:
+        from edgekv.calibration.prompts import read_text_tokens
+        from edgekv.calibration.quantize import CALIBRATION_TOKENS, check_profile_allows_qdq, quantize_artifact
+
+        check_profile_allows_qdq(profile)  # fail before the float32 export, not after it
+        if calibration_text is not None:
+            read_text_tokens(lambda text: loaded.tokenizer(text).input_ids, calibration_text, CALIBRATION_TOKENS + 1)
+
+        float_dir = out_dir.with_name(out_dir.name + ".float32.partial")
+        try:
+            write_float_artifact(loaded, profile, float_dir, step, head_weight_on_right=True)
+            del loaded  # calibration runs the float32 graphs; the torch model is no longer needed
+            quantize_artifact(float_dir, out_dir, weight_dtype, calibration_text, progress)
+        finally:
+            shutil.rmtree(float_dir, ignore_errors=True)
+    manifest = read_manifest(out_dir)
+    weight_bytes = sum(entry["length"] for entry in manifest.data["weights"].values())
+    artifact_bytes = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+    return ExportResult(out_dir, time.perf_counter() - start, len(manifest.data["graphs"]), weight_bytes,
+                        artifact_bytes)
+
+
+def write_float_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path,
+                         step: Callable[[str, int, int], None] | None = None,
+                         head_weight_on_right: bool = False) -> None:
+    """Trace every graph of every variant in float32 and write the artifact (staged, then renamed)."""
     dims = model_dims(loaded.model.config)
-    out_dir = Path(out_dir) if out_dir else default_out_dir(loaded.source.name, profile)
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     graphs_dir = staging / GRAPHS_SUBDIR
@@ -183,15 +221,11 @@ def export_artifact(model_spec: str = DEFAULT_MODEL, profile_spec: str = "npu-sm
     for i, plan in enumerate(unique.values()):
         if step:
             step(plan.name, i, len(unique))
-        proto = trace_graph(loaded.model, plan, dims, profile.opset)
+        proto = trace_graph(loaded.model, plan, dims, profile.opset, head_weight_on_right)
         writer.externalize(proto)
         rel = f"{GRAPHS_SUBDIR}/{plan.name}.onnx"
         onnx.save(proto, staging / rel)
-        graphs[plan.name] = {"name": plan.name, "file": rel, "kind": plan.kind, "layer": plan.layer,
-                             "seq_len": plan.seq_len, "budget": plan.budget,
-                             "inputs": tensor_specs(proto.graph.input), "outputs": tensor_specs(proto.graph.output),
-                             "weights": [t.name for t in proto.graph.initializer
-                                         if t.data_location == onnx.TensorProto.EXTERNAL]}
+        graphs[plan.name] = graph_record(plan, rel, proto)
     if step:
         step("done", len(unique), len(unique))
     writer.close()
@@ -205,8 +239,7 @@ def export_artifact(model_spec: str = DEFAULT_MODEL, profile_spec: str = "npu-sm
         "profile": profile.to_tables(),
         "graphs": graphs,
         "variants": {variant: [plan.name for plan in plans] for variant, plans in variants.items()},
-        "weights": {e.name: {"file": f"{GRAPHS_SUBDIR}/{e.file}", "offset": e.offset, "length": e.length,
-                             "dtype": e.dtype, "shape": list(e.shape)} for e in writer.entries.values()},
+        "weights": writer.manifest_table(),
         "tokenizer": {"dir": TOKENIZER_SUBDIR, "chat_template": loaded.tokenizer.chat_template},
         "generation": generation_defaults(loaded),
     }
@@ -214,7 +247,11 @@ def export_artifact(model_spec: str = DEFAULT_MODEL, profile_spec: str = "npu-sm
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
-    weight_bytes = sum(e.length for e in writer.entries.values())
-    artifact_bytes = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
-    return ExportResult(out_dir, time.perf_counter() - start, len(unique), weight_bytes, artifact_bytes)
 
+
+def graph_record(plan: GraphPlan, rel: str, proto: onnx.ModelProto) -> dict:
+    """A graph's manifest entry: what it is, its file, its inputs and outputs, the shared weights it uses."""
+    return {"name": plan.name, "file": rel, "kind": plan.kind, "layer": plan.layer,
+            "seq_len": plan.seq_len, "budget": plan.budget,
+            "inputs": tensor_specs(proto.graph.input), "outputs": tensor_specs(proto.graph.output),
+            "weights": [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]}

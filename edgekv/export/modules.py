@@ -115,17 +115,24 @@ class LayerBoundary(nn.Module):
 class LastLayerHead(nn.Module):
     """Attention and MLP of the last layer, final norm and LM head on the last row -> logits [1, 1, V].
 
-    The LM head multiplies the weight as stored ([V, H] @ h^T) so that with tied embeddings the graph
-    uses the very tensor the embedding graph gathers from, and the artifact stores it once.
+    By default the LM head multiplies the weight as stored ([V, H] @ h^T) so that with tied embeddings the
+    graph uses the very tensor the embedding graph gathers from, and the artifact stores it once.
+    `weight_on_right` computes h @ W^T instead, the form every other projection has: quantizers give a
+    constant right-hand operand per-output-channel INT8 weights (the INT8 artifact then stores the tied
+    matrix twice, once per layout, at a quarter of its float size each).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, weight_on_right: bool = False):
         super().__init__()
         self.lm = model
+        self.weight_on_right = weight_on_right
 
     def forward(self, hidden_in, q_in, k_sel, v_sel, mask):
         last = len(self.lm.model.layers) - 1
         hidden = attend_and_mlp(self.lm, last, hidden_in[0], q_in, k_sel, v_sel, mask)
         final = self.lm.model.norm(hidden[-1:])
-        logits = torch.matmul(self.lm.lm_head.weight, final.transpose(0, 1))
+        if self.weight_on_right:
+            logits = torch.matmul(final, self.lm.lm_head.weight.transpose(0, 1))
+        else:
+            logits = torch.matmul(self.lm.lm_head.weight, final.transpose(0, 1))
         return logits.reshape(1, 1, -1)

@@ -40,13 +40,35 @@ def _nbytes(shape: list[int], elem_type: int) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
 
 
+# onnxruntime's 16-bit QuantizeLinear/DequantizeLinear for opsets below 21 (what onnxruntime's CPU and QNN
+# providers run). onnx's shape inference does not know this domain; both ops are elementwise.
+CONTRIB_QDQ = ("com.microsoft", ("QuantizeLinear", "DequantizeLinear"))
+
+
+def _inferable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for shape inference in which contrib Q/DQ are Casts: the same shape and output dtype
+    (QuantizeLinear: its zero point's type; DequantizeLinear: float32)."""
+    domain, ops = CONTRIB_QDQ
+    if not any(n.domain == domain and n.op_type in ops for n in model.graph.node):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    types = {t.name: t.data_type for t in copy.graph.initializer}
+    for node in copy.graph.node:
+        if node.domain == domain and node.op_type in ops:
+            to = types[node.input[2]] if node.op_type == "QuantizeLinear" else onnx.TensorProto.FLOAT
+            cast = onnx.helper.make_node("Cast", [node.input[0]], list(node.output), to=to)
+            node.CopyFrom(cast)
+    return copy
+
+
 def _check_graph(manifest: Manifest, graph: GraphEntry, profile: Profile, report: ValidationReport) -> None:
     path = manifest.directory / graph.file
     where = graph.file
     try:
         model = onnx.load(str(path), load_external_data=False)
         onnx.checker.check_model(str(path))
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        inferred = onnx.shape_inference.infer_shapes(_inferable(model), strict_mode=True)
     except Exception as e:  # onnx raises several unrelated types for a bad file
         report.violations.append(f"{where}: not a valid ONNX graph ({str(e).splitlines()[0]})")
         return

@@ -33,6 +33,7 @@ class WeightEntry:
     length: int
     dtype: str
     shape: tuple[int, ...]
+    sha256: str
 
 
 def weight_file_for(name: str) -> str:
@@ -66,21 +67,25 @@ def parameter_digests(model) -> dict[str, str]:
 class WeightWriter:
     """Moves large initializers of traced graphs into the shared weight files, once per tensor."""
 
-    def __init__(self, graphs_dir: Path, digests: dict[str, str], wrapper_prefix: str = "lm."):
+    def __init__(self, graphs_dir: Path, digests: dict[str, str] | None, wrapper_prefix: str = "lm."):
+        """digests: parameter digests -> canonical names (parameter_digests); None keeps the graphs' own
+        names, which the INT8 graphs derive from the canonical float names."""
         self.graphs_dir = graphs_dir
         self.digests = digests
         self.wrapper_prefix = wrapper_prefix
         self.entries: dict[str, WeightEntry] = {}
         self._files: dict[str, object] = {}
 
-    def _canonical_name(self, name: str, data: bytes) -> str:
-        known = self.digests.get(_digest(data))
+    def _canonical_name(self, name: str, digest: str) -> str:
+        if self.digests is None:
+            return name
+        known = self.digests.get(digest)
         if known is not None:
             return known
         # A large constant that is no parameter (none in the supported architectures today).
         return f"const.{name.removeprefix(self.wrapper_prefix)}"
 
-    def _append(self, name: str, tensor: onnx.TensorProto, data: bytes) -> WeightEntry:
+    def _append(self, name: str, tensor: onnx.TensorProto, data: bytes, digest: str) -> WeightEntry:
         file = weight_file_for(name)
         handle = self._files.get(file)
         if handle is None:
@@ -91,7 +96,7 @@ class WeightWriter:
         handle.seek(offset)
         handle.write(data)
         array_type = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        entry = WeightEntry(name, file, offset, len(data), np.dtype(array_type).name, tuple(tensor.dims))
+        entry = WeightEntry(name, file, offset, len(data), np.dtype(array_type).name, tuple(tensor.dims), digest)
         self.entries[name] = entry
         return entry
 
@@ -102,8 +107,11 @@ class WeightWriter:
             data = numpy_helper.to_array(tensor).tobytes()
             if len(data) < INLINE_MAX_BYTES:
                 continue
-            name = self._canonical_name(tensor.name, data)
-            entry = self.entries.get(name) or self._append(name, tensor, data)
+            digest = _digest(data)
+            name = self._canonical_name(tensor.name, digest)
+            entry = self.entries.get(name) or self._append(name, tensor, data, digest)
+            if entry.sha256 != digest:  # one name must mean one tensor in every graph that uses it
+                raise ValueError(f"two different tensors are both named {name}")
             renames[tensor.name] = name
             tensor.name = name
             for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
@@ -118,6 +126,11 @@ class WeightWriter:
             for i, name in enumerate(node.input):
                 if name in renames:
                     node.input[i] = renames[name]
+
+    def manifest_table(self) -> dict[str, dict]:
+        """The manifest's `weights` table: where each tensor lies, relative to the artifact directory."""
+        return {e.name: {"file": f"{self.graphs_dir.name}/{e.file}", "offset": e.offset, "length": e.length,
+                         "dtype": e.dtype, "shape": list(e.shape)} for e in self.entries.values()}
 
     def close(self) -> None:
         for handle in self._files.values():

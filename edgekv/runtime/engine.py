@@ -48,6 +48,7 @@ class BoundStep:
     bindings: list[ort.IOBinding]
     buffers: dict[str, np.ndarray]  # input_ids, position_ids, hidden0/1, q0/1, k_new, v_new, logits
     layer_kv: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per layer: the bound k_sel, v_sel, mask
+    inputs: list[dict[str, np.ndarray]]  # per graph: its input name -> the bound buffer
 
     @property
     def seq_len(self) -> int:
@@ -96,21 +97,25 @@ def bind_step(sessions: GraphSessions, graphs: list[GraphEntry],
         for array in arrays:
             if id(array) not in kv_values:
                 kv_values[id(array)] = ort.OrtValue.ortvalue_from_numpy(array)
-    session_list, bindings = [], []
+    session_list, bindings, graph_inputs = [], [], []
     for index, graph in enumerate(graphs):
         session = sessions.session(graph)
         binding = session.io_binding()
+        bound: dict[str, np.ndarray] = {}
         if graph.kind == "embed":
             inputs = {"input_ids": "input_ids", "position_ids": "position_ids"}
         else:
             layer = index - 1
             for name, array in zip(("k_sel", "v_sel", "mask"), layer_kv[layer]):
                 binding.bind_ortvalue_input(name, kv_values[id(array)])
+                bound[name] = array
             inputs = {"hidden_in": f"hidden{layer % 2}", "q_in": f"q{layer % 2}"}
             if graph.kind == "layer":
                 inputs["position_ids"] = "position_ids"
         for input_name, buffer_name in inputs.items():
             binding.bind_ortvalue_input(input_name, values[buffer_name])
+            bound[input_name] = buffers[buffer_name]
+        graph_inputs.append(bound)
         if graph.kind == "head":
             binding.bind_ortvalue_output("logits", values["logits"])
         else:
@@ -120,7 +125,7 @@ def bind_step(sessions: GraphSessions, graphs: list[GraphEntry],
                 binding.bind_ortvalue_output(output_name, values[buffer_name])
         session_list.append(session)
         bindings.append(binding)
-    return BoundStep(graphs, session_list, bindings, buffers, layer_kv)
+    return BoundStep(graphs, session_list, bindings, buffers, layer_kv, graph_inputs)
 
 
 @dataclass
@@ -147,6 +152,8 @@ class Engine:
     tokens: list[int] = field(default_factory=list)  # tokens whose K/V are in the cache
     timers: Timers = field(default_factory=Timers)
     warned_context: bool = False
+    # Called with each graph and its bound inputs just before it runs (INT8 calibration records them).
+    on_graph: Callable[[GraphEntry, dict[str, np.ndarray]], None] | None = None
 
     @classmethod
     def open(cls, artifact: Path | str, policy: str = "quest", spill_dir: Path | str | None = None,
@@ -226,6 +233,8 @@ class Engine:
         self.tokens = list(tokens)
 
     def _run(self, step: BoundStep, index: int) -> None:
+        if self.on_graph is not None:
+            self.on_graph(step.graphs[index], step.inputs[index])
         start = time.perf_counter()
         step.sessions[index].run_with_iobinding(step.bindings[index])
         self.timers.graph_s += time.perf_counter() - start

@@ -61,7 +61,12 @@ def profiles_show(name: str) -> None:
               help="Built-in model name, Hugging Face model directory, or .gguf file.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Artifact directory [default: artifacts/<model>-<profile>].")
-def export(profile_spec: str, model_spec: str, out_dir: Path | None) -> None:
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="INT8 QDQ graphs calibrated on real activations [default: the profile's weight_dtype].")
+@click.option("--calibration-text", type=click.Path(path_type=Path), default=None,
+              help="Text file for INT8 calibration [default: text the model writes itself].")
+def export(profile_spec: str, model_spec: str, out_dir: Path | None, quantize: str | None,
+           calibration_text: Path | None) -> None:
     """Export a model into fixed-shape ONNX graphs for a device profile, then validate it."""
     from edgekv.export.exporter import export_artifact
     from edgekv.export.validator import validate_artifact
@@ -78,7 +83,7 @@ def export(profile_spec: str, model_spec: str, out_dir: Path | None) -> None:
             bar.update(task, description=f"tracing {name}", completed=i, total=n)
 
         result = export_artifact(model_spec, profile_spec, out_dir, progress=lambda s: bar.console.print(s),
-                                 step=step)
+                                 step=step, quantize=quantize, calibration_text=calibration_text)
     manifest = read_manifest(result.directory)
     report = validate_artifact(manifest)
     _print_summary(manifest, report)
@@ -291,11 +296,14 @@ def bench(directory, contexts, policies, steps, json_path, plot_path) -> None:
               help="agreement: the text [default: text the model writes itself from a fixed seed].")
 @click.option("--scored-tokens", type=int, default=128, show_default=True,
               help="agreement: the last tokens of each context that are compared.")
+@click.option("--reference", "reference_dir", type=click.Path(path_type=Path), default=None,
+              help="agreement: compare with this artifact (e.g. the float32 one) under the same policy and budget, "
+                   "instead of with dense.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="PNG of accuracy (or agreement) against budget.")
-def evaluate(directory, task, contexts, depths, budgets, policies, text_file, scored_tokens, json_path,
-             plot_path) -> None:
+def evaluate(directory, task, contexts, depths, budgets, policies, text_file, scored_tokens, reference_dir,
+             json_path, plot_path) -> None:
     """Long-context accuracy per context, depth and budget; or agreement of each policy with dense."""
     import json
 
@@ -333,8 +341,14 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
                                   f"{max(plan.contexts)}; give a longer text or smaller --contexts")
         else:
             text = self_written_text(artifact, max(plan.contexts))
-        rows = run_agreement(artifact, text, plan, scored_tokens)
-        table = Table(title=f"agreement with dense over the last {scored_tokens} tokens of each context")
+        if reference_dir is not None:
+            reference = load_verified(reference_dir)
+            if reference.model["source_sha256"] != manifest.model["source_sha256"]:
+                raise EdgekvError(f"--reference {reference_dir} holds another model than {artifact}; compare two "
+                                  "exports of the same model")
+        rows = run_agreement(artifact, text, plan, scored_tokens, reference_dir)
+        against = f"{reference_dir} (same policy and budget)" if reference_dir else "dense"
+        table = Table(title=f"agreement with {against} over the last {scored_tokens} tokens of each context")
         for column in ("policy", "budget", "context", "top-1 agreement", "mean KL", "perplexity"):
             table.add_column(column, justify="right")
         for r in rows:

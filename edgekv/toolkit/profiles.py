@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from edgekv.toolkit.errors import EdgekvError
 
-SUPPORTED_WEIGHT_DTYPES = ("float32",)
+SUPPORTED_WEIGHT_DTYPES = ("float32", "int8")  # int8: QDQ graphs calibrated on real activations
 SUPPORTED_KV_DTYPES = ("float32",)
 
 
