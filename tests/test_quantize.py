@@ -1,7 +1,5 @@
 """INT8 artifacts: QDQ structure, weights stored once, validation, fidelity against float32, errors."""
 
-import json
-
 import numpy as np
 import onnx
 import pytest
@@ -119,28 +117,16 @@ def test_short_calibration_text_is_a_clear_error(tiny_model_dirs, tmp_path):
 
 
 def test_profile_without_qdq_operators_is_a_clear_error(tiny_model_dirs, tmp_path):
-    from edgekv.toolkit.profiles import load_profile
+    from edgekv.toolkit.profiles import load_profile, profile_from_dict, profile_toml
 
     tables = load_profile("npu-small").to_tables()
     tables["graph"]["allowed_ops"] = [op for op in tables["graph"]["allowed_ops"] if op not in QDQ_OPS]
     profile = tmp_path / "no-qdq.toml"
-    profile.write_text(toml_text(tables))
+    profile.write_text(profile_toml(profile_from_dict(tables, "test")))
     result = run_edgekv("export", "--model", str(tiny_model_dirs["llama"]), "--profile", str(profile),
                         "--quantize", "int8", "--out", str(tmp_path / "out"))
     assert result.returncode != 0
     assert "QuantizeLinear" in result.stderr and "allowed_ops" in result.stderr
-
-
-def toml_text(tables: dict) -> str:
-    lines = []
-    for key, value in tables.items():
-        if not isinstance(value, dict):
-            lines.append(f"{key} = {json.dumps(value)}")
-    for table, values in tables.items():
-        if isinstance(values, dict):
-            lines.append(f"[{table}]")
-            lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-    return "\n".join(lines) + "\n"
 
 
 def test_default_int8_is_small_valid_and_faithful(default_int8, default_artifact):

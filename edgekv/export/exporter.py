@@ -62,6 +62,9 @@ def model_dims(config) -> dict[str, int]:
 
 
 def plan_variants(profile: Profile, layers: int, max_context: int) -> dict[str, list[GraphPlan]]:
+    if profile.layer_budgets and len(profile.layer_budgets) != layers:
+        raise EdgekvError(f"profile {profile.name} gives {len(profile.layer_budgets)} kv.layer_budgets but the model "
+                          f"has {layers} layers; calibrate the profile for this model")
     plans = {}
     for variant in VARIANTS:
         dense, prefill = variant.startswith("dense"), variant.endswith("prefill")

@@ -149,6 +149,7 @@ class Engine:
     session_dir: Path
     resident: list[ResidentBudget]  # the decode step's per-layer budgets (empty for dense)
     budget_scale: float = 1.0  # the share of each graph's KV budget that selection may fill
+    decode_pages: list[int] = field(default_factory=list)  # per layer: pages a decode selection may fill
     tokens: list[int] = field(default_factory=list)  # tokens whose K/V are in the cache
     timers: Timers = field(default_factory=Timers)
     warned_context: bool = False
@@ -158,10 +159,11 @@ class Engine:
     @classmethod
     def open(cls, artifact: Path | str, policy: str = "quest", spill_dir: Path | str | None = None,
              threads: int = 0, host_kv_bytes: int | None = None, device_kv_bytes: int | None = None,
-             budget: int | None = None) -> "Engine":
+             budget: int | None = None, layer_budgets: list[int] | None = None) -> "Engine":
         """`budget`: a decode budget (tokens) up to the graphs' own, for evaluating smaller budgets: every
         layer's budget scales with it (the dense layers keep their factor, prefill its ratio) and the
-        graph's unused KV slots are masked, which computes exactly what a smaller graph would."""
+        graph's unused KV slots are masked, which computes exactly what a smaller graph would.
+        `layer_budgets`: instead, one decode budget per layer, each up to its graph's (calibration)."""
         if policy not in POLICIES:
             raise EdgekvError(f"unknown policy '{policy}'; choose one of: {', '.join(POLICIES)}")
         manifest = load_verified(artifact)
@@ -188,9 +190,17 @@ class Engine:
                   for g in decode_graphs[1:]]
             prefill_step, decode_step = bind_step(sessions, prefill_graphs), bind_step(sessions, decode_graphs, kv)
             resident = [ResidentBudget.over(k[0], v[0], profile.page_size) for k, v in kv]
+        scale = (budget or profile.decode_budget) / profile.decode_budget
+        graph_budgets = [g.budget for g in decode_graphs[1:]]
+        if layer_budgets is None:
+            layer_budgets = [int(b * scale) for b in graph_budgets]
+        elif len(layer_budgets) != len(graph_budgets) or any(
+                not 2 * profile.page_size <= b <= g for b, g in zip(layer_budgets, graph_budgets)):
+            raise EdgekvError(f"layer budgets must be {len(graph_budgets)} values, each from 2 pages up to its decode "
+                              f"graph's budget ({graph_budgets})")
         return cls(manifest, policy, sessions, prefill_step, decode_step, pool,
                    [PageStore(layer, pool) for layer in range(model["layers"])], session_dir, resident,
-                   budget_scale=(budget or profile.decode_budget) / profile.decode_budget)
+                   budget_scale=scale, decode_pages=[b // profile.page_size for b in layer_budgets])
 
     @property
     def page_size(self) -> int:
@@ -263,26 +273,30 @@ class Engine:
             self.tokens.extend(tokens)
             return b["logits"][0, -1].copy()  # the buffer is overwritten by the next step
         decoding = step is self.decode_step
-        masked: set[int] = set()  # budgets whose mask this step has filled: one mask serves all their layers
+        # The mask buffer of a budget, as this step last filled it (for how many selectable pages): one
+        # fill serves every layer of that budget and page limit.
+        masked: dict[int, int] = {}
         for layer, store in enumerate(self.stores):
             graph = step.graphs[layer + 1]
             k_sel, v_sel, mask = step.layer_kv[layer]
             t0 = time.perf_counter()
             store.append(b["k_new"][0, :, pad:], b["v_new"][0, :, pad:])
             t1 = time.perf_counter()
+            limit = (self.decode_pages[layer] if decoding
+                     else int(graph.budget * self.budget_scale) // self.page_size)
             selection = select_pages(self.policy, b[f"q{layer % 2}"][0, :, pad:], store.bounds(), store.n_pages,
-                                     first_new, int(graph.budget * self.budget_scale) // self.page_size)
+                                     first_new, limit)
             t2 = time.perf_counter()
             if decoding:
                 self.resident[layer].update(self.pool, layer, selection)
             else:
                 pages = selection.pages()
                 self.pool.gather(layer, pages, k_sel[0], v_sel[0])
-            if graph.budget not in masked:
+            if masked.get(graph.budget) != limit:
                 positions = (slot_positions(selection, graph.budget, self.page_size) if decoding
                              else gathered_positions(pages[0], self.page_size))
                 fill_mask(mask[0, 0], positions, store.length, row_positions, pad)
-                masked.add(graph.budget)
+                masked[graph.budget] = limit
             t3 = time.perf_counter()
             self.timers.select_s += t2 - t1
             self.timers.gather_s += (t1 - t0) + (t3 - t2)

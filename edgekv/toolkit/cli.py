@@ -285,6 +285,75 @@ def bench(directory, contexts, policies, steps, json_path, plot_path) -> None:
         plot_bench(rows, plot_path, f"{manifest.model['name']}, {device} budgets (dashed: projected on {device})")
 
 
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path), required=False)
+@click.option("--target-agreement", type=float, default=0.99, show_default=True,
+              help="Top-1 agreement with dense that the budgets must keep.")
+@click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
+              help="Calibration text [default: text the model writes itself from a fixed seed].")
+@click.option("--context", type=int, default=2048, show_default=True, help="Tokens per calibration prompt.")
+@click.option("--scored-tokens", type=int, default=64, show_default=True,
+              help="Decode steps per prompt whose attention and agreement are measured.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Export the calibrated graphs in INT8.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Calibrated artifact [default: artifacts/<model>-<profile>-calibrated].")
+def calibrate(directory, target_agreement, text_file, context, scored_tokens, quantize, out_dir) -> None:
+    """Fit per-layer decode budgets to a fidelity target, write the calibrated profile and re-export."""
+    import dataclasses
+    import json
+
+    from edgekv.calibration.budgets import calibrate_budgets, calibration_report, plot_calibration
+    from edgekv.export.exporter import export_artifact
+    from edgekv.export.validator import validate_artifact
+    from edgekv.toolkit.manifest import load_verified, read_manifest
+    from edgekv.toolkit.profiles import profile_toml
+
+    artifact = _artifact_dir(directory)
+    manifest = load_verified(artifact)
+    if text_file is not None and not text_file.is_file():
+        raise EdgekvError(f"calibration text {text_file} does not exist; pass an existing --text FILE")
+    profile = manifest.profile
+    suffix = f"-{quantize}" if quantize else ""
+    out_dir = out_dir or artifact.with_name(f"{artifact.name}-calibrated{suffix}")
+    say = lambda text: out.print(text)  # noqa: E731
+    result = calibrate_budgets(artifact, target_agreement, context, scored_tokens, text_file, say)
+
+    calibrated = dataclasses.replace(profile, name=f"{profile.name}-calibrated",
+                                     description=f"{profile.description}; decode budgets calibrated for "
+                                                 f"{manifest.model['name']} at top-1 agreement {target_agreement:g}",
+                                     layer_budgets=tuple(result.chosen.layer_budgets))
+    profile_path = out_dir.with_name(out_dir.name + ".profile.toml")
+    profile_path.parent.mkdir(parents=True, exist_ok=True)
+    profile_path.write_text(profile_toml(calibrated))
+    report = calibration_report(result, artifact, target_agreement, context, scored_tokens)
+    report["profile"], report["calibrated_artifact"] = str(profile_path), str(out_dir)
+    report_path = out_dir.with_name(out_dir.name + ".calibration.json")
+    report_path.write_text(json.dumps(report, indent=1))
+    plot_calibration(result, target_agreement, out_dir.with_name(out_dir.name + ".calibration.png"),
+                     f"{manifest.model['name']} on {profile.name}: budget calibration")
+
+    source = manifest.model["source"] if Path(manifest.model["source"]).exists() else manifest.model["name"]
+    say(f"exporting {out_dir} with the calibrated profile {profile_path}")
+    result_export = export_artifact(source, str(profile_path), out_dir, progress=say, quantize=quantize,
+                                    calibration_text=text_file)
+    validation = validate_artifact(read_manifest(result_export.directory))
+    chosen = result.chosen
+    table = Table(title=f"calibrated decode budgets (target top-1 agreement {target_agreement:g})")
+    for column in ("layers", "budget"):
+        table.add_column(column)
+    for budget in sorted(set(chosen.layer_budgets)):
+        layers = [str(i) for i, b in enumerate(chosen.layer_budgets) if b == budget]
+        table.add_row(" ".join(layers), str(budget))
+    out.print(table)
+    original = np.mean([g.budget for g in manifest.variant("budget-decode")[1:]])
+    out.print(f"mean decode budget {chosen.mean_budget:.0f} tokens (was {original:.0f}); top-1 agreement with dense: "
+              f"{chosen.agreement:.3f} on the calibration prompts, {result.held_out_agreement:.3f} on held-out prompts")
+    out.print(f"wrote {profile_path}, {report_path} and its plot; artifact {out_dir}")
+    if not validation.ok:
+        _print_violations(validation)
+        sys.exit(1)
+
+
 @cli.command("eval")
 @click.argument("directory", type=click.Path(path_type=Path), required=False)
 @click.option("--task", type=click.Choice(["passkey", "retrieve-number", "retrieve-kv", "agreement"]), required=True)

@@ -7,6 +7,7 @@ unknown keys, missing keys and bad values are errors that name the key and the e
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -45,17 +46,23 @@ class Profile:
     memory_bandwidth_gbps: float
     host_link_gbps: float
     call_overhead_us: float
+    # [kv] optional: one decode budget per layer, as `edgekv calibrate` fits them (empty: from the above)
+    layer_budgets: tuple[int, ...] = ()
 
     def layer_budget(self, layer: int, prefill: bool) -> int:
         """Static KV budget (tokens) of one layer's graph."""
+        if self.layer_budgets and not prefill:
+            return self.layer_budgets[layer]
         base = self.prefill_budget if prefill else self.decode_budget
         return base * self.dense_layer_budget_factor if layer < self.dense_layers else base
 
     def to_tables(self) -> dict[str, Any]:
         """The profile in its TOML table layout, so it reloads through the same checks."""
         data: dict[str, Any] = {}
-        for table, key in _SCHEMA:
+        for table, key in list(_SCHEMA) + list(_OPTIONAL):
             value = getattr(self, key)
+            if (table, key) in _OPTIONAL and value == _OPTIONAL[(table, key)]:
+                continue
             value = list(value) if isinstance(value, tuple) else value
             (data.setdefault(table, {}) if table else data)[key] = value
         return data
@@ -106,6 +113,14 @@ _SCHEMA: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
 }
 
 
+# Optional keys and their defaults (checked like the others when present).
+_OPTIONAL: dict[tuple[str, str], Any] = {("kv", "layer_budgets"): ()}
+_SCHEMA_OPTIONAL: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
+    ("kv", "layer_budgets"): (lambda v: isinstance(v, list) and len(v) > 0 and all(_positive_int(x) for x in v),
+                              "a non-empty list of positive integers, one decode budget per layer"),
+}
+
+
 def _key_name(table: str, key: str) -> str:
     return f"{table}.{key}" if table else key
 
@@ -119,9 +134,9 @@ def profile_from_dict(data: dict[str, Any], origin: str) -> Profile:
             if not isinstance(value, dict):
                 raise EdgekvError(f"profile {origin}: [{key}] must be a table")
             for sub, sub_value in value.items():
-                if (key, sub) not in _SCHEMA:
+                if (key, sub) not in _SCHEMA and (key, sub) not in _OPTIONAL:
                     raise EdgekvError(f"profile {origin}: unknown key '{key}.{sub}'; allowed in [{key}]: "
-                                      + ", ".join(k for t, k in _SCHEMA if t == key))
+                                      + ", ".join(k for t, k in list(_SCHEMA) + list(_OPTIONAL) if t == key))
                 flat[sub] = sub_value
         elif ("", key) in _SCHEMA:
             flat[key] = value
@@ -134,8 +149,13 @@ def profile_from_dict(data: dict[str, Any], origin: str) -> Profile:
         if not check(flat[key]):
             raise EdgekvError(f"profile {origin}: key '{_key_name(table, key)}' must be {expected}, "
                               f"got {flat[key]!r}")
-    for key in ("allowed_ops", "execution_providers"):
-        flat[key] = tuple(flat[key])
+    for (table, key), (check, expected) in _SCHEMA_OPTIONAL.items():
+        if key in flat and not check(flat[key]):
+            raise EdgekvError(f"profile {origin}: key '{_key_name(table, key)}' must be {expected}, "
+                              f"got {flat[key]!r}")
+    for key in ("allowed_ops", "execution_providers", "layer_budgets"):
+        if key in flat:
+            flat[key] = tuple(flat[key])
     for key in ("int8_tops", "memory_bandwidth_gbps", "host_link_gbps", "call_overhead_us"):
         flat[key] = float(flat[key])
     profile = Profile(**flat)
@@ -148,6 +168,10 @@ def _check_budgets(p: Profile, origin: str) -> None:
         if getattr(p, key) % p.page_size:
             raise EdgekvError(f"profile {origin}: key 'kv.{key}' must be a multiple of kv.page_size "
                               f"({p.page_size}), got {getattr(p, key)}")
+    for budget in p.layer_budgets:
+        if budget % p.page_size or budget < 2 * p.page_size:
+            raise EdgekvError(f"profile {origin}: every value of 'kv.layer_budgets' must be a multiple of kv.page_size "
+                              f"({p.page_size}) of at least 2 pages, got {budget}")
     # A decode step needs the sink page and the current page; a prefill chunk needs the sink page,
     # the page it starts in and every page it covers.
     if p.decode_budget < 2 * p.page_size:
@@ -156,6 +180,19 @@ def _check_budgets(p: Profile, origin: str) -> None:
     if p.prefill_budget < p.prefill_chunk + 2 * p.page_size:
         raise EdgekvError(f"profile {origin}: key 'kv.prefill_budget' must be at least kv.prefill_chunk + "
                           f"2 pages ({p.prefill_chunk + 2 * p.page_size} tokens), got {p.prefill_budget}")
+
+
+def profile_toml(profile: Profile) -> str:
+    """The profile as a TOML file that load_profile reads back to the same Profile. (Values are strings,
+    numbers and lists of them, which JSON writes in TOML's own syntax.)"""
+    lines = []
+    for table, values in profile.to_tables().items():
+        if not isinstance(values, dict):
+            lines.append(f"{table} = {json.dumps(values)}")
+    for table, values in profile.to_tables().items():
+        if isinstance(values, dict):
+            lines += ["", f"[{table}]"] + [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
 
 
 def shipped_profile_names() -> list[str]:
