@@ -53,10 +53,24 @@ def retrieval_table(data: dict) -> str:
 
 
 def agreement_table(data: dict) -> str:
-    lines = ["| policy | budget | context | top-1 agreement with dense | mean KL (nats) | perplexity |", "|" + "---|" * 6]
+    lines = ["| policy | budget | context | reference | top-1 agreement | mean KL (nats) | perplexity |",
+             "|" + "---|" * 7]
     for r in data["rows"]:
-        lines.append(f"| {r['policy']} | {r['budget'] or 'full'} | {r['context']} | {r['top1_agreement']:.3f} | "
-                     f"{r['mean_kl']:.4f} | {r['perplexity']:.2f} |")
+        lines.append(f"| {r['policy']} | {r['budget'] or 'full'} | {r['context']} | {r.get('reference', 'dense')} | "
+                     f"{r['top1_agreement']:.3f} | {r['mean_kl']:.4f} | {r['perplexity']:.2f} |")
+    return "\n".join(lines)
+
+
+def calibration_table(data: dict) -> str:
+    lines = ["| budget set (attention mass level) | mean decode budget | top-1 agreement with dense |",
+             "|---|---|---|"]
+    for s in sorted(data["searched"], key=lambda s: s["mean_budget"]):
+        lines.append(f"| {s['mass_level']:g} | {s['mean_budget']:.0f} | {s['agreement']:.3f} |")
+    chosen = data["chosen"]
+    lines += ["", f"- chosen (target {data['target_agreement']:g}): {chosen['layer_budgets']}, mean "
+              f"{chosen['mean_budget']:.0f} tokens; agreement {chosen['agreement']:.3f} on the calibration prompts, "
+              f"{data['held_out_agreement']:.3f} on held-out prompts ({data['context']} tokens, "
+              f"{data['scored_tokens']} scored per prompt)"]
     return "\n".join(lines)
 
 
@@ -82,13 +96,21 @@ def peers_table(data) -> str:
     return "\n".join(lines)
 
 
+def render(data) -> str:
+    if isinstance(data, list) or "system" in (data.get("rows") or [{}])[0]:
+        return peers_table(data)
+    if "chosen" in data:
+        return calibration_table(data)
+    if data.get("task") == "agreement":
+        return agreement_table(data)
+    if "task" in data:
+        return retrieval_table(data)
+    return bench_table(data)
+
+
 def main(directory: str = "benchmarks/results") -> None:
-    root = Path(directory)
-    for name, render in (("bench_npu-small.json", bench_table), ("eval_passkey_npu-small.json", retrieval_table),
-                         ("eval_agreement_npu-small.json", agreement_table), ("peers.json", peers_table)):
-        path = root / name
-        if path.exists():
-            print(f"### {name}\n\n{render(json.loads(path.read_text()))}\n")
+    for path in sorted(Path(directory).glob("*.json")):
+        print(f"### {path.name}\n\n{render(json.loads(path.read_text()))}\n")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_edgekv
 from edgekv.calibration import budgets
-from edgekv.calibration.budgets import BudgetSet, budgets_for_level, candidate_budgets, captured_mass
+from edgekv.calibration.budgets import budgets_for_level, candidate_budgets, captured_mass
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.pages import PageStore
 from edgekv.runtime.sampling import Sampler, SamplingConfig

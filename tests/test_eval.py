@@ -11,7 +11,6 @@ from conftest import run_edgekv
 from edgekv.evaluation.metrics import mean_kl, perplexity, top1_agreement
 from edgekv.evaluation.tasks import TASKS, task_prompt
 from edgekv.runtime.engine import Engine
-from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.toolkit.errors import EdgekvError
 
 

@@ -25,7 +25,7 @@ from edgekv.evaluation.metrics import top1_agreement
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.selection import quest_page_scores
 from edgekv.toolkit.errors import EdgekvError
-from edgekv.toolkit.manifest import GraphEntry, Manifest
+from edgekv.toolkit.manifest import GraphEntry
 
 # Mass levels searched for the budget sets; 1.0 gives every layer its largest candidate.
 MASS_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)

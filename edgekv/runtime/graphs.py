@@ -9,7 +9,6 @@ private, re-laid-out copy of every matrix in every session.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
