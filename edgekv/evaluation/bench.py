@@ -52,10 +52,11 @@ def usable_context(context: int, policy: str, max_context: int) -> int | None:
     return max_context - DENSE_HEADROOM if context <= max_context else None
 
 
-def measure_policy(artifact: str, policy: str, contexts: list[int], steps: int) -> list[dict]:
+def measure_policy(artifact: str, policy: str, contexts: list[int], steps: int,
+                   kv_dtype: str | None = None) -> list[dict]:
     from edgekv.runtime.engine import Engine, Timers
 
-    engine = Engine.open(artifact, policy)
+    engine = Engine.open(artifact, policy, kv_dtype=kv_dtype)
     rng = np.random.default_rng(0)
     rows = []
     try:
@@ -104,14 +105,15 @@ def measure_policy(artifact: str, policy: str, contexts: list[int], steps: int) 
     return rows
 
 
-def run_bench(artifact: Path, policies: list[str], contexts: list[int], steps: int) -> list[dict]:
+def run_bench(artifact: Path, policies: list[str], contexts: list[int], steps: int,
+              kv_dtype: str | None = None) -> list[dict]:
     """Every policy in a fresh child process, one after the other."""
     rows = []
     spawn = multiprocessing.get_context("spawn")
     for policy in policies:
         print(f"{policy}: contexts {', '.join(map(str, contexts))}", file=sys.stderr, flush=True)
         with spawn.Pool(1) as pool:
-            rows += pool.apply(measure_policy, (str(artifact), policy, contexts, steps))
+            rows += pool.apply(measure_policy, (str(artifact), policy, contexts, steps, kv_dtype))
     return rows
 
 

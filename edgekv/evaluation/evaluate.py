@@ -30,6 +30,7 @@ class EvalPlan:
     depths: list[float]
     budgets: list[int]
     policies: list[str]
+    kv_dtype: str | None = None  # how pages are stored in the host and disk tiers (default: the profile's)
 
 
 def _runs(plan: EvalPlan) -> list[tuple[str, int | None]]:
@@ -44,7 +45,7 @@ def _log(text: str) -> None:
 def run_retrieval(artifact: Path, task: str, plan: EvalPlan, seed: int = 0) -> list[dict]:
     rows = []
     for policy, budget in _runs(plan):
-        engine = Engine.open(artifact, policy, budget=budget)
+        engine = Engine.open(artifact, policy, budget=budget, kv_dtype=plan.kv_dtype)
         try:
             tokenizer = ArtifactTokenizer.load(engine.manifest)
             for context in plan.contexts:
@@ -90,8 +91,9 @@ def teacher_forced_logits(engine: Engine, tokens: list[int], scored: int) -> np.
     return np.stack(logits)
 
 
-def forced_logits(artifact: Path, policy: str, budget: int | None, tokens: list[int], scored: int) -> np.ndarray:
-    engine = Engine.open(artifact, policy, budget=budget)
+def forced_logits(artifact: Path, policy: str, budget: int | None, tokens: list[int], scored: int,
+                  kv_dtype: str | None = None) -> np.ndarray:
+    engine = Engine.open(artifact, policy, budget=budget, kv_dtype=kv_dtype)
     try:
         return teacher_forced_logits(engine, tokens, scored)
     finally:
@@ -103,7 +105,8 @@ def run_agreement(artifact: Path, text: list[int], plan: EvalPlan, scored: int,
     """Top-1 agreement and mean KL over the last `scored` tokens of each context, and perplexity.
 
     The reference is the artifact's own dense run, or with `reference` (another artifact of the same
-    model, e.g. the float32 one for an INT8 artifact) that artifact under the same policy and budget."""
+    model, e.g. the float32 one for an INT8 artifact, or the same one for plan.kv_dtype) that artifact
+    under the same policy and budget, with its profile's KV dtype."""
     rows = []
     for context in plan.contexts:
         if context > len(text):
@@ -113,7 +116,7 @@ def run_agreement(artifact: Path, text: list[int], plan: EvalPlan, scored: int,
         dense = None
         runs = _runs(plan) if reference else [("dense", None)] + [r for r in _runs(plan) if r[0] != "dense"]
         for policy, budget in runs:
-            logits = forced_logits(artifact, policy, budget, tokens, scored)
+            logits = forced_logits(artifact, policy, budget, tokens, scored, plan.kv_dtype)
             if reference is not None:
                 against = forced_logits(reference, policy, budget, tokens, scored)
             else:

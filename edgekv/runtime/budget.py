@@ -56,7 +56,6 @@ class ResidentBudget:
         # Fetch the whole selection (sink and current page included): it keeps every selected page fresh
         # in the host and device LRUs, and counts transfers for pages that are not on the device.
         pool.fetch(layer, np.concatenate([middle.ravel(), [0, selection.n_pages - 1]]))
-        host_slots = pool.slot[layer]
         k = self.k.reshape(heads, -1, self.page_size, self.k.shape[-1])
         v = self.v.reshape(k.shape)
         if keep.sum() < middle.size:  # some pages entered the selection
@@ -70,12 +69,12 @@ class ResidentBudget:
             rows, cols = np.nonzero(np.arange(middle.shape[1])[None, :] < count[:, None])
             slot_pages, pages = free_slots[rows, cols], arriving_pages[rows, cols]
             self.table[rows, slot_pages] = pages
-            k[rows, 1 + slot_pages] = pool.host_k[host_slots[pages], rows]
-            v[rows, 1 + slot_pages] = pool.host_v[host_slots[pages], rows]
-        current = host_slots[selection.n_pages - 1]
-        k[:, -1], v[:, -1] = pool.host_k[current], pool.host_v[current]
+            k[rows, 1 + slot_pages], v[rows, 1 + slot_pages] = pool.page_kv(layer, pages, rows)
+        edges = [selection.n_pages - 1] + ([0] if selection.has_sink else [])
+        keys, values = pool.page_kv(layer, np.array(edges))
+        k[:, -1], v[:, -1] = keys[0], values[0]
         if selection.has_sink:
-            k[:, 0], v[:, 0] = pool.host_k[host_slots[0]], pool.host_v[host_slots[0]]
+            k[:, 0], v[:, 0] = keys[1], values[1]
 
 
 def slot_positions(selection: Selection, budget: int, page_size: int) -> np.ndarray:

@@ -28,6 +28,7 @@ import onnxruntime as ort
 from edgekv.export.modules import MASK_VALUE
 from edgekv.runtime.budget import ResidentBudget, gathered_positions, slot_positions
 from edgekv.runtime.graphs import GraphSessions
+from edgekv.runtime.page_format import KV_DTYPES
 from edgekv.runtime.pages import PageStore
 from edgekv.runtime.sampling import Sampler
 from edgekv.runtime.selection import POLICIES, select_pages
@@ -159,13 +160,17 @@ class Engine:
     @classmethod
     def open(cls, artifact: Path | str, policy: str = "quest", spill_dir: Path | str | None = None,
              threads: int = 0, host_kv_bytes: int | None = None, device_kv_bytes: int | None = None,
-             budget: int | None = None, layer_budgets: list[int] | None = None) -> "Engine":
+             budget: int | None = None, layer_budgets: list[int] | None = None,
+             kv_dtype: str | None = None) -> "Engine":
         """`budget`: a decode budget (tokens) up to the graphs' own, for evaluating smaller budgets: every
         layer's budget scales with it (the dense layers keep their factor, prefill its ratio) and the
         graph's unused KV slots are masked, which computes exactly what a smaller graph would.
-        `layer_budgets`: instead, one decode budget per layer, each up to its graph's (calibration)."""
+        `layer_budgets`: instead, one decode budget per layer, each up to its graph's (calibration).
+        `kv_dtype`: how pages are stored in the host and disk tiers, instead of the profile's."""
         if policy not in POLICIES:
             raise EdgekvError(f"unknown policy '{policy}'; choose one of: {', '.join(POLICIES)}")
+        if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+            raise EdgekvError(f"unknown KV dtype '{kv_dtype}'; choose one of: {', '.join(KV_DTYPES)}")
         manifest = load_verified(artifact)
         profile, model = manifest.profile, manifest.model
         # The smallest budget whose scaled prefill budget still holds a chunk's pages and the sink.
@@ -178,7 +183,7 @@ class Engine:
         family = "dense" if policy == "dense" else "budget"
         pool = TieredPool(model["layers"], model["kv_heads"], model["head_dim"], profile.page_size,
                           device_kv_bytes or profile.device_kv_bytes, host_kv_bytes or profile.host_kv_bytes,
-                          session_dir / KV_SPILL_FILE)
+                          session_dir / KV_SPILL_FILE, kv_dtype or profile.kv_dtype)
         prefill_graphs, decode_graphs = manifest.variant(f"{family}-prefill"), manifest.variant(f"{family}-decode")
         if policy == "dense":
             shape = (1, model["kv_heads"], model["max_context"], model["head_dim"])
@@ -208,11 +213,8 @@ class Engine:
 
     def reset(self) -> None:
         """Empty the KV cache (a new conversation); the graphs and their bound buffers stay."""
-        pool = self.pool
-        pool.close()
-        self.pool = TieredPool(len(self.stores), pool.kv_heads, pool.head_dim, pool.page_size,
-                               pool.device_capacity * pool.page_bytes, pool.host_capacity * pool.page_bytes,
-                               pool.spill_path)
+        self.pool.close()
+        self.pool = self.pool.fresh()
         self.stores = [PageStore(layer, self.pool) for layer in range(len(self.stores))]
         for budget in self.resident:
             budget.clear()

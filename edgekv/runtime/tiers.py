@@ -10,7 +10,8 @@
 - Disk: beyond the host budget the least recently used pages move to a memory-mapped file in the
   session directory. Nothing is ever dropped: a spilled page selected again is read back.
 
-A page holds page_size tokens of K and V for every KV head of one layer.
+A page holds page_size tokens of K and V for every KV head of one layer, stored in the host and disk
+tiers as one record of page_format.PageFormat (float32, or INT8 with per-page scales).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekv.runtime.page_format import PageFormat
 from edgekv.toolkit.errors import EdgekvError
 
 HOST, DISK = 0, 1
@@ -27,11 +29,11 @@ DEVICE_EVICT_TO = 0.95
 
 
 class SpillFile:
-    """Page slots in a memory-mapped file, grown by doubling; freed slots are reused."""
+    """Page records in a memory-mapped file, grown by doubling; freed slots are reused."""
 
-    def __init__(self, path: Path, page_shape: tuple[int, ...]):
+    def __init__(self, path: Path, record: np.dtype):
         self.path = path
-        self.page_shape = page_shape  # (2, kv_heads, page_size, head_dim): K and V
+        self.record = record
         self.capacity = 0
         self.next_slot = 0
         self.free: list[int] = []
@@ -42,26 +44,25 @@ class SpillFile:
         self.capacity = max(64, self.capacity * 2)
         if self.array is not None:
             self.array.flush()
-        page_bytes = int(np.prod(self.page_shape)) * 4
         with open(self.path, "r+b") as f:
-            f.truncate(self.capacity * page_bytes)
-        self.array = np.memmap(self.path, dtype=np.float32, mode="r+", shape=(self.capacity, *self.page_shape))
+            f.truncate(self.capacity * self.record.itemsize)
+        self.array = np.memmap(self.path, dtype=self.record, mode="r+", shape=(self.capacity,))
 
-    def store(self, keys: np.ndarray, values: np.ndarray) -> int:
+    def store(self, record: np.ndarray) -> int:
         if self.free:
             slot = self.free.pop()
         else:
             if self.next_slot == self.capacity:
                 self._grow()
             slot, self.next_slot = self.next_slot, self.next_slot + 1
-        self.array[slot, 0], self.array[slot, 1] = keys, values
+        self.array[slot] = record
         return slot
 
-    def load(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
-        """Read a page back and free its slot (copies: the slot may be reused at once)."""
-        keys, values = np.array(self.array[slot, 0]), np.array(self.array[slot, 1])
+    def load(self, slot: int) -> np.ndarray:
+        """Read a page record back and free its slot (a copy: the slot may be reused at once)."""
+        record = self.array[[slot]][0]  # fancy indexing copies (an integer index would give a view)
         self.free.append(slot)
-        return keys, values
+        return record
 
     def close(self) -> None:
         self.array = None
@@ -72,15 +73,21 @@ class TieredPool:
     """Page bytes of every layer, with each page's tier and the device pool's LRU."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, page_size: int, device_bytes: int,
-                 host_bytes: int, spill_path: Path):
+                 host_bytes: int, spill_path: Path, kv_dtype: str = "float32"):
         self.kv_heads, self.head_dim, self.page_size = kv_heads, head_dim, page_size
-        self.page_bytes = 2 * kv_heads * page_size * head_dim * 4
+        self.device_bytes, self.host_bytes = device_bytes, host_bytes
+        self.format = PageFormat(kv_dtype, kv_heads, page_size, head_dim)
+        self.page_bytes = self.format.page_bytes  # as stored in the host and disk tiers, and moved from them
         self.host_capacity = max(2, host_bytes // self.page_bytes)
-        self.device_capacity = max(1, device_bytes // self.page_bytes)
+        self.device_capacity = max(1, device_bytes // self.format.float_page_bytes)  # the graphs read float
         # Allocated once at full capacity: np.zeros maps untouched memory lazily, so RAM is only used as
         # pages arrive, and slots never move (no copies when the cache grows).
-        self.host_k = np.zeros((self.host_capacity, kv_heads, page_size, head_dim), dtype=np.float32)
-        self.host_v = np.zeros_like(self.host_k)
+        self.host = np.zeros(self.host_capacity, dtype=self.format.record)
+        # INT8 pages are quantized once, when full: each layer's page being written stays float32 here
+        # until then (re-quantizing it at every token would compound the rounding).
+        self.open_page = np.full(layers, -1, dtype=np.int64)
+        self.open_k = np.zeros((layers, kv_heads, page_size, head_dim), np.float32) if self.format.quantized else None
+        self.open_v = np.zeros_like(self.open_k) if self.format.quantized else None
         self.host_used = 0  # slots handed out so far (free ones are reused first)
         self.host_free: list[int] = []
         # Per layer, per page: tier, slot in that tier, and the step it was last used (for LRU spills).
@@ -111,8 +118,11 @@ class TieredPool:
         slot = self.slot[layer][page] = self._host_slot(protect=(layer, page))
         # A fresh page's unwritten rows are gathered (then masked) until filled: they must hold finite
         # values, since the additive mask cannot hide an infinite or NaN score from stale memory.
-        self.host_k[slot] = 0.0
-        self.host_v[slot] = 0.0
+        self.host[slot] = np.zeros((), self.host.dtype)
+        if self.format.quantized:
+            self.open_page[layer] = page
+            self.open_k[layer] = 0.0
+            self.open_v[layer] = 0.0
         self.last_used[layer][page] = self.clock
         self.n_pages[layer] = page + 1
 
@@ -121,16 +131,42 @@ class TieredPool:
             self._restore(layer, page)
         slot = self.slot[layer][page]
         n = keys.shape[1]
-        self.host_k[slot, :, offset:offset + n] = keys
-        self.host_v[slot, :, offset:offset + n] = values
+        if self.format.quantized:
+            self.open_k[layer, :, offset:offset + n] = keys
+            self.open_v[layer, :, offset:offset + n] = values
+            if offset + n == self.page_size:  # full: quantized once, for good
+                self.format.encode(self.host, slot, self.open_k[layer], self.open_v[layer])
+                self.open_page[layer] = -1
+        else:
+            self.host["k"][slot, :, offset:offset + n] = keys
+            self.host["v"][slot, :, offset:offset + n] = values
         self.last_used[layer][page] = self.clock
 
     def read(self, layer: int, page: int) -> tuple[np.ndarray, np.ndarray]:
         """A page's keys and values [kv_heads, page_size, head_dim], read where they are (no tier change)."""
+        if page == self.open_page[layer]:
+            return self.open_k[layer].copy(), self.open_v[layer].copy()
         slot = self.slot[layer][page]
-        if self.tier[layer][page] == DISK:
-            return self.spill.array[slot, 0], self.spill.array[slot, 1]
-        return self.host_k[slot], self.host_v[slot]
+        store = self.spill.array if self.tier[layer][page] == DISK else self.host
+        return self.format.decode(store, (slot,))
+
+    def page_kv(self, layer: int, pages: np.ndarray, heads: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Float keys and values of host-resident pages (fetch them first): [*pages.shape, kv_heads, P, D],
+        or with `heads` (broadcast against pages) one KV head per entry: [*shape, P, D]."""
+        slots = self.slot[layer][pages]
+        keys, values = self.format.decode(self.host, (slots,) if heads is None else (slots, heads))
+        if self.format.quantized:
+            is_open = pages == self.open_page[layer]
+            if heads is not None:
+                is_open = np.broadcast_to(is_open, np.broadcast_shapes(pages.shape, heads.shape))
+            if is_open.any():
+                if heads is None:
+                    keys[is_open], values[is_open] = self.open_k[layer], self.open_v[layer]
+                else:
+                    open_heads = np.broadcast_to(heads, is_open.shape)[is_open]
+                    keys[is_open], values[is_open] = self.open_k[layer, open_heads], self.open_v[layer, open_heads]
+        return keys, values
 
     # -- host slots and spilling ------------------------------------------------------------------
     def _host_slot(self, protect: tuple[int, int], pinned_from: int | None = None) -> int:
@@ -163,8 +199,8 @@ class TieredPool:
         _, layer, page = best
         slot = int(self.slot[layer][page])
         if self.spill is None:
-            self.spill = SpillFile(self.spill_path, (2, self.kv_heads, self.page_size, self.head_dim))
-        self.slot[layer][page] = self.spill.store(self.host_k[slot], self.host_v[slot])
+            self.spill = SpillFile(self.spill_path, self.format.record)
+        self.slot[layer][page] = self.spill.store(self.host[slot])
         self.tier[layer][page] = DISK
         if self.device_stamp[layer][page] != NOT_ON_DEVICE:
             self.device_stamp[layer][page] = NOT_ON_DEVICE
@@ -173,9 +209,9 @@ class TieredPool:
         return slot
 
     def _restore(self, layer: int, page: int, pinned_from: int | None = None) -> None:
-        keys, values = self.spill.load(int(self.slot[layer][page]))
+        record = self.spill.load(int(self.slot[layer][page]))
         slot = self._host_slot(protect=(layer, page), pinned_from=pinned_from)
-        self.host_k[slot], self.host_v[slot] = keys, values
+        self.host[slot] = record
         self.slot[layer][page] = slot
         self.tier[layer][page] = HOST
         self.pages_restored += 1
@@ -217,12 +253,16 @@ class TieredPool:
     def gather(self, layer: int, pages: np.ndarray, k_out: np.ndarray, v_out: np.ndarray) -> None:
         """Copy pages [kv_heads, k] (per KV head) into k_out/v_out [kv_heads, >= k*page_size, head_dim]."""
         self.fetch(layer, pages.ravel())
-        slots = self.slot[layer][pages]
         heads, k = pages.shape
         span = k * self.page_size
-        head_index = np.arange(heads)[:, None]
-        k_out[:, :span] = self.host_k[slots, head_index].reshape(heads, span, self.head_dim)
-        v_out[:, :span] = self.host_v[slots, head_index].reshape(heads, span, self.head_dim)
+        keys, values = self.page_kv(layer, pages, np.arange(heads)[:, None])
+        k_out[:, :span] = keys.reshape(heads, span, self.head_dim)
+        v_out[:, :span] = values.reshape(heads, span, self.head_dim)
+
+    def fresh(self) -> "TieredPool":
+        """An empty pool with the same capacities, format and spill path (this one must be closed)."""
+        return TieredPool(len(self.tier), self.kv_heads, self.head_dim, self.page_size, self.device_bytes,
+                          self.host_bytes, self.spill_path, self.format.kv_dtype)
 
     def counts(self) -> dict[str, int]:
         on_disk = sum(int((t[:n] == DISK).sum()) for t, n in zip(self.tier, self.n_pages))

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgekv.runtime.page_format import KV_DTYPES
 from edgekv.toolkit.errors import EdgekvError
 from edgekv.toolkit.models import DEFAULT_MODEL, check_model
 from edgekv.toolkit.profiles import load_profile, shipped_profile_names
@@ -244,10 +245,12 @@ def _read_stdin_line(_prompt: str) -> str:
 @click.option("--contexts", default="1024,2048,4096,8192,16384", show_default=True, help="Comma-separated token counts.")
 @click.option("--policies", default="quest,streaming,dense", show_default=True)
 @click.option("--steps", type=int, default=16, show_default=True, help="Timed decode tokens per point.")
+@click.option("--kv-dtype", type=click.Choice(list(KV_DTYPES)), default=None,
+              help="How KV pages are stored in the host and disk tiers [default: the profile's kv_dtype].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the rows as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="PNG of decode tokens/s against context, with human reading speed.")
-def bench(directory, contexts, policies, steps, json_path, plot_path) -> None:
+def bench(directory, contexts, policies, steps, kv_dtype, json_path, plot_path) -> None:
     """Decode and prefill speed per policy and context, measured here and projected on the profile's device."""
     import json
 
@@ -264,7 +267,7 @@ def bench(directory, contexts, policies, steps, json_path, plot_path) -> None:
         raise EdgekvError(f"unknown policy '{unknown[0]}' in --policies; choose from: {', '.join(POLICIES)}")
     if steps < 1:
         raise EdgekvError("--steps must be at least 1")
-    rows = run_bench(artifact, policy_list, context_list, steps)
+    rows = run_bench(artifact, policy_list, context_list, steps, kv_dtype)
     device = manifest.profile.name
     table = Table(title=f"edgekv bench: {manifest.model['name']} on this machine, and projected on {device}")
     for column in ("policy", "context", "decode tok/s", "x reading", "prefill tok/s", "TTFT s", "peak RSS MiB",
@@ -280,7 +283,7 @@ def bench(directory, contexts, policies, steps, json_path, plot_path) -> None:
     (out if out.is_terminal else Console(width=200)).print(table)
     if json_path:
         json_path.write_text(json.dumps({"artifact": str(artifact), "profile": device, "steps": steps,
-                                         "rows": rows}, indent=1))
+                                         "kv_dtype": kv_dtype or manifest.profile.kv_dtype, "rows": rows}, indent=1))
     if plot_path:
         plot_bench(rows, plot_path, f"{manifest.model['name']}, {device} budgets (dashed: projected on {device})")
 
@@ -365,14 +368,16 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
               help="agreement: the text [default: text the model writes itself from a fixed seed].")
 @click.option("--scored-tokens", type=int, default=128, show_default=True,
               help="agreement: the last tokens of each context that are compared.")
+@click.option("--kv-dtype", type=click.Choice(list(KV_DTYPES)), default=None,
+              help="How KV pages are stored in the host and disk tiers [default: the profile's kv_dtype].")
 @click.option("--reference", "reference_dir", type=click.Path(path_type=Path), default=None,
               help="agreement: compare with this artifact (e.g. the float32 one) under the same policy and budget, "
                    "instead of with dense.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="PNG of accuracy (or agreement) against budget.")
-def evaluate(directory, task, contexts, depths, budgets, policies, text_file, scored_tokens, reference_dir,
-             json_path, plot_path) -> None:
+def evaluate(directory, task, contexts, depths, budgets, policies, text_file, scored_tokens, kv_dtype,
+             reference_dir, json_path, plot_path) -> None:
     """Long-context accuracy per context, depth and budget; or agreement of each policy with dense."""
     import json
 
@@ -394,7 +399,8 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
     if any(not 0 <= d <= 1 for d in depth_list):
         raise EdgekvError("--depths must lie between 0 and 1")
     plan = EvalPlan(_int_list(contexts, "--contexts"), depth_list,
-                    _int_list(budgets, "--budgets") if budgets else [manifest.profile.decode_budget], policy_list)
+                    _int_list(budgets, "--budgets") if budgets else [manifest.profile.decode_budget], policy_list,
+                    kv_dtype)
     if "dense" in policy_list and max(plan.contexts) > manifest.model["max_context"]:
         raise EdgekvError(f"the dense baseline stops at {manifest.model['max_context']} tokens; lower --contexts "
                           "or leave dense out of --policies")
@@ -435,7 +441,8 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
                           " ".join(f"{r['depth']:g}" for r in mine if r["correct"]) or "-")
     (out if out.is_terminal else Console(width=200)).print(table)
     if json_path:
-        json_path.write_text(json.dumps({"artifact": str(artifact), "task": task, "rows": rows}, indent=1))
+        json_path.write_text(json.dumps({"artifact": str(artifact), "task": task,
+                                         "kv_dtype": kv_dtype or manifest.profile.kv_dtype, "rows": rows}, indent=1))
     if plot_path:
         plot_eval(rows, plot_path, f"{task}: {manifest.model['name']}, {manifest.profile.name}")
 

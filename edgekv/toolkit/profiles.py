@@ -14,10 +14,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from edgekv.runtime.page_format import KV_DTYPES
 from edgekv.toolkit.errors import EdgekvError
 
 SUPPORTED_WEIGHT_DTYPES = ("float32", "int8")  # int8: QDQ graphs calibrated on real activations
-SUPPORTED_KV_DTYPES = ("float32",)
+SUPPORTED_KV_DTYPES = KV_DTYPES  # how pages are stored in the host and disk tiers (runtime/page_format.py)
 
 
 @dataclass(frozen=True)
