@@ -16,7 +16,7 @@ def assert_one_line_error(result, *fragments):
 
 def test_unknown_profile_lists_the_profiles():
     assert_one_line_error(run_edgekv("export", "--profile", "npu-huge"), "unknown profile 'npu-huge'",
-                          "npu-large, npu-medium, npu-small")
+                          "cpu, npu-large, npu-medium, npu-small")
 
 
 def test_profile_with_unknown_key(tmp_path):

@@ -6,7 +6,7 @@ from conftest import run_edgekv
 from edgekv.toolkit.errors import EdgekvError
 from edgekv.toolkit.profiles import load_profile, shipped_profile_names
 
-SHIPPED = {"npu-small": (8, 512, 64), "npu-medium": (16, 1024, 128), "npu-large": (16, 2048, 128)}
+SHIPPED = {"cpu": (8, 512, 64), "npu-small": (8, 512, 64), "npu-medium": (16, 1024, 128), "npu-large": (16, 2048, 128)}
 
 
 def test_shipped_profiles_have_the_documented_budgets():

@@ -1,4 +1,5 @@
-"""INT8 graphs: static QDQ quantization with activation ranges from real activations.
+"""INT8 graphs: static QDQ quantization with activation ranges from real activations (NPU profiles), or
+onnxruntime's weight-only MatMulNBits kernels (CPU profiles, _quantize_weight_only).
 
 1. Calibration prompts run through the float32 artifact on the real runtime; every budget-prefill graph
    call's inputs are recorded (Engine.on_graph).
@@ -37,6 +38,7 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from edgekv.calibration.prompts import calibration_prompts
+from edgekv.export.validator import CONTRIB_DOMAIN  # 16-bit Q/DQ below opset 21
 from edgekv.export.weights import WeightWriter
 from edgekv.runtime.engine import Engine
 from edgekv.toolkit.errors import EdgekvError
@@ -45,7 +47,9 @@ from edgekv.toolkit.profiles import Profile
 
 CALIBRATION_TOKENS = 1024  # per calibration prompt: 16 prefill chunks of npu-small, 2 prompts
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")  # what the quantized graphs add to the float graphs' operators
-CONTRIB_DOMAIN = "com.microsoft"  # 16-bit Q/DQ below opset 21
+WEIGHT_ONLY_OPS = ("MatMulNBits",)  # onnxruntime's CPU weight-only kernel (com.microsoft), for CPU profiles
+WEIGHT_ONLY_BLOCK = 32  # input channels per weight scale
+WEIGHT_ONLY_ACCURACY_LEVEL = 4  # int8 activations per block inside the kernel (onnxruntime's fastest on x86/ARM)
 INT16_MAX = 32767
 UINT16_MAX = 65535
 
@@ -185,34 +189,65 @@ def quantize_vocabulary(model: onnx.ModelProto, ranges) -> None:
             model.graph.node.insert(index + offset, new_node)
 
 
-def check_profile_allows_qdq(profile: Profile) -> None:
-    missing = [op for op in QDQ_OPS if op not in profile.allowed_ops]
+def check_profile_allows(profile: Profile, weight_dtype: str) -> None:
+    """The operators the quantized graphs add must be in the profile's list."""
+    needed = QDQ_OPS if weight_dtype == "int8" else WEIGHT_ONLY_OPS
+    missing = [op for op in needed if op not in profile.allowed_ops]
     if missing:
-        raise EdgekvError(f"profile {profile.name} does not allow {', '.join(missing)}, which INT8 QDQ graphs "
-                          "need; add them to its [graph] allowed_ops or export float32")
+        hint = ("export float32" if weight_dtype == "int8" else
+                "use a CPU profile such as `cpu`, or --quantize int8 for QDQ graphs")
+        raise EdgekvError(f"profile {profile.name} does not allow {', '.join(missing)}, which {weight_dtype} graphs "
+                          f"need; add them to its [graph] allowed_ops or {hint}")
 
 
 def quantize_artifact(float_dir: Path, out_dir: Path, weight_dtype: str = "int8", text_file: Path | None = None,
                       progress: Callable[[str], None] = print) -> None:
-    """Write the INT8 artifact of a float32 artifact into out_dir (staged, then renamed)."""
-    from onnxruntime.quantization.calibrate import load_tensors_data
-
+    """Write the quantized artifact of a float32 artifact into out_dir (staged, then renamed)."""
     source = read_manifest(float_dir)
     if "quantization" in source.data:
         raise EdgekvError(f"{float_dir} is already quantized ({source.data['quantization']['weight_dtype']}); "
                           "quantize the float32 export instead")
-    if weight_dtype != "int8":
-        raise EdgekvError(f"unknown quantization '{weight_dtype}'; choose int8")
-    check_profile_allows_qdq(source.profile)
-    progress("calibration prompts: the model's own text and a retrieval prompt")
-    prompts = calibration_prompts(float_dir, CALIBRATION_TOKENS + 1, text_file)
-    recorded = record_prefill_inputs(float_dir, prompts, progress)
+    if weight_dtype not in ("int8", "int8-weight-only"):
+        raise EdgekvError(f"unknown quantization '{weight_dtype}'; choose int8 or int8-weight-only")
+    check_profile_allows(source.profile, weight_dtype)
 
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    graphs_dir = staging / "graphs"
-    graphs_dir.mkdir(parents=True)
-    writer = WeightWriter(graphs_dir, None)
+    (staging / "graphs").mkdir(parents=True)
+    writer = WeightWriter(staging / "graphs", None)
+    if weight_dtype == "int8":
+        graphs, quantization = _quantize_qdq(source, float_dir, staging, writer, text_file, progress)
+    else:
+        graphs, quantization = _quantize_weight_only(source, float_dir, staging, writer, progress)
+    writer.close()
+    shutil.copytree(float_dir / source.data["tokenizer"]["dir"], staging / source.data["tokenizer"]["dir"])
+    profile = dict(source.data["profile"])
+    profile["graph"] = {**profile["graph"], "weight_dtype": weight_dtype}
+    manifest = {**source.data, "profile": profile, "graphs": graphs, "weights": writer.manifest_table(),
+                "quantization": {"weight_dtype": weight_dtype, **quantization}}
+    write_manifest(staging, manifest)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+
+
+def _save_graph(model: onnx.ModelProto, entry: GraphEntry, source_graphs: dict, staging: Path,
+                writer: WeightWriter) -> dict:
+    """Write a quantized graph with its weights external (stored once by name); its manifest record."""
+    writer.externalize(model)
+    onnx.save(model, staging / entry.file)
+    return {**source_graphs[entry.name],
+            "weights": [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]}
+
+
+def _quantize_qdq(source, float_dir: Path, staging: Path, writer: WeightWriter, text_file: Path | None,
+                  progress: Callable[[str], None]) -> tuple[dict, dict]:
+    """A16W8 QDQ graphs over activation ranges calibrated on real prompts (the module docstring)."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    progress("calibration prompts: the model's own text and a retrieval prompt")
+    prompts = calibration_prompts(float_dir, CALIBRATION_TOKENS + 1, text_file)
+    recorded = record_prefill_inputs(float_dir, prompts, progress)
     graphs = {}
     calibrated_on = source.variant("budget-prefill")
     with tempfile.TemporaryDirectory(prefix="edgekv-quantize-") as work:
@@ -230,21 +265,30 @@ def quantize_artifact(float_dir: Path, out_dir: Path, weight_dtype: str = "int8"
                 # com.microsoft ones; back to the profile's opset (onnx's converter checks every node).
                 model = version_converter.convert_version(onnx.load(quantized_path), source.profile.opset)
                 quantize_vocabulary(model, tensor_ranges)
-                writer.externalize(model)
-                onnx.save(model, staging / entry.file)
-                graphs[entry.name] = {**source.data["graphs"][entry.name],
-                                      "weights": [t.name for t in model.graph.initializer
-                                                  if t.data_location == onnx.TensorProto.EXTERNAL]}
+                graphs[entry.name] = _save_graph(model, entry, source.data["graphs"], staging, writer)
             progress(f"quantized the graphs of step {index + 1}/{len(calibrated_on)} ({calibrated.name})")
-    writer.close()
-    shutil.copytree(float_dir / source.data["tokenizer"]["dir"], staging / source.data["tokenizer"]["dir"])
-    profile = dict(source.data["profile"])
-    profile["graph"] = {**profile["graph"], "weight_dtype": weight_dtype}
-    manifest = {**source.data, "profile": profile, "graphs": graphs, "weights": writer.manifest_table(),
-                "quantization": {"weight_dtype": weight_dtype, "format": "QDQ", "weights": "int8 symmetric per output "
-                                 "channel, vocabulary matrix int16 per entry", "activations": "uint16, MinMax ranges",
-                                 "calibration_prompts": [len(p) for p in prompts]}}
-    write_manifest(staging, manifest)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    return graphs, {"format": "QDQ", "weights": "int8 symmetric per output channel, vocabulary matrix int16 per "
+                    "entry", "activations": "uint16, MinMax ranges", "calibration_prompts": [len(p) for p in prompts]}
+
+
+def _quantize_weight_only(source, float_dir: Path, staging: Path, writer: WeightWriter,
+                          progress: Callable[[str], None]) -> tuple[dict, dict]:
+    """onnxruntime's CPU weight-only kernel: every MatMul by a constant weight becomes MatMulNBits over
+    8-bit weights with a float32 scale per block of WEIGHT_ONLY_BLOCK input channels. accuracy_level 4
+    lets the kernel quantize each activation block of the same size to int8 on the fly and multiply in
+    integers: the massive activations that defeat one static 8-bit range (module docstring) only blur
+    their own block of 32. The embedding lookup stays float32."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    graphs = {}
+    entries = list(source.graphs.values())
+    for i, entry in enumerate(entries):
+        quantizer = MatMulNBitsQuantizer(onnx.load(float_dir / entry.file), bits=8, block_size=WEIGHT_ONLY_BLOCK,
+                                         is_symmetric=True, accuracy_level=WEIGHT_ONLY_ACCURACY_LEVEL)
+        quantizer.process()
+        graphs[entry.name] = _save_graph(quantizer.model.model, entry, source.data["graphs"], staging, writer)
+        if (i + 1) % 10 == 0 or i + 1 == len(entries):
+            progress(f"quantized {i + 1}/{len(entries)} graphs to MatMulNBits")
+    return graphs, {"format": "MatMulNBits", "weights": f"int8 symmetric, a float32 scale per {WEIGHT_ONLY_BLOCK} "
+                    "input channels; embedding float32", "activations": "float32 (int8 per block inside the kernel, "
+                    f"accuracy_level {WEIGHT_ONLY_ACCURACY_LEVEL})"}

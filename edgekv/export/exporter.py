@@ -173,8 +173,9 @@ def export_artifact(model_spec: str = DEFAULT_MODEL, profile_spec: str = "npu-sm
                     calibration_text: Path | None = None) -> ExportResult:
     """Export `model_spec` for `profile_spec` into `out_dir`; step(name, i, n) reports graph progress.
 
-    `quantize` ("int8"; default: the profile's weight_dtype) exports float32 graphs first, calibrates
-    them on real activations and writes the INT8 artifact (edgekv/calibration/quantize.py)."""
+    `quantize` (default: the profile's weight_dtype) exports float32 graphs first, then writes the INT8
+    artifact (edgekv/calibration/quantize.py): "int8" QDQ graphs calibrated on real activations, or
+    "int8-weight-only" MatMulNBits graphs for onnxruntime's CPU kernels."""
     start = time.perf_counter()
     profile = load_profile(profile_spec)
     weight_dtype = quantize or profile.weight_dtype
@@ -187,10 +188,10 @@ def export_artifact(model_spec: str = DEFAULT_MODEL, profile_spec: str = "npu-sm
         write_float_artifact(loaded, profile, out_dir, step)
     else:
         from edgekv.calibration.prompts import read_text_tokens
-        from edgekv.calibration.quantize import CALIBRATION_TOKENS, check_profile_allows_qdq, quantize_artifact
+        from edgekv.calibration.quantize import CALIBRATION_TOKENS, check_profile_allows, quantize_artifact
 
-        check_profile_allows_qdq(profile)  # fail before the float32 export, not after it
-        if calibration_text is not None:
+        check_profile_allows(profile, weight_dtype)  # fail before the float32 export, not after it
+        if calibration_text is not None and weight_dtype == "int8":
             read_text_tokens(lambda text: loaded.tokenizer(text).input_ids, calibration_text, CALIBRATION_TOKENS + 1)
 
         float_dir = out_dir.with_name(out_dir.name + ".float32.partial")

@@ -40,25 +40,38 @@ def _nbytes(shape: list[int], elem_type: int) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
 
 
-# onnxruntime's 16-bit QuantizeLinear/DequantizeLinear for opsets below 21 (what onnxruntime's CPU and QNN
-# providers run). onnx's shape inference does not know this domain; both ops are elementwise.
-CONTRIB_QDQ = ("com.microsoft", ("QuantizeLinear", "DequantizeLinear"))
+# onnxruntime's contrib operators that the profiles allow: its 16-bit QuantizeLinear/DequantizeLinear for
+# opsets below 21 (what onnxruntime's CPU and QNN providers run) and its CPU weight-only MatMulNBits.
+# onnx's shape inference does not know this domain.
+CONTRIB_DOMAIN = "com.microsoft"
+CONTRIB_QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 def _inferable(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy for shape inference in which contrib Q/DQ are Casts: the same shape and output dtype
-    (QuantizeLinear: its zero point's type; DequantizeLinear: float32)."""
-    domain, ops = CONTRIB_QDQ
-    if not any(n.domain == domain and n.op_type in ops for n in model.graph.node):
+    """A copy for shape inference in which contrib ops are standard ops of the same output shape and dtype:
+    Q/DQ are elementwise Casts (QuantizeLinear to its zero point's type, DequantizeLinear to float32);
+    MatMulNBits(A[..., K], packed B) is MatMul(A, a [K, N] ConstantOfShape), its N and K attributes."""
+    if not any(n.domain == CONTRIB_DOMAIN for n in model.graph.node):
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     types = {t.name: t.data_type for t in copy.graph.initializer}
+    nodes = []
     for node in copy.graph.node:
-        if node.domain == domain and node.op_type in ops:
+        if node.domain == CONTRIB_DOMAIN and node.op_type in CONTRIB_QDQ:
             to = types[node.input[2]] if node.op_type == "QuantizeLinear" else onnx.TensorProto.FLOAT
-            cast = onnx.helper.make_node("Cast", [node.input[0]], list(node.output), to=to)
-            node.CopyFrom(cast)
+            nodes.append(onnx.helper.make_node("Cast", [node.input[0]], list(node.output), to=to))
+        elif node.domain == CONTRIB_DOMAIN and node.op_type == "MatMulNBits":
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            shape, weight = f"{node.output[0]}.kn_shape", f"{node.output[0]}.kn"
+            copy.graph.initializer.append(onnx.numpy_helper.from_array(
+                np.array([attributes["K"], attributes["N"]], np.int64), shape))
+            nodes += [onnx.helper.make_node("ConstantOfShape", [shape], [weight]),
+                      onnx.helper.make_node("MatMul", [node.input[0], weight], list(node.output))]
+        else:
+            nodes.append(node)
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
     return copy
 
 

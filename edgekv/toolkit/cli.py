@@ -14,7 +14,9 @@ from rich.table import Table
 from edgekv.runtime.page_format import KV_DTYPES
 from edgekv.toolkit.errors import EdgekvError
 from edgekv.toolkit.models import DEFAULT_MODEL, check_model
-from edgekv.toolkit.profiles import load_profile, shipped_profile_names
+from edgekv.toolkit.profiles import SUPPORTED_WEIGHT_DTYPES, load_profile, shipped_profile_names
+
+QUANTIZED_WEIGHT_DTYPES = [d for d in SUPPORTED_WEIGHT_DTYPES if d != "float32"]
 
 console = Console(stderr=True)
 out = Console(soft_wrap=True)
@@ -62,8 +64,9 @@ def profiles_show(name: str) -> None:
               help="Built-in model name, Hugging Face model directory, or .gguf file.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Artifact directory [default: artifacts/<model>-<profile>].")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="INT8 QDQ graphs calibrated on real activations [default: the profile's weight_dtype].")
+@click.option("--quantize", type=click.Choice(QUANTIZED_WEIGHT_DTYPES), default=None,
+              help="int8: QDQ graphs calibrated on real activations (NPU profiles); int8-weight-only: onnxruntime's "
+                   "CPU MatMulNBits kernels (CPU profiles) [default: the profile's weight_dtype].")
 @click.option("--calibration-text", type=click.Path(path_type=Path), default=None,
               help="Text file for INT8 calibration [default: text the model writes itself].")
 def export(profile_spec: str, model_spec: str, out_dir: Path | None, quantize: str | None,
@@ -297,7 +300,8 @@ def bench(directory, contexts, policies, steps, kv_dtype, json_path, plot_path) 
 @click.option("--context", type=int, default=2048, show_default=True, help="Tokens per calibration prompt.")
 @click.option("--scored-tokens", type=int, default=64, show_default=True,
               help="Decode steps per prompt whose attention and agreement are measured.")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Export the calibrated graphs in INT8.")
+@click.option("--quantize", type=click.Choice(QUANTIZED_WEIGHT_DTYPES), default=None,
+              help="Export the calibrated graphs in INT8 (as in edgekv export).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Calibrated artifact [default: artifacts/<model>-<profile>-calibrated].")
 def calibrate(directory, target_agreement, text_file, context, scored_tokens, quantize, out_dir) -> None:

@@ -17,7 +17,8 @@ from typing import Any, Callable
 from edgekv.runtime.page_format import KV_DTYPES
 from edgekv.toolkit.errors import EdgekvError
 
-SUPPORTED_WEIGHT_DTYPES = ("float32", "int8")  # int8: QDQ graphs calibrated on real activations
+# int8: QDQ graphs calibrated on real activations (NPUs); int8-weight-only: onnxruntime's CPU MatMulNBits kernels
+SUPPORTED_WEIGHT_DTYPES = ("float32", "int8", "int8-weight-only")
 SUPPORTED_KV_DTYPES = KV_DTYPES  # how pages are stored in the host and disk tiers (runtime/page_format.py)
 
 

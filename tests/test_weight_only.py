@@ -1,0 +1,61 @@
+"""INT8 weight-only artifacts for CPU profiles: onnxruntime's MatMulNBits kernels."""
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import run_edgekv
+from edgekv.calibration.quantize import WEIGHT_ONLY_BLOCK
+from edgekv.evaluation.evaluate import forced_logits
+from edgekv.export.validator import validate_artifact
+from edgekv.toolkit.manifest import load_verified
+from edgekv.toolkit.profiles import load_profile
+
+
+@pytest.fixture(scope="module")
+def tiny_weight_only(tiny_model_dirs, tmp_path_factory):
+    from edgekv.export.exporter import export_artifact
+
+    # The cpu profile quantizes by default (its weight_dtype), as `edgekv export --profile cpu` does.
+    assert load_profile("cpu").weight_dtype == "int8-weight-only"
+    out = tmp_path_factory.mktemp("tiny-weight-only") / "llama-cpu"
+    return export_artifact(str(tiny_model_dirs["llama"]), "cpu", out, progress=lambda _: None).directory
+
+
+def test_every_projection_is_matmulnbits_over_8bit_blocks(tiny_weight_only):
+    manifest = load_verified(tiny_weight_only)
+    assert manifest.data["quantization"]["format"] == "MatMulNBits"
+    for entry in manifest.graphs.values():
+        model = onnx.load(tiny_weight_only / entry.file, load_external_data=False)
+        weights = {t.name for t in model.graph.initializer}
+        assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights], entry.name
+        kernels = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        assert kernels, entry.name
+        for node in kernels:
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert (attributes["bits"], attributes["block_size"]) == (8, WEIGHT_ONLY_BLOCK)
+    stored = manifest.data["weights"]
+    assert {e["dtype"] for n, e in stored.items() if n.endswith("_Q8")} == {"uint8"}
+    # The variants of a step share one stored copy of each quantized weight.
+    for index in range(manifest.model["layers"] + 1):
+        used = {tuple(sorted(manifest.variant(v)[index].weights)) for v in manifest.data["variants"]}
+        assert len(used) == 1
+
+
+def test_weight_only_artifact_validates_and_tracks_float32(tiny_weight_only, tiny_artifacts):
+    assert validate_artifact(load_verified(tiny_weight_only)).ok
+    tokens = list(range(3, 200))
+    # The tiny float artifact is npu-small's, whose KV side the cpu profile shares: only the weights differ.
+    got = forced_logits(tiny_weight_only, "quest", None, tokens, 32)
+    want = forced_logits(tiny_artifacts["llama"], "quest", None, tokens, 32)
+    relative = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert relative < 0.05, relative
+
+
+def test_npu_profile_refuses_weight_only_kernels(tiny_model_dirs, tmp_path):
+    result = run_edgekv("export", "--model", str(tiny_model_dirs["llama"]), "--profile", "npu-small",
+                        "--quantize", "int8-weight-only", "--out", str(tmp_path / "out"))
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "MatMulNBits" in last and "cpu" in last
+    assert not (tmp_path / "out").exists()
