@@ -94,8 +94,11 @@ def _check_graph(manifest: Manifest, graph: GraphEntry, profile: Profile, report
     report.operators |= {n.op_type for n in model.graph.node}
 
     g = inferred.graph
-    values = {v.name: v for v in list(g.input) + list(g.output) + list(g.value_info)}
-    for node in g.node:
+    # The model's own tensors: not the stand-ins _inferable put in place of contrib ops.
+    own = {v.name for v in list(model.graph.input) + list(model.graph.output)} | {
+        name for node in model.graph.node for name in node.output}
+    values = {v.name: v for v in list(g.input) + list(g.output) + list(g.value_info) if v.name in own}
+    for node in model.graph.node:
         for name in node.output:
             if name and name not in values:
                 report.violations.append(f"{where}: no static shape could be inferred for {name} ({node.op_type})")
@@ -109,7 +112,7 @@ def _check_graph(manifest: Manifest, graph: GraphEntry, profile: Profile, report
         if size > profile.max_tensor_bytes:
             report.violations.append(f"{where}: tensor {value.name} {shape} is {size} bytes, above the profile's "
                                      f"max_tensor_bytes {profile.max_tensor_bytes}")
-    for tensor in g.initializer:
+    for tensor in model.graph.initializer:
         size = _nbytes(list(tensor.dims), tensor.data_type)
         report.largest_tensor = max(report.largest_tensor, (size, f"{where}:{tensor.name}"))
         if size > profile.max_tensor_bytes:

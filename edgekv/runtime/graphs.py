@@ -3,7 +3,9 @@
 The weight files are read once into numpy arrays; each tensor becomes one OrtValue that is handed to
 every session that uses it (SessionOptions.add_initializer), so the prefill, decode and dense graphs
 of a layer share one copy. Weight pre-packing is turned off for the same reason: it would make a
-private, re-laid-out copy of every matrix in every session.
+private, re-laid-out copy of every matrix in every session. Except for MatMulNBits graphs (the CPU
+weight-only INT8 artifacts): that kernel runs its integer path only on weights it packed at session
+creation, and without them dequantizes the whole matrix at every call (9x slower per token, measured).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class GraphSessions:
         if found is None:
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.threads
-            options.add_session_config_entry("session.disable_prepacking", "1")
+            if self.manifest.data.get("quantization", {}).get("format") != "MatMulNBits":
+                options.add_session_config_entry("session.disable_prepacking", "1")
             # The host works between every two graph calls; onnxruntime's worker threads would otherwise
             # spin after each call and take the cores from page selection and gathering.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
