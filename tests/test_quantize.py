@@ -134,8 +134,8 @@ def test_default_int8_is_small_valid_and_faithful(default_int8, default_artifact
     assert weight_bytes(int8) <= MAX_WEIGHT_SHARE * weight_bytes(float32)
     result = run_edgekv("validate", str(default_int8), "--profile", "npu-small")
     assert result.returncode == 0, result.stdout + result.stderr
-    # 256 teacher-forced tokens of text the calibration did not see (another seed's retrieval prompt
-    # and a chat reply), through the real runtime.
+    # 256 teacher-forced tokens of a prompt the calibration did not see (another seed's retrieval
+    # prompt), through the real runtime.
     tokenizer = ArtifactTokenizer.load(float32)
     text = task_prompt("retrieve-number", tokenizer.encode, 1024, 0.5, seed=99).tokens
     int8_logits = forced_logits(default_int8, "quest", None, text, 256)
