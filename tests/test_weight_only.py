@@ -59,3 +59,15 @@ def test_npu_profile_refuses_weight_only_kernels(tiny_model_dirs, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert "MatMulNBits" in last and "cpu" in last
     assert not (tmp_path / "out").exists()
+
+
+def test_calibration_text_with_weight_only_is_refused(tiny_model_dirs, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("Weight-only graphs calibrate nothing on activations. " * 200)
+    result = run_edgekv("export", "--model", str(tiny_model_dirs["llama"]), "--profile", "cpu",
+                        "--calibration-text", str(text), "--out", str(tmp_path / "out"))
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "--calibration-text" in last and "int8-weight-only" in last
+    assert "loading model" not in result.stderr  # refused before the model is loaded
+    assert not (tmp_path / "out").exists()

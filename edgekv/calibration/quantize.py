@@ -43,7 +43,7 @@ from edgekv.export.weights import WeightWriter
 from edgekv.runtime.engine import Engine
 from edgekv.toolkit.errors import EdgekvError
 from edgekv.toolkit.manifest import GraphEntry, read_manifest, write_manifest
-from edgekv.toolkit.profiles import Profile
+from edgekv.toolkit.profiles import QUANTIZED_WEIGHT_DTYPES, Profile
 
 CALIBRATION_TOKENS = 1024  # per calibration prompt: 16 prefill chunks of npu-small, 2 prompts
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")  # what the quantized graphs add to the float graphs' operators
@@ -207,8 +207,8 @@ def quantize_artifact(float_dir: Path, out_dir: Path, weight_dtype: str = "int8"
     if "quantization" in source.data:
         raise EdgekvError(f"{float_dir} is already quantized ({source.data['quantization']['weight_dtype']}); "
                           "quantize the float32 export instead")
-    if weight_dtype not in ("int8", "int8-weight-only"):
-        raise EdgekvError(f"unknown quantization '{weight_dtype}'; choose int8 or int8-weight-only")
+    if weight_dtype not in QUANTIZED_WEIGHT_DTYPES:
+        raise EdgekvError(f"unknown quantization '{weight_dtype}'; choose one of: {', '.join(QUANTIZED_WEIGHT_DTYPES)}")
     check_profile_allows(source.profile, weight_dtype)
 
     staging = out_dir.with_name(out_dir.name + ".partial")
@@ -280,15 +280,48 @@ def _quantize_weight_only(source, float_dir: Path, staging: Path, writer: Weight
     their own block of 32. The embedding lookup stays float32."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    quantized: dict[str, tuple[onnx.NodeProto, list[onnx.TensorProto]]] = {}
     graphs = {}
     entries = list(source.graphs.values())
     for i, entry in enumerate(entries):
-        quantizer = MatMulNBitsQuantizer(onnx.load(float_dir / entry.file), bits=8, block_size=WEIGHT_ONLY_BLOCK,
-                                         is_symmetric=True, accuracy_level=WEIGHT_ONLY_ACCURACY_LEVEL)
+        model = onnx.load(float_dir / entry.file)
+        # The variants of a step multiply the same weights: quantize each weight once, in its first graph.
+        seen = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in quantized]
+        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
+                                         accuracy_level=WEIGHT_ONLY_ACCURACY_LEVEL, nodes_to_exclude=seen)
         quantizer.process()
-        graphs[entry.name] = _save_graph(quantizer.model.model, entry, source.data["graphs"], staging, writer)
+        model = quantizer.model.model
+        reuse_weight_only_kernels(model, quantized)
+        graphs[entry.name] = _save_graph(model, entry, source.data["graphs"], staging, writer)
         if (i + 1) % 10 == 0 or i + 1 == len(entries):
             progress(f"quantized {i + 1}/{len(entries)} graphs to MatMulNBits")
     return graphs, {"format": "MatMulNBits", "weights": f"int8 symmetric, a float32 scale per {WEIGHT_ONLY_BLOCK} "
                     "input channels; embedding float32", "activations": "float32 (int8 per block inside the kernel, "
                     f"accuracy_level {WEIGHT_ONLY_ACCURACY_LEVEL})"}
+
+
+def reuse_weight_only_kernels(model: onnx.ModelProto,
+                              quantized: dict[str, tuple[onnx.NodeProto, list[onnx.TensorProto]]]) -> None:
+    """Each MatMul by a weight in `quantized` becomes a copy of that weight's MatMulNBits node, with its
+    tensors; the graph's own new MatMulNBits nodes are added to `quantized`, keyed by their float weight."""
+    graph = model.graph
+    tensors = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            weight = node.input[1].removesuffix("_Q8")
+            if weight not in quantized:
+                copies = [onnx.TensorProto(), onnx.TensorProto()]
+                for copy, name in zip(copies, node.input[1:3]):
+                    copy.CopyFrom(tensors[name])
+                quantized[weight] = (onnx.NodeProto(), copies)
+                quantized[weight][0].CopyFrom(node)
+        elif node.op_type == "MatMul" and node.input[1] in quantized:
+            kernel, kernel_tensors = quantized[node.input[1]]
+            a, out, name = node.input[0], node.output[0], node.name
+            node.CopyFrom(kernel)
+            node.input[0], node.output[0], node.name = a, out, name
+            graph.initializer.extend(t for t in kernel_tensors if t.name not in tensors)
+            tensors.update({t.name: t for t in kernel_tensors})
+    used = {name for node in graph.node for name in node.input}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)

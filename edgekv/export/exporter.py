@@ -181,6 +181,9 @@ def export_artifact(model_spec: str = DEFAULT_MODEL, profile_spec: str = "npu-sm
     weight_dtype = quantize or profile.weight_dtype
     if weight_dtype not in SUPPORTED_WEIGHT_DTYPES:
         raise EdgekvError(f"unknown quantization '{weight_dtype}'; choose one of: {', '.join(SUPPORTED_WEIGHT_DTYPES)}")
+    if calibration_text is not None and weight_dtype != "int8":
+        raise EdgekvError(f"--calibration-text calibrates the activation ranges of int8 QDQ graphs; {weight_dtype} "
+                          "graphs need no calibration: drop --calibration-text")
     progress(f"loading model {model_spec}")
     loaded = load_model(model_spec, progress)
     out_dir = Path(out_dir) if out_dir else default_out_dir(loaded.source.name, profile, weight_dtype)
@@ -191,7 +194,7 @@ def export_artifact(model_spec: str = DEFAULT_MODEL, profile_spec: str = "npu-sm
         from edgekv.calibration.quantize import CALIBRATION_TOKENS, check_profile_allows, quantize_artifact
 
         check_profile_allows(profile, weight_dtype)  # fail before the float32 export, not after it
-        if calibration_text is not None and weight_dtype == "int8":
+        if calibration_text is not None:
             read_text_tokens(lambda text: loaded.tokenizer(text).input_ids, calibration_text, CALIBRATION_TOKENS + 1)
 
         float_dir = out_dir.with_name(out_dir.name + ".float32.partial")

@@ -14,9 +14,7 @@ from rich.table import Table
 from edgekv.runtime.page_format import KV_DTYPES
 from edgekv.toolkit.errors import EdgekvError
 from edgekv.toolkit.models import DEFAULT_MODEL, check_model
-from edgekv.toolkit.profiles import SUPPORTED_WEIGHT_DTYPES, load_profile, shipped_profile_names
-
-QUANTIZED_WEIGHT_DTYPES = [d for d in SUPPORTED_WEIGHT_DTYPES if d != "float32"]
+from edgekv.toolkit.profiles import QUANTIZED_WEIGHT_DTYPES, load_profile, shipped_profile_names
 
 console = Console(stderr=True)
 out = Console(soft_wrap=True)
@@ -68,7 +66,7 @@ def profiles_show(name: str) -> None:
               help="int8: QDQ graphs calibrated on real activations (NPU profiles); int8-weight-only: onnxruntime's "
                    "CPU MatMulNBits kernels (CPU profiles) [default: the profile's weight_dtype].")
 @click.option("--calibration-text", type=click.Path(path_type=Path), default=None,
-              help="Text file for INT8 calibration [default: text the model writes itself].")
+              help="Text file for INT8 QDQ calibration (--quantize int8) [default: text the model writes itself].")
 def export(profile_spec: str, model_spec: str, out_dir: Path | None, quantize: str | None,
            calibration_text: Path | None) -> None:
     """Export a model into fixed-shape ONNX graphs for a device profile, then validate it."""
@@ -341,8 +339,10 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
 
     source = manifest.model["source"] if Path(manifest.model["source"]).exists() else manifest.model["name"]
     say(f"exporting {out_dir} with the calibrated profile {profile_path}")
+    # The text also calibrates the activation ranges of QDQ graphs; weight-only graphs need none.
+    qdq = (quantize or calibrated.weight_dtype) == "int8"
     result_export = export_artifact(source, str(profile_path), out_dir, progress=say, quantize=quantize,
-                                    calibration_text=text_file)
+                                    calibration_text=text_file if qdq else None)
     validation = validate_artifact(read_manifest(result_export.directory))
     chosen = result.chosen
     table = Table(title=f"calibrated decode budgets (target top-1 agreement {target_agreement:g})")

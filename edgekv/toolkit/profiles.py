@@ -19,6 +19,7 @@ from edgekv.toolkit.errors import EdgekvError
 
 # int8: QDQ graphs calibrated on real activations (NPUs); int8-weight-only: onnxruntime's CPU MatMulNBits kernels
 SUPPORTED_WEIGHT_DTYPES = ("float32", "int8", "int8-weight-only")
+QUANTIZED_WEIGHT_DTYPES = tuple(d for d in SUPPORTED_WEIGHT_DTYPES if d != "float32")
 SUPPORTED_KV_DTYPES = KV_DTYPES  # how pages are stored in the host and disk tiers (runtime/page_format.py)
 
 
