@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import run_edgekv
+from edgekv.evaluation.evaluate import record_rows
 from edgekv.evaluation.metrics import mean_kl, perplexity, top1_agreement
 from edgekv.evaluation.tasks import TASKS, task_prompt
 from edgekv.runtime.engine import Engine
@@ -78,7 +79,9 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_artifacts, tmp_path):
                         "--budgets", "48,512", "--policies", "quest,dense", "--json", str(tmp_path / "r.json"),
                         "--plot", str(tmp_path / "r.png"))
     assert result.returncode == 0, result.stderr
-    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = report["rows"]
+    assert report["complete"]
     assert [(r["policy"], r["budget"]) for r in rows] == [("quest", 48), ("quest", 512), ("dense", None)]
     assert all(len(r["answer"]) == 10 and isinstance(r["correct"], bool) for r in rows)
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
@@ -103,3 +106,19 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_artifacts, tmp_path):
 def test_eval_bad_input(tiny_artifacts, args, message):
     result = run_edgekv("eval", str(tiny_artifacts["llama"]), *args)
     assert result.returncode == 1 and message in result.stderr, result.stderr
+
+
+def test_a_stopped_eval_keeps_the_rows_it_measured(tmp_path):
+    def measured():
+        yield {"policy": "quest", "budget": 128, "correct": True}
+        yield {"policy": "quest", "budget": 512, "correct": False}
+        raise KeyboardInterrupt  # Ctrl-C during the third run
+
+    path = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        record_rows(measured(), path, {"task": "passkey"})
+    report = json.loads(path.read_text())
+    assert report["task"] == "passkey" and report["complete"] is False
+    assert [r["budget"] for r in report["rows"]] == [128, 512]
+    assert record_rows(iter(report["rows"]), path, {"task": "passkey"}) == report["rows"]
+    assert json.loads(path.read_text())["complete"] is True

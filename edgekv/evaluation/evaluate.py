@@ -7,7 +7,9 @@ dense baseline has no budget: it runs once per context.
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +44,8 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_retrieval(artifact: Path, task: str, plan: EvalPlan, seed: int = 0) -> list[dict]:
-    rows = []
+def run_retrieval(artifact: Path, task: str, plan: EvalPlan, seed: int = 0) -> Iterator[dict]:
+    """One row per policy, budget, context and depth, as each is measured."""
     for policy, budget in _runs(plan):
         engine = Engine.open(artifact, policy, budget=budget, kv_dtype=plan.kv_dtype)
         try:
@@ -54,13 +56,29 @@ def run_retrieval(artifact: Path, task: str, plan: EvalPlan, seed: int = 0) -> l
                     prompt = task_prompt(task, tokenizer.encode, context, depth, seed + i)
                     reply = tokenizer.decode(list(engine.generate(prompt.tokens, ANSWER_TOKENS[task],
                                                                   Sampler(SamplingConfig()), eos_ids=set())))
-                    rows.append({"task": task, "policy": policy, "budget": budget, "context": len(prompt.tokens),
-                                 "requested_context": context, "depth": depth, "answer": prompt.answer,
-                                 "reply": reply, "correct": prompt.answer in reply})
+                    row = {"task": task, "policy": policy, "budget": budget, "context": len(prompt.tokens),
+                           "requested_context": context, "depth": depth, "answer": prompt.answer,
+                           "reply": reply, "correct": prompt.answer in reply}
                     _log(f"  {task} {policy:<9} budget {budget or 'full':>5} context {len(prompt.tokens):>6} "
-                         f"depth {depth:4.0%}: {'right' if rows[-1]['correct'] else 'wrong'} {reply!r}")
+                         f"depth {depth:4.0%}: {'right' if row['correct'] else 'wrong'} {reply!r}")
+                    yield row
         finally:
             engine.close()
+
+
+def record_rows(measured: Iterable[dict], json_path: Path | None, header: dict) -> list[dict]:
+    """The rows as they are measured. json_path is rewritten after each row, "complete" false until the
+    last, so a run that is stopped or fails keeps what it measured."""
+    rows: list[dict] = []
+
+    def write(complete: bool) -> None:
+        if json_path:
+            json_path.write_text(json.dumps({**header, "complete": complete, "rows": rows}, indent=1))
+
+    for row in measured:
+        rows.append(row)
+        write(complete=False)
+    write(complete=True)
     return rows
 
 
@@ -101,13 +119,13 @@ def forced_logits(artifact: Path, policy: str, budget: int | None, tokens: list[
 
 
 def run_agreement(artifact: Path, text: list[int], plan: EvalPlan, scored: int,
-                  reference: Path | None = None) -> list[dict]:
-    """Top-1 agreement and mean KL over the last `scored` tokens of each context, and perplexity.
+                  reference: Path | None = None) -> Iterator[dict]:
+    """Top-1 agreement and mean KL over the last `scored` tokens of each context, and perplexity: one row
+    per context, policy and budget, as each is measured.
 
     The reference is the artifact's own dense run, or with `reference` (another artifact of the same
     model, e.g. the float32 one for an INT8 artifact, or the same one for plan.kv_dtype) that artifact
     under the same policy and budget, with its profile's KV dtype."""
-    rows = []
     for context in plan.contexts:
         if context > len(text):
             raise EdgekvError(f"the text has {len(text)} tokens, fewer than the context {context}; give a longer --text")
@@ -126,10 +144,9 @@ def run_agreement(artifact: Path, text: list[int], plan: EvalPlan, scored: int,
                    "reference": str(reference) if reference else "dense",
                    "top1_agreement": top1_agreement(logits, against), "mean_kl": mean_kl(logits, against),
                    "perplexity": perplexity(logits, targets)}
-            rows.append(row)
             _log(f"  agreement {policy:<9} budget {budget or 'full':>5} context {context:>6}: top-1 "
                  f"{row['top1_agreement']:.3f}, KL {row['mean_kl']:.4f}, perplexity {row['perplexity']:.2f}")
-    return rows
+            yield row
 
 
 def plot_eval(rows: list[dict], path: Path, title: str) -> None:

@@ -385,7 +385,8 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
     """Long-context accuracy per context, depth and budget; or agreement of each policy with dense."""
     import json
 
-    from edgekv.evaluation.evaluate import EvalPlan, plot_eval, run_agreement, run_retrieval, self_written_text
+    from edgekv.evaluation.evaluate import (EvalPlan, plot_eval, record_rows, run_agreement, run_retrieval,
+                                            self_written_text)
     from edgekv.runtime.selection import POLICIES
     from edgekv.runtime.tokens import ArtifactTokenizer
     from edgekv.toolkit.manifest import load_verified
@@ -405,6 +406,7 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
     plan = EvalPlan(_int_list(contexts, "--contexts"), depth_list,
                     _int_list(budgets, "--budgets") if budgets else [manifest.profile.decode_budget], policy_list,
                     kv_dtype)
+    header = {"artifact": str(artifact), "task": task, "kv_dtype": kv_dtype or manifest.profile.kv_dtype}
     if "dense" in policy_list and max(plan.contexts) > manifest.model["max_context"]:
         raise EdgekvError(f"the dense baseline stops at {manifest.model['max_context']} tokens; lower --contexts "
                           "or leave dense out of --policies")
@@ -425,7 +427,7 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
             if reference.model["source_sha256"] != manifest.model["source_sha256"]:
                 raise EdgekvError(f"--reference {reference_dir} holds another model than {artifact}; compare two "
                                   "exports of the same model")
-        rows = run_agreement(artifact, text, plan, scored_tokens, reference_dir)
+        rows = record_rows(run_agreement(artifact, text, plan, scored_tokens, reference_dir), json_path, header)
         against = f"{reference_dir} (same policy and budget)" if reference_dir else "dense"
         table = Table(title=f"agreement with {against} over the last {scored_tokens} tokens of each context")
         for column in ("policy", "budget", "context", "top-1 agreement", "mean KL", "perplexity"):
@@ -434,7 +436,7 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
             table.add_row(r["policy"], str(r["budget"] or "full"), str(r["context"]), f"{r['top1_agreement']:.3f}",
                           f"{r['mean_kl']:.4f}", f"{r['perplexity']:.2f}")
     else:
-        rows = run_retrieval(artifact, task, plan)
+        rows = record_rows(run_retrieval(artifact, task, plan), json_path, header)
         table = Table(title=f"{task}: share of right answers over {len(depth_list)} depths")
         for column in ("policy", "budget", "context", "accuracy", "right at depths"):
             table.add_column(column, justify="right")
@@ -444,9 +446,6 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
             table.add_row(policy, str(budget or "full"), str(context), f"{np.mean([r['correct'] for r in mine]):.2f}",
                           " ".join(f"{r['depth']:g}" for r in mine if r["correct"]) or "-")
     (out if out.is_terminal else Console(width=200)).print(table)
-    if json_path:
-        json_path.write_text(json.dumps({"artifact": str(artifact), "task": task,
-                                         "kv_dtype": kv_dtype or manifest.profile.kv_dtype, "rows": rows}, indent=1))
     if plot_path:
         plot_eval(rows, plot_path, f"{task}: {manifest.model['name']}, {manifest.profile.name}")
 
