@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 from conftest import run_edgekv
-from edgekv.calibration.quantize import QDQ_OPS, quantize_artifact
+from edgekv.calibration.quantize import INT16_WEIGHT_PROJECTIONS, QDQ_OPS, quantize_artifact
 from edgekv.evaluation.evaluate import forced_logits
 from edgekv.evaluation.metrics import top1_agreement
 from edgekv.evaluation.tasks import task_prompt
@@ -58,8 +58,13 @@ def test_int8_graphs_are_qdq_over_int8_weights(tiny_int8):
         assert projections and not float_weight_matmuls, entry.name
         # Every projection's activation input is quantized too (static: ranges from calibration).
         assert all(producers[n.input[0]].op_type == "DequantizeLinear" for n in projections), entry.name
-    dtypes = {entry["dtype"] for name, entry in manifest.data["weights"].items() if name.endswith("_quantized")}
-    assert dtypes == {"int8"}
+    quantized = {name: entry["dtype"] for name, entry in manifest.data["weights"].items()
+                 if name.endswith("_quantized")}
+    # 16-bit for the value projections (INT16_WEIGHT_PROJECTIONS), 8-bit for every other projection.
+    sixteen = {name for name in quantized if any(f".{p}." in name for p in INT16_WEIGHT_PROJECTIONS)}
+    assert sixteen and len(sixteen) < len(quantized)
+    assert {quantized[name] for name in sixteen} == {"int16"}
+    assert {dtype for name, dtype in quantized.items() if name not in sixteen} == {"int8"}
     assert not [n for n, e in manifest.data["weights"].items() if e["dtype"] == "float32" and "_scale" not in n]
     # The four variants of a step use the same stored INT8 weights (one copy in the weight files).
     for index in range(manifest.model["layers"] + 1):
