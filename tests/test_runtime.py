@@ -143,7 +143,10 @@ def test_ctrl_c_stops_generation_cleanly(default_artifact, tmp_path):
     process = subprocess.Popen([EDGEKV, "generate", str(default_artifact), "--prompt", "Tell me a very long story.",
                                 "--max-new-tokens", "2000", "--temperature", "0.8", "--seed", "1",
                                 "--spill-dir", str(tmp_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # A suite started in the background (`cmd &` without job control) runs with
+                               # SIGINT ignored, and children inherit that: give the CLI a user's terminal's.
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = process.stdout.read(1)  # streaming has started
     assert first
     assert any(tmp_path.iterdir())  # the session directory exists while generating
