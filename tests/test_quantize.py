@@ -165,3 +165,19 @@ def test_default_int8_retrieves_the_4k_pass_keys_float32_retrieves(default_int8,
             float_retrieved += 1
             assert prompt.answer in replies[default_int8], (depth, replies)
     assert float_retrieved >= 2  # the comparison means something only where float32 retrieves the key
+
+
+def test_calibrated_ranges_are_widened_except_massive_ones():
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorsData
+
+    from edgekv.calibration.quantize import ACTIVATION_RANGE_MARGIN, MASSIVE_ACTIVATION_RANGE, widen_ranges
+
+    calibrated = TensorsData(CalibrationMethod.MinMax, {
+        "attention_input": (np.array(-3.0, np.float32), np.array(5.0, np.float32)),
+        "down_proj_input": (np.array(-10.0, np.float32), np.array(MASSIVE_ACTIVATION_RANGE, np.float32))})
+    widened = widen_ranges(calibrated)
+    lowest, highest = (float(v) for v in widened.data["attention_input"].range_value)
+    assert (lowest, highest) == (-3.0 * ACTIVATION_RANGE_MARGIN, 5.0 * ACTIVATION_RANGE_MARGIN)
+    lowest, highest = (float(v) for v in widened.data["down_proj_input"].range_value)
+    assert (lowest, highest) == (-10.0, MASSIVE_ACTIVATION_RANGE)  # a massive range keeps its resolution
