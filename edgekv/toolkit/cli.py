@@ -383,8 +383,6 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
 def evaluate(directory, task, contexts, depths, budgets, policies, text_file, scored_tokens, kv_dtype,
              reference_dir, json_path, plot_path) -> None:
     """Long-context accuracy per context, depth and budget; or agreement of each policy with dense."""
-    import json
-
     from edgekv.evaluation.evaluate import (EvalPlan, plot_eval, record_rows, run_agreement, run_retrieval,
                                             self_written_text)
     from edgekv.runtime.selection import POLICIES
