@@ -21,6 +21,12 @@ def run_edgekv(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     return result
 
 
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one-line error a refused command ends with (it must have failed)."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")

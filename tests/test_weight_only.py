@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import run_edgekv
+from conftest import error_line, run_edgekv
 from edgekv.calibration.quantize import WEIGHT_ONLY_BLOCK
 from edgekv.evaluation.evaluate import forced_logits
 from edgekv.export.validator import validate_artifact
@@ -55,8 +55,7 @@ def test_weight_only_artifact_validates_and_tracks_float32(tiny_weight_only, tin
 def test_npu_profile_refuses_weight_only_kernels(tiny_model_dirs, tmp_path):
     result = run_edgekv("export", "--model", str(tiny_model_dirs["llama"]), "--profile", "npu-small",
                         "--quantize", "int8-weight-only", "--out", str(tmp_path / "out"))
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
+    last = error_line(result)
     assert "MatMulNBits" in last and "cpu" in last
     assert not (tmp_path / "out").exists()
 
@@ -66,8 +65,7 @@ def test_calibration_text_with_weight_only_is_refused(tiny_model_dirs, tmp_path)
     text.write_text("Weight-only graphs calibrate nothing on activations. " * 200)
     result = run_edgekv("export", "--model", str(tiny_model_dirs["llama"]), "--profile", "cpu",
                         "--calibration-text", str(text), "--out", str(tmp_path / "out"))
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
+    last = error_line(result)
     assert "--calibration-text" in last and "int8-weight-only" in last
     assert "loading model" not in result.stderr  # refused before the model is loaded
     assert not (tmp_path / "out").exists()
