@@ -15,6 +15,7 @@ from conftest import EDGEKV, run_edgekv
 from edgekv.evaluation.passkey import passkey_prompt
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.sampling import Sampler, SamplingConfig
+from edgekv.runtime.selection import select_pages
 from edgekv.runtime.tokens import ArtifactTokenizer
 from edgekv.toolkit.errors import EdgekvError
 from edgekv.toolkit.manifest import load_verified
@@ -156,3 +157,33 @@ def test_ctrl_c_stops_generation_cleanly(default_artifact, tmp_path):
     assert process.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reselect_replaces_the_selection_of_every_step(tiny_artifacts):
+    """A quest engine whose selections are replaced by streaming's (the hook benchmarks/selection_oracle.py
+    uses) computes exactly the logits of the streaming policy, in prefill and decode, on a context far
+    beyond the budget, where quest's own differ."""
+    prompt = np.random.default_rng(3).integers(3, 300, 900).tolist()
+
+    def logits(policy, reselect=None):
+        engine = Engine.open(tiny_artifacts["llama"], policy)
+        engine.reselect = reselect
+        try:
+            steps = [engine.prefill(prompt)]
+            steps += [engine.decode(token) for token in (5, 6, 7)]
+            return np.stack(steps), len(engine.stores)
+        finally:
+            engine.close()
+
+    calls = []
+
+    def as_streaming(layer, q, store, selection):
+        calls.append(layer)
+        return select_pages("streaming", q, store.bounds(), store.n_pages, selection.first_new,
+                            selection.middle.shape[1] + 1 + store.n_pages - selection.first_new)
+
+    streaming, layers = logits("streaming")
+    hooked, _ = logits("quest", as_streaming)
+    np.testing.assert_array_equal(hooked, streaming)
+    assert not np.array_equal(logits("quest")[0], streaming)  # the hook is what made them equal
+    assert set(calls) == set(range(layers))

@@ -1,5 +1,8 @@
 """Page metadata, Quest scores and the selection policies on hand-made data."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -128,3 +131,29 @@ def test_resident_budget_holds_exactly_the_selection_as_it_changes(tmp_path):
             got, want = buffer.k[head][visible], keys[head, rows]
             assert sorted(map(tuple, got)) == sorted(map(tuple, want)), length
             np.testing.assert_array_equal(np.sort(buffer.v[head][visible], axis=0), np.sort(-want, axis=0))
+
+
+def load_selection_oracle():
+    path = Path(__file__).parents[1] / "benchmarks" / "selection_oracle.py"
+    spec = importlib.util.spec_from_file_location("selection_oracle", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_oracle_ranks_pages_by_attention_where_quests_bound_misleads(tmp_path):
+    """Page 3's keys all align with the query; page 6's per-channel maxima come from different keys, so
+    its Quest bound (8) beats page 3's (4) although each of its keys scores -4: Quest keeps page 6, the
+    oracle of benchmarks/selection_oracle.py keeps page 3."""
+    _, store = make_store(tmp_path)
+    keys = np.zeros((KV_HEADS, 40, HEAD_DIM), np.float32)
+    keys[:, 12:16] = 0.5
+    keys[:, 24:28] = -1.0
+    for i in range(4):
+        keys[:, 24 + i, i] = 3.0
+    store.append(keys, keys)
+    q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
+    quest = select_pages("quest", q, store.bounds(), store.n_pages, first_new=store.n_pages - 1, budget_pages=3)
+    assert quest.middle.tolist() == [[6]] * KV_HEADS
+    oracle = load_selection_oracle().attention_mass_selection(0, q, store, quest)
+    assert oracle.pages().tolist() == [[0, 3, 9]] * KV_HEADS

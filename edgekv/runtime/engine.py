@@ -31,7 +31,7 @@ from edgekv.runtime.graphs import GraphSessions
 from edgekv.runtime.page_format import KV_DTYPES
 from edgekv.runtime.pages import PageStore
 from edgekv.runtime.sampling import Sampler
-from edgekv.runtime.selection import POLICIES, select_pages
+from edgekv.runtime.selection import POLICIES, Selection, select_pages
 from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S, GenerationStats
 from edgekv.runtime.tiers import TieredPool
 from edgekv.toolkit.errors import EdgekvError
@@ -156,6 +156,9 @@ class Engine:
     warned_context: bool = False
     # Called with each graph and its bound inputs just before it runs (INT8 calibration records them).
     on_graph: Callable[[GraphEntry, dict[str, np.ndarray]], None] | None = None
+    # Called with each layer's selection (and its layer, rows of q, page store) to replace it by another of
+    # the same size (benchmarks/selection_oracle.py ranks the pages by their true attention through it).
+    reselect: Callable[[int, np.ndarray, PageStore, Selection], Selection] | None = None
 
     @classmethod
     def open(cls, artifact: Path | str, policy: str = "quest", spill_dir: Path | str | None = None,
@@ -286,8 +289,10 @@ class Engine:
             t1 = time.perf_counter()
             limit = (self.decode_pages[layer] if decoding
                      else int(graph.budget * self.budget_scale) // self.page_size)
-            selection = select_pages(self.policy, b[f"q{layer % 2}"][0, :, pad:], store.bounds(), store.n_pages,
-                                     first_new, limit)
+            q = b[f"q{layer % 2}"][0, :, pad:]
+            selection = select_pages(self.policy, q, store.bounds(), store.n_pages, first_new, limit)
+            if self.reselect is not None:
+                selection = self.reselect(layer, q, store, selection)
             t2 = time.perf_counter()
             if decoding:
                 self.resident[layer].update(self.pool, layer, selection)

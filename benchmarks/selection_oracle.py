@@ -1,0 +1,97 @@
+"""Is it the budget or the page ranking? Retrieve.Number through Quest's selection and through an oracle.
+
+Usage: .venv/bin/python benchmarks/selection_oracle.py [ARTIFACT_DIR] [--contexts 8000] [--depths 0.1,0.5,0.9]
+       [--selections quest,oracle,dense] [--json FILE]
+
+`oracle` keeps the artifact's budgets (every prefill chunk's and every decode step's) but fills them with
+the pages that hold the most of the true attention: each layer's rows of q against every cached key,
+softmax, summed per page over the rows and the group's query heads. No page ranking of that size can do
+better, so where `oracle` retrieves what `quest` misses, the budget is enough and Quest's upper-bound
+ranking is what loses it. It computes full attention on the host at every step (a minute or more per
+8K prompt), and reads every page from host memory: contexts that spill to disk are refused.
+
+The prompts are those of `edgekv eval --task retrieve-number` (the same seeds), so the rows compare
+with its results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from edgekv.evaluation.tasks import ANSWER_TOKENS, task_prompt
+from edgekv.runtime.engine import Engine
+from edgekv.runtime.pages import PageStore
+from edgekv.runtime.sampling import Sampler, SamplingConfig
+from edgekv.runtime.selection import Selection
+from edgekv.runtime.tokens import ArtifactTokenizer
+
+TASK = "retrieve-number"
+
+
+def attention_mass_selection(layer: int, q: np.ndarray, store: PageStore, selection: Selection) -> Selection:
+    """`selection` with its middle pages replaced by the candidates holding the most attention mass
+    (an Engine.reselect)."""
+    room, first_new = selection.middle.shape[1], selection.first_new
+    if room == 0 or room >= first_new - 1:  # nothing to choose: every candidate page fits
+        return selection
+    if store.pool.counts()["disk"]:
+        raise SystemExit("the oracle reads pages from host memory only; use a shorter context")
+    keys, _ = store.pool.page_kv(layer, np.arange(store.n_pages))  # [pages, kv_heads, P, D]
+    pages, kv_heads, page_size, head_dim = keys.shape
+    keys = keys.transpose(1, 0, 2, 3).reshape(kv_heads, pages * page_size, head_dim)[:, :store.length]
+    rows = q.reshape(kv_heads, -1, head_dim)  # [kv_heads, G*S, D], S (the step's tokens) fastest
+    steps = q.shape[1]
+    row_positions = store.length - steps + np.arange(rows.shape[1]) % steps
+    logits = rows @ keys.transpose(0, 2, 1) / np.sqrt(head_dim)
+    logits[:, np.arange(store.length)[None, :] > row_positions[:, None]] = -np.inf  # causal within the step
+    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    mass = np.add.reduceat(weights.sum(axis=1), np.arange(0, store.length, page_size), axis=-1)
+    top = np.argpartition(-mass[:, 1:first_new], room - 1, axis=1)[:, :room] + 1
+    return Selection(top, first_new, selection.n_pages)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("artifact", nargs="?", default="artifacts/smollm2-135m-instruct-npu-small")
+    parser.add_argument("--contexts", default="8000")
+    parser.add_argument("--depths", default="0.1,0.5,0.9")
+    parser.add_argument("--selections", default="quest,oracle,dense")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    rows = []
+    for selection in args.selections.split(","):
+        engine = Engine.open(args.artifact, "dense" if selection == "dense" else "quest")
+        if selection == "oracle":
+            engine.reselect = attention_mass_selection
+        tokenizer = ArtifactTokenizer.load(engine.manifest)
+        try:
+            for context in (int(c) for c in args.contexts.split(",")):
+                for i, depth in enumerate(float(d) for d in args.depths.split(",")):
+                    engine.reset()
+                    prompt = task_prompt(TASK, tokenizer.encode, context, depth, i)  # edgekv eval's seeds
+                    start = time.perf_counter()
+                    reply = tokenizer.decode(list(engine.generate(prompt.tokens, ANSWER_TOKENS[TASK],
+                                                                  Sampler(SamplingConfig()), eos_ids=set())))
+                    row = {"selection": selection, "context": len(prompt.tokens), "depth": depth,
+                           "answer": prompt.answer, "reply": reply, "correct": prompt.answer in reply,
+                           "seconds": round(time.perf_counter() - start, 1)}
+                    rows.append(row)
+                    print(f"{selection:<7} context {row['context']} depth {depth:.0%}: "
+                          f"{'right' if row['correct'] else 'wrong'} {reply!r} ({row['seconds']:.0f} s)", flush=True)
+                    if args.json:
+                        with open(args.json, "w") as f:
+                            json.dump({"artifact": args.artifact, "task": TASK, "rows": rows}, f, indent=1)
+        finally:
+            engine.close()
+    for selection in args.selections.split(","):
+        hits = [r["correct"] for r in rows if r["selection"] == selection]
+        print(f"{selection}: {sum(hits)}/{len(hits)} right")
+
+
+if __name__ == "__main__":
+    main()
