@@ -144,7 +144,7 @@ def load_selection_oracle():
 def test_oracle_ranks_pages_by_attention_where_quests_bound_misleads(tmp_path):
     """Page 3's keys all align with the query; page 6's per-channel maxima come from different keys, so
     its Quest bound (8) beats page 3's (4) although each of its keys scores -4: Quest keeps page 6, the
-    oracle of benchmarks/selection_oracle.py keeps page 3."""
+    oracle of benchmarks/selection_oracle.py and its re-ranking keep page 3."""
     _, store = make_store(tmp_path)
     keys = np.zeros((KV_HEADS, 40, HEAD_DIM), np.float32)
     keys[:, 12:16] = 0.5
@@ -155,5 +155,7 @@ def test_oracle_ranks_pages_by_attention_where_quests_bound_misleads(tmp_path):
     q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
     quest = select_pages("quest", q, store.bounds(), store.n_pages, first_new=store.n_pages - 1, budget_pages=3)
     assert quest.middle.tolist() == [[6]] * KV_HEADS
-    oracle = load_selection_oracle().attention_mass_selection(0, q, store, quest)
-    assert oracle.pages().tolist() == [[0, 3, 9]] * KV_HEADS
+    study = load_selection_oracle()
+    assert study.attention_mass_selection(0, q, store, quest).pages().tolist() == [[0, 3, 9]] * KV_HEADS
+    # Quest's shortlist (4 pages for a room of 1) holds both; re-ranked by attention, page 3 wins.
+    assert study.reranked_selection(0, q, store, quest).pages().tolist() == [[0, 3, 9]] * KV_HEADS
