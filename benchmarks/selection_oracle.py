@@ -35,14 +35,23 @@ TASK = "retrieve-number"
 RERANK_SHORTLIST = 4
 
 
+def has_choice(store: PageStore, selection: Selection) -> bool:
+    """Whether a selection has pages to choose (some candidates do not fit), which both re-rankings then
+    read from host memory."""
+    room = selection.middle.shape[1]
+    if room == 0 or room >= selection.first_new - 1:  # every candidate page fits
+        return False
+    if store.pool.counts()["disk"]:
+        raise SystemExit("re-ranking reads pages from host memory only; use a shorter context")
+    return True
+
+
 def attention_mass_selection(layer: int, q: np.ndarray, store: PageStore, selection: Selection) -> Selection:
     """`selection` with its middle pages replaced by the candidates holding the most attention mass
     (an Engine.reselect)."""
     room, first_new = selection.middle.shape[1], selection.first_new
-    if room == 0 or room >= first_new - 1:  # nothing to choose: every candidate page fits
+    if not has_choice(store, selection):
         return selection
-    if store.pool.counts()["disk"]:
-        raise SystemExit("the oracle reads pages from host memory only; use a shorter context")
     keys, _ = store.pool.page_kv(layer, np.arange(store.n_pages))  # [pages, kv_heads, P, D]
     pages, kv_heads, page_size, head_dim = keys.shape
     keys = keys.transpose(1, 0, 2, 3).reshape(kv_heads, pages * page_size, head_dim)[:, :store.length]
@@ -58,10 +67,8 @@ def reranked_selection(layer: int, q: np.ndarray, store: PageStore, selection: S
     mass the rows give each shortlisted page (softmax over the shortlist and the always-selected pages):
     a step toward the oracle that reads a fixed number of pages, not every key."""
     room, first_new = selection.middle.shape[1], selection.first_new
-    if room == 0 or room >= first_new - 1:
+    if not has_choice(store, selection):
         return selection
-    if store.pool.counts()["disk"]:
-        raise SystemExit("the re-ranking reads pages from host memory only; use a shorter context")
     kv_heads, head_dim = store.bounds().shape[0], q.shape[-1]
     shortlist = min(first_new - 1, RERANK_SHORTLIST * room)
     scores = quest_page_scores(q, store.bounds()[:, :, 1:first_new])
