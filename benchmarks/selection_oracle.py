@@ -1,16 +1,16 @@
 """Is it the budget or the page ranking? Retrieve.Number through Quest's selection and through an oracle.
 
 Usage: .venv/bin/python benchmarks/selection_oracle.py [ARTIFACT_DIR] [--contexts 8000] [--depths 0.1,0.5,0.9]
-       [--selections quest,oracle,rerank,dense] [--json FILE]
+       [--selections quest,rerank,oracle,dense] [--json FILE]
 
 `oracle` keeps the artifact's budgets (every prefill chunk's and every decode step's) but fills them with
 the pages that hold the most of the true attention: each layer's rows of q against every cached key,
 softmax, summed per page over the rows and the group's query heads. That is the quantity Quest's page
 bounds stand in for, so where `oracle` retrieves what `quest` misses, the budget is enough and the
-upper-bound ranking is what loses it. `rerank` is a cheaper step toward it: Quest's shortlist of 4 times
-the budget's free pages, re-ranked by the attention the rows give them. The oracle computes full
-attention on the host at every step (minutes per 8K prompt), and both read pages from host memory only:
-contexts that spill to disk are refused.
+upper-bound ranking is what loses it. `quest`, `rerank` (the runtime's policy: Quest's shortlist
+re-ranked by the attention the rows give it) and `dense` are the runtime's policies, for comparison. The
+oracle computes full attention on the host at every step (minutes per 8K prompt) and reads pages from
+host memory only: contexts that spill to disk are refused.
 
 The prompts are those of `edgekv eval --task retrieve-number` (the same seeds), so the rows compare
 with its results.
@@ -28,16 +28,15 @@ from edgekv.evaluation.tasks import ANSWER_TOKENS, task_prompt
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.pages import PageStore
 from edgekv.runtime.sampling import Sampler, SamplingConfig
-from edgekv.runtime.selection import Selection, quest_page_scores
+from edgekv.runtime.selection import Selection
 from edgekv.runtime.tokens import ArtifactTokenizer
 
 TASK = "retrieve-number"
-RERANK_SHORTLIST = 4
 
 
 def has_choice(store: PageStore, selection: Selection) -> bool:
-    """Whether a selection has pages to choose (some candidates do not fit), which both re-rankings then
-    read from host memory."""
+    """Whether a selection has pages to choose (some candidates do not fit), which the oracle then reads
+    from host memory."""
     room = selection.middle.shape[1]
     if room == 0 or room >= selection.first_new - 1:  # every candidate page fits
         return False
@@ -62,29 +61,6 @@ def attention_mass_selection(layer: int, q: np.ndarray, store: PageStore, select
     return Selection(top, first_new, selection.n_pages)
 
 
-def reranked_selection(layer: int, q: np.ndarray, store: PageStore, selection: Selection) -> Selection:
-    """Quest's shortlist of RERANK_SHORTLIST times the room, by page bound, re-ranked by the attention
-    mass the rows give each shortlisted page (softmax over the shortlist and the always-selected pages):
-    a step toward the oracle that reads a fixed number of pages, not every key."""
-    room, first_new = selection.middle.shape[1], selection.first_new
-    if not has_choice(store, selection):
-        return selection
-    kv_heads, head_dim = store.bounds().shape[0], q.shape[-1]
-    shortlist = min(first_new - 1, RERANK_SHORTLIST * room)
-    scores = quest_page_scores(q, store.bounds()[:, :, 1:first_new])
-    candidates = np.argpartition(-scores, shortlist - 1, axis=1)[:, :shortlist] + 1  # [kv_heads, shortlist]
-    always = np.concatenate([[0], np.arange(first_new, store.n_pages)])  # the sink and the step's pages
-    pages = np.concatenate([candidates, np.broadcast_to(always, (kv_heads, len(always)))], axis=1)
-    keys, _ = store.pool.page_kv(layer, pages, np.arange(kv_heads)[:, None])  # [kv_heads, pages, P, D]
-    page_size = keys.shape[2]
-    keys = keys.reshape(kv_heads, -1, head_dim)
-    key_positions = (pages[:, :, None] * page_size + np.arange(page_size)).reshape(kv_heads, 1, -1)
-    weights = attention_weights(q.reshape(kv_heads, -1, head_dim), keys, key_positions, store.length, q.shape[1])
-    mass = weights.sum(axis=1).reshape(kv_heads, -1, page_size).sum(axis=-1)[:, :shortlist]
-    chosen = np.argpartition(-mass, room - 1, axis=1)[:, :room]
-    return Selection(np.take_along_axis(candidates, chosen, axis=1), first_new, selection.n_pages)
-
-
 def attention_weights(rows: np.ndarray, keys: np.ndarray, key_positions: np.ndarray, length: int,
                       steps: int) -> np.ndarray:
     """Softmax of rows [kv_heads, G*S, D] (S, the step's tokens, fastest) over keys [kv_heads, T, D] at
@@ -106,8 +82,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for selection in args.selections.split(","):
-        engine = Engine.open(args.artifact, "dense" if selection == "dense" else "quest")
-        engine.reselect = RESELECT.get(selection)
+        engine = Engine.open(args.artifact, "quest" if selection == "oracle" else selection)
+        if selection == "oracle":
+            engine.reselect = attention_mass_selection
         tokenizer = ArtifactTokenizer.load(engine.manifest)
         try:
             for context in (int(c) for c in args.contexts.split(",")):
@@ -132,8 +109,6 @@ def main() -> None:
         hits = [r["correct"] for r in rows if r["selection"] == selection]
         print(f"{selection}: {sum(hits)}/{len(hits)} right")
 
-
-RESELECT = {"oracle": attention_mass_selection, "rerank": reranked_selection}
 
 if __name__ == "__main__":
     main()

@@ -14,8 +14,9 @@ import pytest
 from conftest import EDGEKV, run_edgekv
 from edgekv.evaluation.passkey import passkey_prompt
 from edgekv.runtime.engine import Engine
+from edgekv.runtime.page_format import PageFormat
 from edgekv.runtime.sampling import Sampler, SamplingConfig
-from edgekv.runtime.selection import select_pages
+from edgekv.runtime.selection import POLICIES, select_pages
 from edgekv.runtime.tokens import ArtifactTokenizer
 from edgekv.toolkit.errors import EdgekvError
 from edgekv.toolkit.manifest import load_verified
@@ -39,10 +40,10 @@ def story_prompt(default_model):
     return default_model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def test_quest_streaming_and_dense_equal_transformers_while_the_context_fits(default_artifact, default_model,
+def test_every_policy_equals_transformers_while_the_context_fits(default_artifact, default_model,
                                                                            story_prompt):
     want, _ = reference(default_model, story_prompt)
-    for policy in ("quest", "streaming", "dense"):
+    for policy in POLICIES:
         tokens, _, _ = generate(default_artifact, policy, story_prompt)
         assert tokens == want, policy
 
@@ -57,6 +58,31 @@ def test_spilled_run_gives_the_same_tokens(default_artifact, story_prompt, tmp_p
     assert counts["disk"] > 0 and engine.pool.pages_spilled > 0
     assert spilled == in_memory
     assert list(tmp_path.iterdir()) == []  # the session directory and its spill file are gone
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_rerank_beyond_its_budget_reads_spilled_pages_exactly(tiny_artifacts, tmp_path, kv_dtype):
+    """rerank reads the keys of its shortlist on the host: with most pages spilled to disk it computes the
+    very logits it computes in memory, and they are not quest's (the re-ranking changed the selection)."""
+    prompt = np.random.default_rng(4).integers(3, 300, 400).tolist()
+    manifest = load_verified(tiny_artifacts["llama"])
+    page_bytes = PageFormat(kv_dtype, manifest.model["kv_heads"], manifest.profile.page_size,
+                            manifest.model["head_dim"]).page_bytes
+
+    def run(policy, **options):
+        engine = Engine.open(tiny_artifacts["llama"], policy, spill_dir=tmp_path, budget=64, kv_dtype=kv_dtype,
+                             **options)
+        try:
+            steps = [engine.prefill(prompt)] + [engine.decode(token) for token in (5, 6, 7)]
+            return np.stack(steps), engine.pool.pages_spilled, engine.pool.pages_restored
+        finally:
+            engine.close()
+
+    in_memory, spilled_none, _ = run("rerank")
+    spilled, pages_spilled, pages_restored = run("rerank", host_kv_bytes=100 * page_bytes)
+    assert spilled_none == 0 and pages_spilled > 0 and pages_restored > 0
+    np.testing.assert_array_equal(spilled, in_memory)
+    assert not np.array_equal(run("quest")[0], in_memory)
 
 
 def test_graph_inputs_keep_their_shapes_from_1k_to_16k(tiny_artifacts):

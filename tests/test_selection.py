@@ -1,6 +1,7 @@
 """Page metadata, Quest scores and the selection policies on hand-made data."""
 
 import importlib.util
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 from edgekv.runtime.pages import PageStore
 from edgekv.runtime.budget import ResidentBudget, slot_positions
-from edgekv.runtime.selection import quest_page_scores, select_pages
+from edgekv.runtime.selection import attention_mass, quest_page_scores, select_pages
 from edgekv.runtime.tiers import TieredPool
 
 KV_HEADS, GROUPS, HEAD_DIM, PAGE = 2, 3, 8, 4
@@ -80,7 +81,7 @@ def test_streaming_keeps_sink_and_recent_pages(tmp_path):
     assert pages.tolist() == [[0, 7, 8, 9]] * KV_HEADS
 
 
-@pytest.mark.parametrize("policy", ["quest", "streaming"])
+@pytest.mark.parametrize("policy", ["quest", "rerank", "streaming"])
 def test_every_page_is_selected_in_order_while_the_context_fits(tmp_path, policy):
     _, store = make_store(tmp_path)
     store.append(*(np.ones((KV_HEADS, 30, HEAD_DIM), np.float32),) * 2)
@@ -141,11 +142,31 @@ def load_selection_oracle():
     return module
 
 
-def test_oracle_ranks_pages_by_attention_where_quests_bound_misleads(tmp_path):
+def test_attention_mass_is_each_rows_softmax_summed_per_page():
+    """Against a plain softmax per row over every key it sees (the candidates, then the local keys where
+    visible), summed over the rows and per page of page_size keys."""
+    rng = np.random.default_rng(5)
+    rows = rng.normal(size=(KV_HEADS, GROUPS * 2, HEAD_DIM)).astype(np.float32)
+    keys = rng.normal(size=(KV_HEADS, 5, PAGE, HEAD_DIM)).astype(np.float32)
+    local = rng.normal(size=(KV_HEADS, 3, HEAD_DIM)).astype(np.float32)
+    visible = rng.random((GROUPS * 2, 3)) < 0.5
+    mass = attention_mass(rows, keys, local, visible)
+    for head in range(KV_HEADS):
+        want = np.zeros(5)
+        for r in range(GROUPS * 2):
+            logits = np.concatenate([keys[head].reshape(-1, HEAD_DIM) @ rows[head, r],
+                                     np.where(visible[r], local[head] @ rows[head, r], -np.inf)]) / np.sqrt(HEAD_DIM)
+            weights = np.exp(logits - logits.max())
+            weights /= weights.sum()
+            want += weights[:5 * PAGE].reshape(5, PAGE).sum(axis=1)
+        np.testing.assert_allclose(mass[head], want, rtol=1e-5)
+
+
+def test_rerank_and_the_oracle_keep_the_page_attention_wants_where_quests_bound_misleads(tmp_path):
     """Page 3's keys all align with the query; page 6's per-channel maxima come from different keys, so
-    its Quest bound (8) beats page 3's (4) although each of its keys scores -4: Quest keeps page 6, the
-    oracle of benchmarks/selection_oracle.py and its re-ranking keep page 3."""
-    _, store = make_store(tmp_path)
+    its Quest bound (8) beats page 3's (4) although each of its keys scores -4: Quest keeps page 6; the
+    rerank policy (both pages in its shortlist) and the oracle of benchmarks/selection_oracle.py keep page 3."""
+    pool, store = make_store(tmp_path)
     keys = np.zeros((KV_HEADS, 40, HEAD_DIM), np.float32)
     keys[:, 12:16] = 0.5
     keys[:, 24:28] = -1.0
@@ -155,7 +176,9 @@ def test_oracle_ranks_pages_by_attention_where_quests_bound_misleads(tmp_path):
     q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
     quest = select_pages("quest", q, store.bounds(), store.n_pages, first_new=store.n_pages - 1, budget_pages=3)
     assert quest.middle.tolist() == [[6]] * KV_HEADS
+    read_keys = partial(pool.page_keys, 0, heads=np.arange(KV_HEADS)[:, None])
+    rerank = select_pages("rerank", q, store.bounds(), store.n_pages, store.n_pages - 1, 3, read_keys,
+                          row_positions=np.array([store.length - 1]))
+    assert rerank.pages().tolist() == [[0, 3, 9]] * KV_HEADS
     study = load_selection_oracle()
     assert study.attention_mass_selection(0, q, store, quest).pages().tolist() == [[0, 3, 9]] * KV_HEADS
-    # Quest's shortlist (4 pages for a room of 1) holds both; re-ranked by attention, page 3 wins.
-    assert study.reranked_selection(0, q, store, quest).pages().tolist() == [[0, 3, 9]] * KV_HEADS

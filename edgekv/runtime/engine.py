@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -281,6 +282,7 @@ class Engine:
         # The mask buffer of a budget, as this step last filled it (for how many selectable pages): one
         # fill serves every layer of that budget and page limit.
         masked: dict[int, int] = {}
+        kv_heads = np.arange(self.pool.kv_heads)[:, None]  # rerank reads one row of pages per KV head
         for layer, store in enumerate(self.stores):
             graph = step.graphs[layer + 1]
             k_sel, v_sel, mask = step.layer_kv[layer]
@@ -290,7 +292,8 @@ class Engine:
             limit = (self.decode_pages[layer] if decoding
                      else int(graph.budget * self.budget_scale) // self.page_size)
             q = b[f"q{layer % 2}"][0, :, pad:]
-            selection = select_pages(self.policy, q, store.bounds(), store.n_pages, first_new, limit)
+            selection = select_pages(self.policy, q, store.bounds(), store.n_pages, first_new, limit,
+                                     partial(self.pool.page_keys, layer, heads=kv_heads), row_positions[pad:])
             if self.reselect is not None:
                 selection = self.reselect(layer, q, store, selection)
             t2 = time.perf_counter()

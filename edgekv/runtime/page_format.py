@@ -69,6 +69,11 @@ class PageFormat:
         on the record and head axes): [..., page_size, head_dim] each, copies."""
         if not self.quantized:
             return store["k"][index], store["v"][index]
-        keys = store["k"][index].astype(np.float32) * store["k_scale"][index][..., None, :]
         values = store["v"][index].astype(np.float32) * store["v_scale"][index][..., :, None]
-        return keys, values
+        return self.decode_keys(store, index), values
+
+    def decode_keys(self, store: np.ndarray, index: tuple) -> np.ndarray:
+        """decode()'s keys alone (selection reads keys, not values)."""
+        if not self.quantized:
+            return store["k"][index]
+        return store["k"][index].astype(np.float32) * store["k_scale"][index][..., None, :]

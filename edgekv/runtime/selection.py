@@ -4,15 +4,29 @@ A selection always holds the sink page (page 0) and the pages the step writes (t
 filled page in decode; every page a prefill chunk covers), and between them `middle` pages chosen by
 the policy, the same number for every KV head. While the context fits in the budget every page is
 selected, which is exactly dense attention.
+
+- quest: the pages of highest Quest bound (an upper bound of q·k over the page, from its key min/max).
+- rerank: Quest's shortlist of a few times the free room (RERANK_SHORTLIST_*), re-ranked by the
+  attention the step's query rows really give each page (softmax over the shortlist, the sink and the
+  step's pages).
+  A bound adds each channel's largest product, which can come from different keys, so on repeated text
+  many filler pages bound as high as the one page a question needs; their true attention does not
+  (benchmarks/selection_oracle.py). It reads the shortlist's keys: a cost that stops growing once the context passes the shortlist.
+- streaming: the most recent pages (StreamingLLM).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-POLICIES = ("quest", "streaming", "dense")
+POLICIES = ("quest", "rerank", "streaming", "dense")
+# rerank reads the keys of this many times the free room, per KV head: 4 for one query row (decode), 8
+# for a prefill chunk, whose one selection serves all its rows (with 4 in prefill, Retrieve.Number at
+# 8000 tokens lost one number of three; benchmarks/RESULTS.md).
+RERANK_SHORTLIST_ROW, RERANK_SHORTLIST_CHUNK = 4, 8
 
 
 @dataclass
@@ -53,11 +67,42 @@ def quest_page_scores(q: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     return np.matmul(split, bounds).max(axis=1)
 
 
-def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, first_new: int,
-                 budget_pages: int) -> Selection:
-    """The selection of one layer and step (quest or streaming; dense never selects).
+def attention_mass(rows: np.ndarray, keys: np.ndarray, local_keys: np.ndarray, local_visible: np.ndarray) -> np.ndarray:
+    """The attention each candidate page's keys receive, summed over the rows and the group's query heads.
 
-    `first_new` is the first page the step writes.
+    rows [kv_heads, G*S, head_dim] (post-RoPE); keys [kv_heads, pages, page_size, head_dim], candidate
+    pages wholly in the past (every row sees them); local_keys [kv_heads, L, head_dim], the sink's and the
+    step's own keys, which a row sees where local_visible [G*S, L] says so. They take their share of each
+    row's softmax, so a row that mostly attends nearby gives the candidates little. Returns [kv_heads, pages].
+    """
+    heads, pages, page_size, head_dim = keys.shape
+    scaled = rows * np.float32(1 / np.sqrt(head_dim))
+    logits = scaled @ keys.reshape(heads, pages * page_size, head_dim).transpose(0, 2, 1)  # [h, R, pages*P]
+    local = scaled @ local_keys.transpose(0, 2, 1)  # [h, R, L]
+    local[:, ~local_visible] = -np.inf
+    top = np.maximum(logits.max(axis=-1, keepdims=True), local.max(axis=-1, keepdims=True))
+    np.exp(np.subtract(logits, top, out=logits), out=logits)
+    total = logits.sum(axis=-1) + np.exp(local - top).sum(axis=-1)  # [h, R]: each row's softmax denominator
+    # Summing each row's softmax over the rows is one product with the rows' 1/denominator.
+    mass = (1 / total)[:, None, :] @ logits  # [h, 1, pages*P]
+    return mass.reshape(heads, pages, page_size).sum(axis=-1)
+
+
+def top_pages(scores: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` highest scores of each row of [kv_heads, candidates], in any order."""
+    if count == 0:
+        return np.zeros((scores.shape[0], 0), dtype=np.int64)
+    return np.argpartition(-scores, count - 1, axis=1)[:, :count]
+
+
+def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, first_new: int,
+                 budget_pages: int, read_keys: Callable[[np.ndarray], np.ndarray] | None = None,
+                 row_positions: np.ndarray | None = None) -> Selection:
+    """The selection of one layer and step (quest, rerank or streaming; dense never selects).
+
+    `first_new` is the first page the step writes. rerank also needs `read_keys`, which gives the keys
+    [kv_heads, k, page_size, head_dim] of pages [kv_heads, k] (one row of pages per KV head), and the
+    positions of q's rows.
     """
     kv_heads = bounds.shape[0]
     if first_new == 0:
@@ -72,5 +117,16 @@ def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, f
         middle = np.arange(first_new - room, first_new, dtype=np.int64)
         return Selection(np.broadcast_to(middle, (kv_heads, room)), first_new, n_pages)
     scores = quest_page_scores(q, bounds[:, :, 1:first_new])  # candidates: pages 1..first_new-1
-    top = np.argpartition(-scores, room - 1, axis=1)[:, :room] if room else np.zeros((kv_heads, 0), np.int64)
-    return Selection(top + 1, first_new, n_pages)
+    if policy == "quest" or room == 0:
+        return Selection(top_pages(scores, room) + 1, first_new, n_pages)
+    factor = RERANK_SHORTLIST_ROW if q.shape[1] == 1 else RERANK_SHORTLIST_CHUNK
+    candidates = top_pages(scores, min(first_new - 1, factor * room)) + 1
+    local_pages = np.concatenate([[0], np.arange(first_new, n_pages)])
+    local_keys = read_keys(np.broadcast_to(local_pages, (kv_heads, len(local_pages))))
+    page_size = local_keys.shape[2]
+    local_positions = (local_pages[:, None] * page_size + np.arange(page_size)).ravel()
+    groups = q.shape[0] // kv_heads  # rows are [kv_heads, G*S]: the step's S rows fastest
+    visible = np.tile(local_positions[None, :] <= row_positions[:, None], (groups, 1))
+    mass = attention_mass(q.reshape(kv_heads, -1, q.shape[-1]), read_keys(candidates),
+                          local_keys.reshape(kv_heads, -1, q.shape[-1]), visible)
+    return Selection(np.take_along_axis(candidates, top_pages(mass, room), axis=1), first_new, n_pages)

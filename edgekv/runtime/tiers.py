@@ -156,17 +156,35 @@ class TieredPool:
         or with `heads` (broadcast against pages) one KV head per entry: [*shape, P, D]."""
         slots = self.slot[layer][pages]
         keys, values = self.format.decode(self.host, (slots,) if heads is None else (slots, heads))
-        if self.format.quantized:
-            is_open = pages == self.open_page[layer]
-            if heads is not None:
-                is_open = np.broadcast_to(is_open, np.broadcast_shapes(pages.shape, heads.shape))
-            if is_open.any():
-                if heads is None:
-                    keys[is_open], values[is_open] = self.open_k[layer], self.open_v[layer]
-                else:
-                    open_heads = np.broadcast_to(heads, is_open.shape)[is_open]
-                    keys[is_open], values[is_open] = self.open_k[layer, open_heads], self.open_v[layer, open_heads]
+        self._fill_open(layer, pages, heads, (keys, self.open_k), (values, self.open_v))
         return keys, values
+
+    def page_keys(self, layer: int, pages: np.ndarray, heads: np.ndarray) -> np.ndarray:
+        """Float keys of pages, one KV head per entry (`heads` broadcast against pages): [*shape, P, D].
+
+        For selection, which reads keys on the host without gathering them: spilled pages are read back
+        from disk, but nothing enters the device pool or counts as a transfer."""
+        self._to_host(layer, pages)
+        keys = self.format.decode_keys(self.host, (self.slot[layer][pages], heads))
+        self._fill_open(layer, pages, heads, (keys, self.open_k))
+        return keys
+
+    def _fill_open(self, layer: int, pages: np.ndarray, heads: np.ndarray | None,
+                   *decoded: tuple[np.ndarray, np.ndarray]) -> None:
+        """Overwrite, in decoded arrays, the entries of an INT8 layer's open page with its float32 copy
+        (`decoded`: pairs of a decoded array and open_k or open_v)."""
+        if not self.format.quantized:
+            return
+        is_open = pages == self.open_page[layer]
+        if heads is not None:
+            is_open = np.broadcast_to(is_open, np.broadcast_shapes(pages.shape, heads.shape))
+        if not is_open.any():
+            return
+        for array, open_array in decoded:
+            if heads is None:
+                array[is_open] = open_array[layer]
+            else:
+                array[is_open] = open_array[layer, np.broadcast_to(heads, is_open.shape)[is_open]]
 
     # -- host slots and spilling ------------------------------------------------------------------
     def _host_slot(self, protect: tuple[int, int], pinned_from: int | None = None) -> int:
@@ -221,13 +239,7 @@ class TieredPool:
         """Make a layer's selected pages (repeats allowed) readable on the host: stamp them as the most
         recent, read spilled ones back from disk, count the bytes of those not on the device, and keep the
         device pool within capacity. (Repeats are cheaper than np.unique here: most pages are resident.)"""
-        self.clock += 1
-        # Stamp first: pages of this fetch are the most recent, so restoring one never spills another.
-        self.last_used[layer][pages] = self.clock
-        tiers = self.tier[layer][pages]
-        if (tiers == DISK).any():
-            for page in np.unique(pages[tiers == DISK]):
-                self._restore(layer, int(page), pinned_from=self.clock)
+        self._to_host(layer, pages)
         stamps = self.device_stamp[layer]
         arriving = pages[stamps[pages] == NOT_ON_DEVICE]
         stamps[pages] = self.clock
@@ -237,6 +249,16 @@ class TieredPool:
             self.device_pages += arrived
             if self.device_pages > self.device_capacity:
                 self._evict_device()
+
+    def _to_host(self, layer: int, pages: np.ndarray) -> None:
+        """Stamp pages as the most recently used and read spilled ones back from disk."""
+        self.clock += 1
+        # Stamp first: these pages are the most recent, so restoring one never spills another.
+        self.last_used[layer][pages] = self.clock
+        tiers = self.tier[layer][pages]
+        if (tiers == DISK).any():
+            for page in np.unique(pages[tiers == DISK]):
+                self._restore(layer, int(page), pinned_from=self.clock)
 
     def _evict_device(self) -> None:
         """Drop the least recently gathered pages of all layers until the pool is DEVICE_EVICT_TO full."""

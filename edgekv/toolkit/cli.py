@@ -12,6 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgekv.runtime.page_format import KV_DTYPES
+from edgekv.runtime.selection import POLICIES
 from edgekv.toolkit.errors import EdgekvError
 from edgekv.toolkit.models import DEFAULT_MODEL, check_model
 from edgekv.toolkit.profiles import QUANTIZED_WEIGHT_DTYPES, load_profile, shipped_profile_names
@@ -146,7 +147,7 @@ def _artifact_dir(directory: Path | None) -> Path:
 @click.option("--prompt", default=None, help="The prompt text.")
 @click.option("--prompt-file", type=click.Path(path_type=Path), default=None, help="Read the prompt from a file.")
 @click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
-@click.option("--policy", type=click.Choice(["quest", "streaming", "dense"]), default="quest", show_default=True)
+@click.option("--policy", type=click.Choice(list(POLICIES)), default="quest", show_default=True)
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--stop", "stops", multiple=True, help="Stop when the reply contains this text (repeatable).")
 @click.option("--spill-dir", type=click.Path(path_type=Path), default=None,
@@ -200,7 +201,7 @@ def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops,
 @cli.command()
 @click.argument("directory", type=click.Path(path_type=Path), required=False)
 @click.option("--system", default=None, help="System prompt [default: the chat template's own].")
-@click.option("--policy", type=click.Choice(["quest", "streaming", "dense"]), default="quest", show_default=True)
+@click.option("--policy", type=click.Choice(list(POLICIES)), default="quest", show_default=True)
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Longest reply.")
 @click.option("--spill-dir", type=click.Path(path_type=Path), default=None,
               help="Where the session directory for spilled KV pages goes [default: system temp].")
@@ -256,7 +257,6 @@ def bench(directory, contexts, policies, steps, kv_dtype, json_path, plot_path) 
     import json
 
     from edgekv.evaluation.bench import plot_bench, run_bench
-    from edgekv.runtime.selection import POLICIES
     from edgekv.toolkit.manifest import load_verified
 
     artifact = _artifact_dir(directory)
@@ -385,7 +385,6 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
     """Long-context accuracy per context, depth and budget; or agreement of each policy with dense."""
     from edgekv.evaluation.evaluate import (EvalPlan, plot_eval, record_rows, run_agreement, run_retrieval,
                                             self_written_text)
-    from edgekv.runtime.selection import POLICIES
     from edgekv.runtime.tokens import ArtifactTokenizer
     from edgekv.toolkit.manifest import load_verified
 
