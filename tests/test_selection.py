@@ -142,18 +142,20 @@ def load_selection_oracle():
     return module
 
 
-def test_attention_mass_is_each_rows_softmax_summed_per_page():
+@pytest.mark.parametrize("steps", [1, 8])  # decode's few rows and a chunk's many take different products
+def test_attention_mass_is_each_rows_softmax_summed_per_page(steps):
     """Against a plain softmax per row over every key it sees (the candidates, then the local keys where
     visible), summed over the rows and per page of page_size keys."""
     rng = np.random.default_rng(5)
-    rows = rng.normal(size=(KV_HEADS, GROUPS * 2, HEAD_DIM)).astype(np.float32)
+    n_rows = GROUPS * steps
+    rows = rng.normal(size=(KV_HEADS, n_rows, HEAD_DIM)).astype(np.float32)
     keys = rng.normal(size=(KV_HEADS, 5, PAGE, HEAD_DIM)).astype(np.float32)
     local = rng.normal(size=(KV_HEADS, 3, HEAD_DIM)).astype(np.float32)
-    visible = rng.random((GROUPS * 2, 3)) < 0.5
+    visible = rng.random((n_rows, 3)) < 0.5
     mass = attention_mass(rows, keys, local, visible)
     for head in range(KV_HEADS):
         want = np.zeros(5)
-        for r in range(GROUPS * 2):
+        for r in range(n_rows):
             logits = np.concatenate([keys[head].reshape(-1, HEAD_DIM) @ rows[head, r],
                                      np.where(visible[r], local[head] @ rows[head, r], -np.inf)]) / np.sqrt(HEAD_DIM)
             weights = np.exp(logits - logits.max())

@@ -77,7 +77,7 @@ def attention_mass(rows: np.ndarray, keys: np.ndarray, local_keys: np.ndarray, l
     """
     heads, pages, page_size, head_dim = keys.shape
     scaled = rows * np.float32(1 / np.sqrt(head_dim))
-    logits = scaled @ keys.reshape(heads, pages * page_size, head_dim).transpose(0, 2, 1)  # [h, R, pages*P]
+    logits = row_logits(scaled, keys.reshape(heads, pages * page_size, head_dim))  # [h, R, pages*P]
     local = scaled @ local_keys.transpose(0, 2, 1)  # [h, R, L]
     local[:, ~local_visible] = -np.inf
     top = np.maximum(logits.max(axis=-1, keepdims=True), local.max(axis=-1, keepdims=True))
@@ -86,6 +86,17 @@ def attention_mass(rows: np.ndarray, keys: np.ndarray, local_keys: np.ndarray, l
     # Summing each row's softmax over the rows is one product with the rows' 1/denominator.
     mass = (1 / total)[:, None, :] @ logits  # [h, 1, pages*P]
     return mass.reshape(heads, pages, page_size).sum(axis=-1)
+
+
+def row_logits(rows: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """rows [h, R, D] times keys [h, K, D] transposed: [h, R, K], contiguous.
+
+    For a few rows (decode) BLAS is about 3x faster with the keys on the left and the rows' transpose
+    contiguous, and transposing the small result back costs little; for a prefill chunk's rows the
+    plain product is faster than transposing its large result."""
+    if rows.shape[1] > 16:
+        return rows @ keys.transpose(0, 2, 1)
+    return np.ascontiguousarray((keys @ np.ascontiguousarray(rows.transpose(0, 2, 1))).transpose(0, 2, 1))
 
 
 def top_pages(scores: np.ndarray, count: int) -> np.ndarray:
