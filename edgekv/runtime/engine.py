@@ -3,7 +3,8 @@
 Per step (S tokens at positions p..p+S-1), per layer l:
     graph  -> q, k_new, v_new of layer l          (embed graph, or the boundary graph of layer l-1)
     host   PageStore[l].append(k_new, v_new)      (pages and their key min/max)
-    host   select_pages(policy, q, page metadata) (which pages enter the budget)
+    host   select_pages(policy, q, page metadata) (which pages enter the budget; rerank also reads the keys
+                                                   of Quest's shortlist)
     host   decode: ResidentBudget[l].update       (copies only the pages that entered the selection)
            prefill: TieredPool.gather             (the chunk's pages, gathered into a shared buffer)
     graph  attention + MLP of layer l (+ q/k/v of layer l+1, or the LM head)
@@ -18,8 +19,8 @@ import shutil
 import tempfile
 import time
 import warnings
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
