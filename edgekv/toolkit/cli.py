@@ -17,6 +17,10 @@ from edgekv.toolkit.errors import EdgekvError
 from edgekv.toolkit.models import DEFAULT_MODEL, check_model
 from edgekv.toolkit.profiles import QUANTIZED_WEIGHT_DTYPES, load_profile, shipped_profile_names
 
+POLICY_HELP = ("quest: Quest page selection (fastest); rerank: Quest's shortlist re-ranked by attention "
+               "(slower; finds facts deep in a long context that quest can miss); streaming: the sink and the "
+               "most recent pages; dense: the full-context baseline graphs.")
+
 console = Console(stderr=True)
 out = Console(soft_wrap=True)
 
@@ -147,7 +151,7 @@ def _artifact_dir(directory: Path | None) -> Path:
 @click.option("--prompt", default=None, help="The prompt text.")
 @click.option("--prompt-file", type=click.Path(path_type=Path), default=None, help="Read the prompt from a file.")
 @click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
-@click.option("--policy", type=click.Choice(list(POLICIES)), default="quest", show_default=True)
+@click.option("--policy", type=click.Choice(list(POLICIES)), default="quest", show_default=True, help=POLICY_HELP)
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--stop", "stops", multiple=True, help="Stop when the reply contains this text (repeatable).")
 @click.option("--spill-dir", type=click.Path(path_type=Path), default=None,
@@ -201,7 +205,7 @@ def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops,
 @cli.command()
 @click.argument("directory", type=click.Path(path_type=Path), required=False)
 @click.option("--system", default=None, help="System prompt [default: the chat template's own].")
-@click.option("--policy", type=click.Choice(list(POLICIES)), default="quest", show_default=True)
+@click.option("--policy", type=click.Choice(list(POLICIES)), default="quest", show_default=True, help=POLICY_HELP)
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Longest reply.")
 @click.option("--spill-dir", type=click.Path(path_type=Path), default=None,
               help="Where the session directory for spilled KV pages goes [default: system temp].")
