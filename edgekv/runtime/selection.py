@@ -127,11 +127,14 @@ def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, f
     if policy == "streaming":
         middle = np.arange(first_new - room, first_new, dtype=np.int64)
         return Selection(np.broadcast_to(middle, (kv_heads, room)), first_new, n_pages)
-    scores = quest_page_scores(q, bounds[:, :, 1:first_new])  # candidates: pages 1..first_new-1
-    if policy == "quest" or room == 0:
-        return Selection(top_pages(scores, room) + 1, first_new, n_pages)
+    if policy == "quest" or room == 0:  # candidates: pages 1..first_new-1
+        return Selection(top_pages(quest_page_scores(q, bounds[:, :, 1:first_new]), room) + 1, first_new, n_pages)
     factor = RERANK_SHORTLIST_ROW if q.shape[1] == 1 else RERANK_SHORTLIST_CHUNK
-    candidates = top_pages(scores, min(first_new - 1, factor * room)) + 1
+    shortlist = min(first_new - 1, factor * room)
+    if shortlist == first_new - 1:  # every candidate is shortlisted: no need for their bounds
+        candidates = np.broadcast_to(np.arange(1, first_new), (kv_heads, shortlist))
+    else:
+        candidates = top_pages(quest_page_scores(q, bounds[:, :, 1:first_new]), shortlist) + 1
     local_pages = np.concatenate([[0], np.arange(first_new, n_pages)])
     local_keys = read_keys(np.broadcast_to(local_pages, (kv_heads, len(local_pages))))
     page_size = local_keys.shape[2]
