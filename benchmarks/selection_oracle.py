@@ -9,8 +9,8 @@ softmax, summed per page over the rows and the group's query heads. That is the 
 bounds stand in for, so where `oracle` retrieves what `quest` misses, the budget is enough and the
 upper-bound ranking is what loses it. `quest`, `rerank` (the runtime's policy: Quest's shortlist
 re-ranked by the attention the rows give it) and `dense` are the runtime's policies, for comparison. The
-oracle computes full attention on the host at every step (minutes per 8K prompt) and reads pages from
-host memory only: contexts that spill to disk are refused.
+oracle is that re-ranking over every past page: it computes full attention on the host at every step
+(minutes per 8K prompt).
 
 The prompts are those of `edgekv eval --task retrieve-number` (the same seeds), so the rows compare
 with its results.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 
 import numpy as np
 
@@ -28,48 +29,24 @@ from edgekv.evaluation.tasks import ANSWER_TOKENS, task_prompt
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.pages import PageStore
 from edgekv.runtime.sampling import Sampler, SamplingConfig
-from edgekv.runtime.selection import Selection
+from edgekv.runtime.selection import Selection, most_attended
 from edgekv.runtime.tokens import ArtifactTokenizer
 
 TASK = "retrieve-number"
 
 
-def has_choice(store: PageStore, selection: Selection) -> bool:
-    """Whether a selection has pages to choose (some candidates do not fit), which the oracle then reads
-    from host memory."""
-    room = selection.middle.shape[1]
-    if room == 0 or room >= selection.first_new - 1:  # every candidate page fits
-        return False
-    if store.pool.counts()["disk"]:
-        raise SystemExit("re-ranking reads pages from host memory only; use a shorter context")
-    return True
-
-
 def attention_mass_selection(layer: int, q: np.ndarray, store: PageStore, selection: Selection) -> Selection:
-    """`selection` with its middle pages replaced by the candidates holding the most attention mass
-    (an Engine.reselect)."""
+    """`selection` with its middle pages replaced by the candidates holding the most attention mass, every
+    past page a candidate (an Engine.reselect): the runtime's rerank without Quest's shortlist."""
     room, first_new = selection.middle.shape[1], selection.first_new
-    if not has_choice(store, selection):
+    if room == 0 or room >= first_new - 1:  # every candidate page fits: nothing to choose
         return selection
-    keys, _ = store.pool.page_kv(layer, np.arange(store.n_pages))  # [pages, kv_heads, P, D]
-    pages, kv_heads, page_size, head_dim = keys.shape
-    keys = keys.transpose(1, 0, 2, 3).reshape(kv_heads, pages * page_size, head_dim)[:, :store.length]
-    weights = attention_weights(q.reshape(kv_heads, -1, head_dim), keys, np.arange(store.length)[None, None, :],
-                                store.length, q.shape[1])
-    mass = np.add.reduceat(weights.sum(axis=1), np.arange(0, store.length, page_size), axis=-1)
-    top = np.argpartition(-mass[:, 1:first_new], room - 1, axis=1)[:, :room] + 1
-    return Selection(top, first_new, selection.n_pages)
-
-
-def attention_weights(rows: np.ndarray, keys: np.ndarray, key_positions: np.ndarray, length: int,
-                      steps: int) -> np.ndarray:
-    """Softmax of rows [kv_heads, G*S, D] (S, the step's tokens, fastest) over keys [kv_heads, T, D] at
-    key_positions (broadcast to [kv_heads, 1, T]): a row sees the keys at or before its own position."""
-    row_positions = length - steps + np.arange(rows.shape[1]) % steps
-    logits = rows @ keys.transpose(0, 2, 1) / np.sqrt(rows.shape[-1])
-    logits = np.where(key_positions > row_positions[None, :, None], -np.inf, logits)
-    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return weights / weights.sum(axis=-1, keepdims=True)
+    kv_heads = store.bounds().shape[0]
+    candidates = np.broadcast_to(np.arange(1, first_new), (kv_heads, first_new - 1))
+    read_keys = partial(store.pool.page_keys, layer, heads=np.arange(kv_heads)[:, None])
+    row_positions = store.length - q.shape[1] + np.arange(q.shape[1])
+    return Selection(most_attended(q, candidates, room, read_keys, row_positions, first_new, selection.n_pages),
+                     first_new, selection.n_pages)
 
 
 def main() -> None:

@@ -135,6 +135,16 @@ def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, f
         candidates = np.broadcast_to(np.arange(1, first_new), (kv_heads, shortlist))
     else:
         candidates = top_pages(quest_page_scores(q, bounds[:, :, 1:first_new]), shortlist) + 1
+    return Selection(most_attended(q, candidates, room, read_keys, row_positions, first_new, n_pages),
+                     first_new, n_pages)
+
+
+def most_attended(q: np.ndarray, candidates: np.ndarray, room: int, read_keys: Callable[[np.ndarray], np.ndarray],
+                  row_positions: np.ndarray, first_new: int, n_pages: int) -> np.ndarray:
+    """The `room` pages of candidates [kv_heads, c] (pages wholly in the past) that receive the most of
+    q's attention (attention_mass, with the sink and the step's pages first_new..n_pages-1 in each row's
+    softmax), per KV head: [kv_heads, room]. `read_keys` and `row_positions` as in select_pages."""
+    kv_heads = candidates.shape[0]
     local_pages = np.concatenate([[0], np.arange(first_new, n_pages)])
     local_keys = read_keys(np.broadcast_to(local_pages, (kv_heads, len(local_pages))))
     page_size = local_keys.shape[2]
@@ -143,4 +153,4 @@ def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, f
     visible = np.tile(local_positions[None, :] <= row_positions[:, None], (groups, 1))
     mass = attention_mass(q.reshape(kv_heads, -1, q.shape[-1]), read_keys(candidates),
                           local_keys.reshape(kv_heads, -1, q.shape[-1]), visible)
-    return Selection(np.take_along_axis(candidates, top_pages(mass, room), axis=1), first_new, n_pages)
+    return np.take_along_axis(candidates, top_pages(mass, room), axis=1)
