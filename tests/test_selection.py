@@ -15,10 +15,10 @@ from edgekv.runtime.tiers import TieredPool
 KV_HEADS, GROUPS, HEAD_DIM, PAGE = 2, 3, 8, 4
 
 
-def make_store(tmp_path, host_pages: int = 1000, device_pages: int = 1000):
+def make_store(tmp_path, host_pages: int = 1000, device_pages: int = 1000, kv_dtype: str = "float32"):
     page_bytes = 2 * KV_HEADS * PAGE * HEAD_DIM * 4
     pool = TieredPool(1, KV_HEADS, HEAD_DIM, PAGE, device_pages * page_bytes, host_pages * page_bytes,
-                      tmp_path / "spill.bin")
+                      tmp_path / "spill.bin", kv_dtype)
     return pool, PageStore(0, pool)
 
 
@@ -30,18 +30,20 @@ def test_page_min_max_follow_appends_in_uneven_chunks(tmp_path):
     for start, stop in ((0, 3), (3, 4), (4, 13), (13, 23)):
         store.append(keys[:, start:stop], values[:, start:stop])
     assert (store.length, store.n_pages) == (23, 6)
-    bounds = store.bounds()
-    assert bounds.shape == (KV_HEADS, 2 * HEAD_DIM, 6)
-    for page in range(6):
-        chunk = keys[:, page * PAGE:(page + 1) * PAGE]
-        np.testing.assert_array_equal(bounds[:, :HEAD_DIM, page], chunk.max(axis=1))
-        np.testing.assert_array_equal(bounds[:, HEAD_DIM:, page], chunk.min(axis=1))
     k_out = np.zeros((KV_HEADS, 6 * PAGE, HEAD_DIM), np.float32)
     v_out = np.zeros_like(k_out)
     pool.gather(0, np.broadcast_to(np.arange(6), (KV_HEADS, 6)), k_out, v_out)
     np.testing.assert_array_equal(k_out[:, :23], keys)
     np.testing.assert_array_equal(v_out[:, :23], values)
     assert not k_out[:, 23:].any()  # the unwritten rows of the current page are zeros, never stale memory
+    assert store.bounds().shape == (KV_HEADS, 2 * HEAD_DIM, 5)  # the open page's bounds come when it fills
+    store.append(keys[:, -1:], values[:, -1:])  # the 24th token fills page 5 (its max and min repeat)
+    bounds = store.bounds()
+    assert bounds.shape == (KV_HEADS, 2 * HEAD_DIM, 6)
+    for page in range(6):
+        chunk = keys[:, page * PAGE:(page + 1) * PAGE]
+        np.testing.assert_array_equal(bounds[:, :HEAD_DIM, page], chunk.max(axis=1))
+        np.testing.assert_array_equal(bounds[:, HEAD_DIM:, page], chunk.min(axis=1))
 
 
 def test_quest_score_is_the_per_channel_upper_bound(tmp_path):
@@ -111,10 +113,12 @@ def test_spilled_pages_come_back_unchanged(tmp_path):
     assert not (tmp_path / "spill.bin").exists()
 
 
-def test_resident_budget_holds_exactly_the_selection_as_it_changes(tmp_path):
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_resident_budget_holds_exactly_the_selection_as_it_changes(tmp_path, kv_dtype):
     """Step after step, with selections that keep some pages and swap others, the resident buffer's
-    visible rows are, per head, exactly the rows of the selected pages, and empty slots are masked."""
-    pool, store = make_store(tmp_path)
+    visible rows are, per head, exactly the rows of the selected pages (INT8 pages: as page_kv decodes
+    them), and empty slots are masked."""
+    pool, store = make_store(tmp_path, kv_dtype=kv_dtype)
     rng = np.random.default_rng(4)
     budget_pages = 6
     buffer = ResidentBudget.over(np.zeros((KV_HEADS, budget_pages * PAGE, HEAD_DIM), np.float32),
@@ -128,10 +132,17 @@ def test_resident_budget_holds_exactly_the_selection_as_it_changes(tmp_path):
         positions = slot_positions(selection, budget_pages * PAGE, PAGE)
         visible = positions < length  # decode: every stored position is at or before the current token
         for head, pages in enumerate(selection.pages()):
-            rows = np.concatenate([np.arange(p * PAGE, min((p + 1) * PAGE, length)) for p in pages])
-            got, want = buffer.k[head][visible], keys[head, rows]
-            assert sorted(map(tuple, got)) == sorted(map(tuple, want)), length
-            np.testing.assert_array_equal(np.sort(buffer.v[head][visible], axis=0), np.sort(-want, axis=0))
+            page_positions = (pages[:, None] * PAGE + np.arange(PAGE)).ravel()
+            stored = page_positions < length
+            rows = page_positions[stored]
+            want_k, want_v = keys[head, rows], -keys[head, rows]
+            if kv_dtype == "int8":
+                decoded = pool.page_kv(0, pages, np.full(len(pages), head))
+                want_k, want_v = (d.reshape(-1, HEAD_DIM)[stored] for d in decoded)
+                np.testing.assert_allclose(want_k, keys[head, rows], atol=0.05)  # the reference is INT8's
+            got_k, got_v = buffer.k[head][visible], buffer.v[head][visible]
+            assert sorted(map(tuple, got_k)) == sorted(map(tuple, want_k)), length
+            assert sorted(map(tuple, got_v)) == sorted(map(tuple, want_v)), length
 
 
 def load_selection_oracle():

@@ -19,11 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from edgekv.runtime.selection import Selection
 from edgekv.runtime.tiers import TieredPool
 
 EMPTY = -1
+WANTED, PRESENT = 1, 2  # assign_slots' per-page state bits
 FAR_FUTURE = np.iinfo(np.int64).max  # the position given to empty slots: never visible
 
 
@@ -46,35 +48,55 @@ class ResidentBudget:
     def update(self, pool: TieredPool, layer: int, selection: Selection) -> None:
         """Make the buffer hold `selection` (a decode step's: one new page), copying only what changed."""
         heads = self.table.shape[0]
-        hidx = np.arange(heads)[:, None]
-        middle = selection.middle
-        # Boolean page maps with one spare column: EMPTY (-1) in the table indexes it and is never wanted.
-        wanted = np.zeros((heads, selection.n_pages + 1), dtype=bool)
-        wanted[hidx, middle] = True
-        keep = wanted[hidx, self.table]
-        self.table[~keep] = EMPTY  # pages that left the selection free their slots
         # Fetch the whole selection (sink and current page included): it keeps every selected page fresh
         # in the host and device LRUs, and counts transfers for pages that are not on the device.
-        pool.fetch(layer, np.concatenate([middle.ravel(), [0, selection.n_pages - 1]]))
+        pool.fetch(layer, np.concatenate([selection.middle.ravel(), [0, selection.n_pages - 1]]))
         k = self.k.reshape(heads, -1, self.page_size, self.k.shape[-1])
         v = self.v.reshape(k.shape)
-        if keep.sum() < middle.size:  # some pages entered the selection
-            present = np.zeros_like(wanted)
-            present[hidx, self.table] = True
-            arriving = ~present[hidx, middle]
-            # Per head: free slots in ascending order, arriving pages first; head h fills count[h] of them.
-            free_slots = np.argsort(keep, axis=1, kind="stable")
-            arriving_pages = np.take_along_axis(middle, np.argsort(~arriving, axis=1, kind="stable"), axis=1)
-            count = arriving.sum(axis=1)
-            rows, cols = np.nonzero(np.arange(middle.shape[1])[None, :] < count[:, None])
-            slot_pages, pages = free_slots[rows, cols], arriving_pages[rows, cols]
-            self.table[rows, slot_pages] = pages
-            k[rows, 1 + slot_pages], v[rows, 1 + slot_pages] = pool.page_kv(layer, pages, rows)
+        heads_in, slot_pages, pages = assign_slots(self.table, np.ascontiguousarray(selection.middle),
+                                                   selection.n_pages)
+        pool.copy_pages(layer, pages, heads_in, k, v, 1 + slot_pages)  # middle pages are full
         edges = [selection.n_pages - 1] + ([0] if selection.has_sink else [])
         keys, values = pool.page_kv(layer, np.array(edges))
         k[:, -1], v[:, -1] = keys[0], values[0]
         if selection.has_sink:
             k[:, 0], v[:, 0] = keys[1], values[1]
+
+
+# Compiled: it runs for every layer and token, and as a loop it is a few microseconds where numpy's
+# masks, sorts and fancy indexing over the same few hundred entries took about 90 (benchmarks/RESULTS.md).
+@njit(cache=True)
+def assign_slots(table: np.ndarray, middle: np.ndarray, n_pages: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Update table [kv_heads, slot-pages] in place to hold middle [kv_heads, m] (pages < n_pages): slots
+    whose page left the selection are freed, and each arriving page takes the lowest free slot, in
+    middle's order. Returns the arrivals as (head, slot-page, page) arrays: the pages to copy in."""
+    heads, slots = table.shape
+    m = middle.shape[1]
+    rows = np.empty(heads * m, np.int64)
+    slot_pages = np.empty(heads * m, np.int64)
+    pages = np.empty(heads * m, np.int64)
+    arrived = 0
+    state = np.zeros(n_pages, np.int8)  # per page, for the head at hand: WANTED, or WANTED | PRESENT
+    for head in range(heads):
+        for j in range(m):
+            state[middle[head, j]] = WANTED
+        for slot in range(slots):
+            page = table[head, slot]
+            if page != EMPTY and state[page] == WANTED:
+                state[page] = WANTED | PRESENT
+            else:
+                table[head, slot] = EMPTY
+        free = 0
+        for j in range(m):
+            page = middle[head, j]
+            if state[page] == WANTED:  # arriving: into the lowest free slot
+                while table[head, free] != EMPTY:
+                    free += 1
+                table[head, free] = page
+                rows[arrived], slot_pages[arrived], pages[arrived] = head, free, page
+                arrived += 1
+            state[page] = 0
+    return rows[:arrived], slot_pages[:arrived], pages[:arrived]
 
 
 def slot_positions(selection: Selection, budget: int, page_size: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 KV_DTYPES = ("float32", "int8")
 INT8_MAX = 127
@@ -72,8 +73,38 @@ class PageFormat:
         values = store["v"][index].astype(np.float32) * store["v_scale"][index][..., :, None]
         return self.decode_keys(store, index), values
 
+    def copy_pages(self, store: np.ndarray, slots: np.ndarray, heads: np.ndarray, k_out: np.ndarray,
+                   v_out: np.ndarray, out_pages: np.ndarray) -> None:
+        """decode() of one KV head of records `slots`, written straight into k_out/v_out [kv_heads, pages,
+        page_size, head_dim]: record slots[i], head heads[i] into [heads[i], out_pages[i]]."""
+        if self.quantized:
+            copy_int8_pages(store["k"], store["v"], store["k_scale"], store["v_scale"], slots, heads,
+                            k_out, v_out, out_pages)
+        else:
+            copy_float_pages(store["k"], store["v"], slots, heads, k_out, v_out, out_pages)
+
     def decode_keys(self, store: np.ndarray, index: tuple) -> np.ndarray:
         """decode()'s keys alone (selection reads keys, not values)."""
         if not self.quantized:
             return store["k"][index]
         return store["k"][index].astype(np.float32) * store["k_scale"][index][..., None, :]
+
+
+# Compiled: a decode step copies a few dozen page-heads per layer into the resident budgets, and numpy's
+# fancy indexing made two copies of each and cost several microseconds per call (benchmarks/RESULTS.md).
+@njit(cache=True)
+def copy_float_pages(keys, values, slots, heads, k_out, v_out, out_pages) -> None:
+    for i in range(len(slots)):
+        k_out[heads[i], out_pages[i]] = keys[slots[i], heads[i]]
+        v_out[heads[i], out_pages[i]] = values[slots[i], heads[i]]
+
+
+@njit(cache=True)
+def copy_int8_pages(keys, values, k_scale, v_scale, slots, heads, k_out, v_out, out_pages) -> None:
+    page_size, head_dim = keys.shape[2], keys.shape[3]
+    for i in range(len(slots)):
+        slot, head, out = slots[i], heads[i], out_pages[i]
+        for t in range(page_size):
+            for d in range(head_dim):
+                k_out[head, out, t, d] = keys[slot, head, t, d] * k_scale[slot, head, d]
+                v_out[head, out, t, d] = values[slot, head, t, d] * v_scale[slot, head, t]

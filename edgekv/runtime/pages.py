@@ -26,7 +26,12 @@ class PageStore:
         self.page_size = pool.page_size
         self.length = 0  # tokens stored
         self.head_dim = pool.head_dim
-        self._bounds = np.empty((pool.kv_heads, 2 * pool.head_dim, 64), dtype=np.float32)
+        self._bounds = np.empty((pool.kv_heads, 2 * pool.head_dim, 64), dtype=np.float32)  # full pages
+        # The open page's bounds, updated at every token, are kept apart in one contiguous block: its
+        # column of _bounds spans 2*head_dim*kv_heads cache lines, each a miss after a graph call has
+        # streamed the weights through the caches (40 us per layer and token). It is written there once,
+        # when the page fills; until then no selection reads it (the open page is always selected).
+        self._open_bounds = np.empty((pool.kv_heads, 2 * pool.head_dim), dtype=np.float32)
 
     @property
     def n_pages(self) -> int:
@@ -35,6 +40,7 @@ class PageStore:
     def append(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Append n tokens: keys and values [kv_heads, n, head_dim], post-RoPE."""
         n, p = keys.shape[1], self.page_size
+        kmax, kmin = self._open_bounds[:, :self.head_dim], self._open_bounds[:, self.head_dim:]
         written = 0
         while written < n:
             page, offset = divmod(self.length, p)
@@ -43,12 +49,13 @@ class PageStore:
                 self._new_page(page)
             k, v = keys[:, written:written + take], values[:, written:written + take]
             self.pool.write(self.layer, page, offset, k, v)
-            kmax, kmin = self._bounds[:, :self.head_dim, page], self._bounds[:, self.head_dim:, page]
             if offset == 0:
                 kmax[:], kmin[:] = k.max(axis=1), k.min(axis=1)
             else:
                 np.maximum(kmax, k.max(axis=1), out=kmax)
                 np.minimum(kmin, k.min(axis=1), out=kmin)
+            if offset + take == p:
+                self._bounds[:, :, page] = self._open_bounds
             self.length += take
             written += take
 
@@ -58,8 +65,9 @@ class PageStore:
         self.pool.allocate(self.layer, page)
 
     def bounds(self) -> np.ndarray:
-        """Per-page key max and min, [kv_heads, 2*head_dim, n_pages] (a view, no copy)."""
-        return self._bounds[:, :, :self.n_pages]
+        """Per-page key max and min of the full pages, [kv_heads, 2*head_dim, length // page_size] (a view,
+        no copy). A step's selection candidates are all full: every page it writes is selected anyway."""
+        return self._bounds[:, :, :self.length // self.page_size]
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """All stored keys and values, [kv_heads, length, head_dim] each, wherever their pages live."""

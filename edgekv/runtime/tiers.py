@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from numba import njit
 
 from edgekv.runtime.page_format import PageFormat
 from edgekv.toolkit.errors import EdgekvError
@@ -159,6 +160,13 @@ class TieredPool:
         self._fill_open(layer, pages, heads, (keys, self.open_k), (values, self.open_v))
         return keys, values
 
+    def copy_pages(self, layer: int, pages: np.ndarray, heads: np.ndarray, k_out: np.ndarray, v_out: np.ndarray,
+                   out_pages: np.ndarray) -> None:
+        """page_kv of full, host-resident pages (fetch them first; an INT8 layer's open page is not in its
+        record yet), one KV head each, written straight into k_out/v_out [kv_heads, pages, P, D]: page
+        pages[i], head heads[i] into [heads[i], out_pages[i]]."""
+        self.format.copy_pages(self.host, self.slot[layer][pages], heads, k_out, v_out, out_pages)
+
     def page_keys(self, layer: int, pages: np.ndarray, heads: np.ndarray) -> np.ndarray:
         """Float keys of pages, one KV head per entry (`heads` broadcast against pages): [*shape, P, D].
 
@@ -238,13 +246,10 @@ class TieredPool:
     def fetch(self, layer: int, pages: np.ndarray) -> None:
         """Make a layer's selected pages (repeats allowed) readable on the host: stamp them as the most
         recent, read spilled ones back from disk, count the bytes of those not on the device, and keep the
-        device pool within capacity. (Repeats are cheaper than np.unique here: most pages are resident.)"""
+        device pool within capacity."""
         self._to_host(layer, pages)
-        stamps = self.device_stamp[layer]
-        arriving = pages[stamps[pages] == NOT_ON_DEVICE]
-        stamps[pages] = self.clock
-        if arriving.size:
-            arrived = len(np.unique(arriving))
+        arrived = stamp_on_device(self.device_stamp[layer], pages.ravel(), self.clock)
+        if arrived:
             self.transfer_bytes += arrived * self.page_bytes
             self.device_pages += arrived
             if self.device_pages > self.device_capacity:
@@ -254,10 +259,8 @@ class TieredPool:
         """Stamp pages as the most recently used and read spilled ones back from disk."""
         self.clock += 1
         # Stamp first: these pages are the most recent, so restoring one never spills another.
-        self.last_used[layer][pages] = self.clock
-        tiers = self.tier[layer][pages]
-        if (tiers == DISK).any():
-            for page in np.unique(pages[tiers == DISK]):
+        if stamp_used(self.last_used[layer], self.tier[layer], pages.ravel(), self.clock):
+            for page in np.unique(pages[self.tier[layer][pages] == DISK]):
                 self._restore(layer, int(page), pinned_from=self.clock)
 
     def _evict_device(self) -> None:
@@ -295,3 +298,26 @@ class TieredPool:
         if self.spill is not None:
             self.spill.close()
             self.spill = None
+
+
+# Compiled: these run for every layer and token on a few hundred pages, where numpy's per-call cost
+# (a fancy index, a comparison, a unique) outweighs the work (benchmarks/RESULTS.md, host share).
+@njit(cache=True)
+def stamp_used(last_used: np.ndarray, tier: np.ndarray, pages: np.ndarray, clock: int) -> int:
+    """Stamp pages (repeats allowed) as last used at `clock`; returns how many of the entries are on disk."""
+    on_disk = 0
+    for page in pages:
+        last_used[page] = clock
+        on_disk += tier[page] == DISK
+    return on_disk
+
+
+@njit(cache=True)
+def stamp_on_device(device_stamp: np.ndarray, pages: np.ndarray, clock: int) -> int:
+    """Stamp pages (repeats allowed) as on the device at `clock`; returns how many distinct pages were not
+    on it before (a repeat finds the stamp its first entry left)."""
+    arrived = 0
+    for page in pages:
+        arrived += device_stamp[page] == NOT_ON_DEVICE
+        device_stamp[page] = clock
+    return arrived
