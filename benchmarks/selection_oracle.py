@@ -41,7 +41,7 @@ def attention_mass_selection(layer: int, q: np.ndarray, store: PageStore, select
     room, first_new = selection.middle.shape[1], selection.first_new
     if room == 0 or room >= first_new - 1:  # every candidate page fits: nothing to choose
         return selection
-    kv_heads = store.bounds().shape[0]
+    kv_heads = store.pool.kv_heads
     candidates = np.broadcast_to(np.arange(1, first_new), (kv_heads, first_new - 1))
     read_keys = partial(store.pool.page_keys, layer, heads=np.arange(kv_heads)[:, None])
     row_positions = store.length - q.shape[1] + np.arange(q.shape[1])

@@ -76,7 +76,7 @@ def captured_mass(q: np.ndarray, keys: np.ndarray, bounds: np.ndarray, page_size
     first_new = (length - 1) // page_size  # the page the step writes, as in Engine._forward
     always = page_mass[..., 0] + page_mass[..., first_new:].sum(-1) if first_new else page_mass.sum(-1)
     if first_new > 1:
-        order = np.argsort(-quest_page_scores(q[:, None, :], bounds[:, :, 1:first_new]), axis=1)  # [kv, m]
+        order = np.argsort(-quest_page_scores(q[:, None, :], bounds, slice(1, first_new)), axis=1)  # [kv, m]
         ranked = np.take_along_axis(page_mass[..., 1:first_new], order[:, None, :], axis=-1)
         cumulative = np.concatenate([np.zeros((kv_heads, groups, 1), np.float32), np.cumsum(ranked, -1)], -1)
     else:

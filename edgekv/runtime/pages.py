@@ -3,8 +3,8 @@
 Keys are stored after RoPE at their absolute positions, so a gathered page keeps its true positions.
 Each page keeps, per KV head and channel, the min and max of its keys: the upper bound of q·k over the
 page is then sum_i max(q_i*max_i, q_i*min_i) (Quest), computed for all pages at once in selection.py.
-The bounds are laid out [kv_heads, 2*head_dim, pages] (max rows, then min rows) so that scoring is one
-batched matrix product whose page axis is contiguous.
+The bounds are laid out [kv_heads, 2*head_dim, pages] (max rows, then min rows): scoring runs along the
+contiguous page axis, one channel row at a time (selection.py).
 
 Where a page's bytes live (host RAM or the disk spill file) is the business of tiers.py; this class
 holds the per-layer page table and the metadata, which always stay in RAM.
@@ -65,9 +65,12 @@ class PageStore:
         self.pool.allocate(self.layer, page)
 
     def bounds(self) -> np.ndarray:
-        """Per-page key max and min of the full pages, [kv_heads, 2*head_dim, length // page_size] (a view,
-        no copy). A step's selection candidates are all full: every page it writes is selected anyway."""
-        return self._bounds[:, :, :self.length // self.page_size]
+        """Per-page key max and min, [kv_heads, 2*head_dim, capacity]: the store's own array (no copy), whose
+        columns 0 .. length // page_size - 1, the full pages, are set; the open page's column is written
+        when it fills (a step's selection candidates are all full: the pages it writes are selected anyway).
+        The page axis runs to the capacity so that the array stays C-contiguous, which the compiled decode
+        score needs (a slice of it would not be)."""
+        return self._bounds
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """All stored keys and values, [kv_heads, length, head_dim] each, wherever their pages live."""

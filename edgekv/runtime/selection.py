@@ -21,12 +21,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from numba import njit
 
 POLICIES = ("quest", "rerank", "streaming", "dense")
 # rerank reads the keys of this many times the free room, per KV head: 4 for one query row (decode), 8
 # for a prefill chunk, whose one selection serves all its rows (with 4 in prefill, Retrieve.Number at
 # 8000 tokens lost one number of three; benchmarks/RESULTS.md).
 RERANK_SHORTLIST_ROW, RERANK_SHORTLIST_CHUNK = 4, 8
+# Rows per KV head (the group's query heads times the step's tokens) up to which a step counts as decode
+# sized: its products take a different form than a prefill chunk's hundreds of rows.
+FEW_ROWS = 16
 
 
 @dataclass
@@ -51,20 +55,53 @@ class Selection:
         return np.concatenate([sink, np.sort(self.middle, axis=1), new], axis=1)
 
 
-def quest_page_scores(q: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """Quest's upper bound of q·k over each page, aggregated per KV head.
+def quest_page_scores(q: np.ndarray, bounds: np.ndarray, pages: slice) -> np.ndarray:
+    """Quest's upper bound of q·k over each page of `pages`, aggregated per KV head.
 
-    q [q_heads, rows, head_dim] (post-RoPE, real rows only); bounds [kv_heads, 2*head_dim, pages], each
-    page's per-channel key max then min. The bound sum_i max(q_i*max_i, q_i*min_i) equals
-    relu(q)·max + min(q, 0)·min: one batched matrix product of [relu(q), min(q, 0)] with the bounds,
-    over all pages at once (pages on the last axis keep each head's matrix contiguous for BLAS).
-    The G query heads of a KV head's group, and all rows of a prefill chunk, are aggregated with max:
-    a page is worth keeping if any of them wants it. Returns [kv_heads, pages].
+    q [q_heads, rows, head_dim] (post-RoPE, real rows only); bounds [kv_heads, 2*head_dim, >= pages.stop],
+    each page's per-channel key max then min (PageStore.bounds). The bound sum_i max(q_i*max_i, q_i*min_i)
+    equals relu(q)·max + min(q, 0)·min. The G query heads of a KV head's group, and all rows of a prefill
+    chunk, are aggregated with max: a page is worth keeping if any of them wants it. Returns
+    [kv_heads, len(pages)].
+
+    A decode step's few rows are scored by a compiled loop that reads, per channel, only the bound row
+    each query row needs; a prefill chunk's many rows by one batched product of [relu(q), min(q, 0)] with
+    the bounds (BLAS).
     """
     kv_heads = bounds.shape[0]
     grouped = q.reshape(kv_heads, -1, q.shape[-1])  # [kv_heads, G*rows, head_dim]
+    if grouped.shape[1] <= FEW_ROWS:
+        scores = np.empty((kv_heads, pages.stop - pages.start), np.float32)
+        few_row_bound_scores(np.ascontiguousarray(grouped), np.ascontiguousarray(bounds), pages.start,
+                             pages.stop, scores)
+        return scores
     split = np.concatenate([np.maximum(grouped, 0), np.minimum(grouped, 0)], axis=-1)
-    return np.matmul(split, bounds).max(axis=1)
+    return np.matmul(split, bounds[:, :, pages]).max(axis=1)
+
+
+# Compiled: in decode the bounds (a quarter of the keys' bytes) come from memory at every layer and token;
+# numpy's product also reads the half of them each row multiplies by zero, and allocates its operands.
+@njit(cache=True, fastmath=True)
+def few_row_bound_scores(rows: np.ndarray, bounds: np.ndarray, start: int, stop: int, scores: np.ndarray) -> None:
+    """quest_page_scores of rows [kv_heads, R, head_dim] over bounds[:, :, start:stop] into scores."""
+    kv_heads, channels, _ = bounds.shape
+    head_dim = channels // 2
+    totals = np.empty((rows.shape[1], stop - start), np.float32)
+    for head in range(kv_heads):
+        totals[:] = 0
+        for i in range(head_dim):
+            upper, lower = bounds[head, i, start:stop], bounds[head, head_dim + i, start:stop]
+            for r in range(rows.shape[1]):
+                x = rows[head, r, i]
+                bound = upper if x > 0 else lower  # where x*k over channel i is largest
+                total = totals[r]
+                for page in range(len(total)):  # from 0, on slices: numba vectorizes it (not so from start)
+                    total[page] += x * bound[page]
+        for page in range(stop - start):
+            best = totals[0, page]
+            for r in range(1, rows.shape[1]):
+                best = max(best, totals[r, page])
+            scores[head, page] = best
 
 
 def attention_mass(rows: np.ndarray, keys: np.ndarray, local_keys: np.ndarray, local_visible: np.ndarray) -> np.ndarray:
@@ -94,7 +131,7 @@ def row_logits(rows: np.ndarray, keys: np.ndarray) -> np.ndarray:
     For a few rows (decode) BLAS is about 3x faster with the keys on the left and the rows' transpose
     contiguous, and transposing the small result back costs little; for a prefill chunk's rows the
     plain product is faster than transposing its large result."""
-    if rows.shape[1] > 16:
+    if rows.shape[1] > FEW_ROWS:
         return rows @ keys.transpose(0, 2, 1)
     return np.ascontiguousarray((keys @ np.ascontiguousarray(rows.transpose(0, 2, 1))).transpose(0, 2, 1))
 
@@ -128,13 +165,13 @@ def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, f
         middle = np.arange(first_new - room, first_new, dtype=np.int64)
         return Selection(np.broadcast_to(middle, (kv_heads, room)), first_new, n_pages)
     if policy == "quest" or room == 0:  # candidates: pages 1..first_new-1
-        return Selection(top_pages(quest_page_scores(q, bounds[:, :, 1:first_new]), room) + 1, first_new, n_pages)
+        return Selection(top_pages(quest_page_scores(q, bounds, slice(1, first_new)), room) + 1, first_new, n_pages)
     factor = RERANK_SHORTLIST_ROW if q.shape[1] == 1 else RERANK_SHORTLIST_CHUNK
     shortlist = min(first_new - 1, factor * room)
     if shortlist == first_new - 1:  # every candidate is shortlisted: no need for their bounds
         candidates = np.broadcast_to(np.arange(1, first_new), (kv_heads, shortlist))
     else:
-        candidates = top_pages(quest_page_scores(q, bounds[:, :, 1:first_new]), shortlist) + 1
+        candidates = top_pages(quest_page_scores(q, bounds, slice(1, first_new)), shortlist) + 1
     return Selection(most_attended(q, candidates, room, read_keys, row_positions, first_new, n_pages),
                      first_new, n_pages)
 
