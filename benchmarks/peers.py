@@ -52,8 +52,8 @@ LABELS = {
     "transformers": "transformers (PyTorch eager, fp32)",
     "optimum": "optimum-onnx ORT (fp32)",
     "llama.cpp": "llama.cpp (GGUF Q4_1)",
-    "quest": "edgekv quest (fp32)",
-    "dense": "edgekv dense (fp32, static 8192)",
+    "quest": "edgekv quest",
+    "dense": "edgekv dense (static 8192)",
 }
 
 
@@ -195,6 +195,8 @@ class Edgekv:
         self.reset()
         self.max_context = self.engine.manifest.model["max_context"] if policy == "dense" else None
         self.version = f"edgekv {__version__}, policy {policy}, {artifact}"
+        weights = self.engine.manifest.data.get("quantization", {}).get("weight_dtype", "fp32")
+        self.label = f"{LABELS[policy]}, {weights} weights"
 
     def reset(self) -> None:
         from edgekv.runtime.engine import Engine
@@ -235,7 +237,8 @@ def measure(name: str, artifact: str, contexts: list[int], steps: int) -> tuple[
     ids = np.random.default_rng(SEED).integers(*TOKEN_IDS, max(contexts)).tolist()
     start = time.perf_counter()
     system = open_system(name, artifact, max(contexts) + WARMUP + steps)
-    info = {"system": name, "label": LABELS[name], "version": system.version, "open_s": time.perf_counter() - start}
+    info = {"system": name, "label": getattr(system, "label", LABELS[name]), "version": system.version,
+            "open_s": time.perf_counter() - start}
     system.reset()
     token = system.prefill(ids[:WARMUP_PROMPT])
     for _ in range(WARMUP):
@@ -299,7 +302,7 @@ def print_table(infos: list[dict], rows: list[dict]) -> None:
             print(f"{info['system']}: {info['label']}; {info['version']}; peak RSS {info['peak_rss_mib']:.0f} MiB")
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(infos: list[dict], rows: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,10 +310,11 @@ def plot(rows: list[dict], path: str) -> None:
 
     from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S
 
+    labels = {info["system"]: info["label"] for info in infos}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(row["system"] for row in rows):
         points = [(row["context"], row["decode_tok_s"]) for row in rows if row["system"] == name]
-        ax.plot(*zip(*points), marker="o", label=LABELS[name])
+        ax.plot(*zip(*points), marker="o", label=labels[name])
     ax.axhline(READING_SPEED_TOKENS_PER_S, color="grey", linestyle="--",
                label=f"human reading speed ({READING_SPEED_TOKENS_PER_S} tok/s)")
     ax.set_xscale("log", base=2)
@@ -352,7 +356,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"settings": settings, "systems": infos, "rows": rows}, f, indent=1)
     if args.plot and rows:
-        plot(rows, args.plot)
+        plot(infos, rows, args.plot)
 
 
 if __name__ == "__main__":

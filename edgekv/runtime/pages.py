@@ -13,6 +13,7 @@ holds the per-layer page table and the metadata, which always stay in RAM.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from edgekv.runtime.tiers import TieredPool
 
@@ -40,7 +41,6 @@ class PageStore:
     def append(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Append n tokens: keys and values [kv_heads, n, head_dim], post-RoPE."""
         n, p = keys.shape[1], self.page_size
-        kmax, kmin = self._open_bounds[:, :self.head_dim], self._open_bounds[:, self.head_dim:]
         written = 0
         while written < n:
             page, offset = divmod(self.length, p)
@@ -49,11 +49,7 @@ class PageStore:
                 self._new_page(page)
             k, v = keys[:, written:written + take], values[:, written:written + take]
             self.pool.write(self.layer, page, offset, k, v)
-            if offset == 0:
-                kmax[:], kmin[:] = k.max(axis=1), k.min(axis=1)
-            else:
-                np.maximum(kmax, k.max(axis=1), out=kmax)
-                np.minimum(kmin, k.min(axis=1), out=kmin)
+            cover_keys(self._open_bounds, k, offset == 0)
             if offset + take == p:
                 self._bounds[:, :, page] = self._open_bounds
             self.length += take
@@ -81,3 +77,20 @@ class PageStore:
         keys = np.concatenate([k for k, _ in pages], axis=1)[:, :self.length]
         values = np.concatenate([v for _, v in pages], axis=1)[:, :self.length]
         return keys, values
+
+
+# Compiled: it runs for every layer and token on a few hundred numbers, where numpy's four reductions and
+# their views cost more than the work.
+@njit(cache=True)
+def cover_keys(bounds: np.ndarray, keys: np.ndarray, fresh: bool) -> None:
+    """Make bounds [kv_heads, 2*head_dim] (per channel the max, then the min) cover keys [kv_heads, n,
+    head_dim]: set from them when `fresh` (a new page), else widened."""
+    heads, n, head_dim = keys.shape
+    for head in range(heads):
+        for i in range(head_dim):
+            high = keys[head, 0, i] if fresh else max(bounds[head, i], keys[head, 0, i])
+            low = keys[head, 0, i] if fresh else min(bounds[head, head_dim + i], keys[head, 0, i])
+            for t in range(1, n):
+                high = max(high, keys[head, t, i])
+                low = min(low, keys[head, t, i])
+            bounds[head, i], bounds[head, head_dim + i] = high, low
