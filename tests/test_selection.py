@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekv.runtime.pages import PageStore
+from edgekv.runtime.pages import PageStore, bfloat16_outward, widen_bfloat16
 from edgekv.runtime.budget import ResidentBudget, slot_positions
-from edgekv.runtime.selection import attention_mass, quest_page_scores, select_pages
+from edgekv.runtime.selection import attention_mass, quest_page_scores, select_pages, top_pages
 from edgekv.runtime.tiers import TieredPool
 
 KV_HEADS, GROUPS, HEAD_DIM, PAGE = 2, 3, 8, 4
@@ -37,11 +37,14 @@ def test_page_min_max_follow_appends_in_uneven_chunks(tmp_path):
     np.testing.assert_array_equal(v_out[:, :23], values)
     assert not k_out[:, 23:].any()  # the unwritten rows of the current page are zeros, never stale memory
     store.append(keys[:, -1:], values[:, -1:])  # the 24th token fills page 5 (its max and min repeat)
-    bounds = store.bounds()  # the open page's bounds are written when it fills
+    bounds = widen_bfloat16(store.bounds())  # the open page's bounds are written when it fills
     for page in range(6):
         chunk = keys[:, page * PAGE:(page + 1) * PAGE]
-        np.testing.assert_array_equal(bounds[:, :HEAD_DIM, page], chunk.max(axis=1))
-        np.testing.assert_array_equal(bounds[:, HEAD_DIM:, page], chunk.min(axis=1))
+        high, low = bounds[:, :HEAD_DIM, page], bounds[:, HEAD_DIM:, page]
+        # bfloat16, rounded outward: still bounds, within one bfloat16 step (8 significant bits)
+        assert (high >= chunk.max(axis=1)).all() and (low <= chunk.min(axis=1)).all()
+        np.testing.assert_allclose(high, chunk.max(axis=1), rtol=2 ** -7)
+        np.testing.assert_allclose(low, chunk.min(axis=1), rtol=2 ** -7)
 
 
 @pytest.mark.parametrize("steps", [1, 8])  # decode's few rows (compiled loop) and a chunk's many (BLAS)
@@ -50,7 +53,9 @@ def test_quest_score_is_the_per_channel_upper_bound(steps):
     q = rng.normal(size=(KV_HEADS * GROUPS, steps, HEAD_DIM)).astype(np.float32)
     kmin = rng.normal(size=(5, KV_HEADS, HEAD_DIM)).astype(np.float32)
     kmax = kmin + rng.uniform(0, 2, size=kmin.shape).astype(np.float32)
-    scores = quest_page_scores(q, np.concatenate([kmax, kmin], axis=-1).transpose(1, 2, 0), slice(0, 5))
+    bits = bfloat16_outward(np.concatenate([kmax, kmin], axis=-1))  # [pages, kv_heads, 2*head_dim]
+    kmax, kmin = np.split(widen_bfloat16(bits), 2, axis=-1)  # the bounds the score sees
+    scores = quest_page_scores(q, np.ascontiguousarray(bits.transpose(1, 2, 0)), slice(0, 5))
     assert scores.shape == (KV_HEADS, 5)
     for head in range(KV_HEADS):
         rows = q[head * GROUPS:(head + 1) * GROUPS].reshape(-1, HEAD_DIM)  # the group's heads and rows
@@ -194,3 +199,14 @@ def test_rerank_and_the_oracle_keep_the_page_attention_wants_where_quests_bound_
     assert rerank.pages().tolist() == [[0, 3, 9]] * KV_HEADS
     study = load_selection_oracle()
     assert study.attention_mass_selection(0, q, store, quest).pages().tolist() == [[0, 3, 9]] * KV_HEADS
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 39, 40])
+def test_top_pages_are_the_highest_scores_ties_included(count):
+    rng = np.random.default_rng(count)
+    scores = rng.integers(0, 12, size=(3, 40)).astype(np.float32)  # many ties
+    top = top_pages(scores, count)
+    assert top.shape == (3, count)
+    for row, chosen in zip(scores, top):
+        assert len(set(chosen)) == count
+        np.testing.assert_array_equal(np.sort(row[chosen]), np.sort(row)[len(row) - count:])

@@ -4,7 +4,10 @@ Keys are stored after RoPE at their absolute positions, so a gathered page keeps
 Each page keeps, per KV head and channel, the min and max of its keys: the upper bound of q·k over the
 page is then sum_i max(q_i*max_i, q_i*min_i) (Quest), computed for all pages at once in selection.py.
 The bounds are laid out [kv_heads, 2*head_dim, pages] (max rows, then min rows): scoring runs along the
-contiguous page axis, one channel row at a time (selection.py).
+contiguous page axis, one channel row at a time (selection.py). They are kept in bfloat16, rounded
+outward (each max up, each min down) so that the score stays an upper bound: decode reads every page's
+bounds from memory at every layer and token, and half the bytes is a shorter read (benchmarks/RESULTS.md).
+bfloat16 is float32's upper half, so widening it back is a shift.
 
 Where a page's bytes live (host RAM or the disk spill file) is the business of tiers.py; this class
 holds the per-layer page table and the metadata, which always stay in RAM.
@@ -27,7 +30,7 @@ class PageStore:
         self.page_size = pool.page_size
         self.length = 0  # tokens stored
         self.head_dim = pool.head_dim
-        self._bounds = np.empty((pool.kv_heads, 2 * pool.head_dim, 64), dtype=np.float32)  # full pages
+        self._bounds = np.empty((pool.kv_heads, 2 * pool.head_dim, 64), dtype=np.uint16)  # full pages, bfloat16
         # The open page's bounds, updated at every token, are kept apart in one contiguous block: its
         # column of _bounds spans kv_heads*2*head_dim cache lines, each a likely miss after a graph call
         # has streamed the weights through the caches (writing it once per page instead of per token saved
@@ -51,7 +54,7 @@ class PageStore:
             self.pool.write(self.layer, page, offset, k, v)
             cover_keys(self._open_bounds, k, offset == 0)
             if offset + take == p:
-                self._bounds[:, :, page] = self._open_bounds
+                self._bounds[:, :, page] = bfloat16_outward(self._open_bounds)
             self.length += take
             written += take
 
@@ -61,7 +64,8 @@ class PageStore:
         self.pool.allocate(self.layer, page)
 
     def bounds(self) -> np.ndarray:
-        """Per-page key max and min, [kv_heads, 2*head_dim, capacity]: the store's own array (no copy), whose
+        """Per-page key max and min as bfloat16 bits (uint16; widen_bfloat16 gives float32), [kv_heads,
+        2*head_dim, capacity]: the store's own array (no copy), whose
         columns 0 .. length // page_size - 1, the full pages, are set; the open page's column is written
         when it fills (a step's selection candidates are all full: the pages it writes are selected anyway).
         The page axis runs to the capacity so that the array stays C-contiguous, which the compiled decode
@@ -77,6 +81,22 @@ class PageStore:
         keys = np.concatenate([k for k, _ in pages], axis=1)[:, :self.length]
         values = np.concatenate([v for _, v in pages], axis=1)[:, :self.length]
         return keys, values
+
+
+def bfloat16_outward(bounds: np.ndarray) -> np.ndarray:
+    """bfloat16 bits of float32 bounds [..., 2*head_dim] (per channel the max, then the min), each max
+    rounded up and each min rounded down, so that they still bound the keys."""
+    bits = np.ascontiguousarray(bounds, np.float32).view(np.uint32)
+    half = bounds.shape[-1] // 2
+    # Dropping the low half rounds toward zero: right for a max below zero and a min above it; the others
+    # move one bfloat16 step away from zero when the dropped bits were not all zero.
+    away = np.concatenate([bounds[..., :half] > 0, bounds[..., half:] < 0], axis=-1)
+    return ((bits >> 16) + (away & ((bits & 0xFFFF) != 0))).astype(np.uint16)
+
+
+def widen_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 bits."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 # Compiled: it runs for every layer and token on a few hundred numbers, where numpy's four reductions and

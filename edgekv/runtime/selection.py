@@ -23,6 +23,8 @@ from typing import Callable
 import numpy as np
 from numba import njit
 
+from edgekv.runtime.pages import widen_bfloat16
+
 POLICIES = ("quest", "rerank", "streaming", "dense")
 # rerank reads the keys of this many times the free room, per KV head: 4 for one query row (decode), 8
 # for a prefill chunk, whose one selection serves all its rows (with 4 in prefill, Retrieve.Number at
@@ -59,14 +61,14 @@ def quest_page_scores(q: np.ndarray, bounds: np.ndarray, pages: slice) -> np.nda
     """Quest's upper bound of q·k over each page of `pages`, aggregated per KV head.
 
     q [q_heads, rows, head_dim] (post-RoPE, real rows only); bounds [kv_heads, 2*head_dim, >= pages.stop],
-    each page's per-channel key max then min (PageStore.bounds). The bound sum_i max(q_i*max_i, q_i*min_i)
-    equals relu(q)·max + min(q, 0)·min. The G query heads of a KV head's group, and all rows of a prefill
-    chunk, are aggregated with max: a page is worth keeping if any of them wants it. Returns
-    [kv_heads, len(pages)].
+    each page's per-channel key max then min as bfloat16 bits (PageStore.bounds). The bound
+    sum_i max(q_i*max_i, q_i*min_i) equals relu(q)·max + min(q, 0)·min. The G query heads of a KV head's
+    group, and all rows of a prefill chunk, are aggregated with max: a page is worth keeping if any of them
+    wants it. Returns [kv_heads, len(pages)].
 
     A decode step's few rows are scored by a compiled loop that reads, per channel, only the bound row
     each query row needs; a prefill chunk's many rows by one batched product of [relu(q), min(q, 0)] with
-    the bounds (BLAS).
+    the widened bounds (BLAS).
     """
     kv_heads = bounds.shape[0]
     grouped = q.reshape(kv_heads, -1, q.shape[-1])  # [kv_heads, G*rows, head_dim]
@@ -76,32 +78,53 @@ def quest_page_scores(q: np.ndarray, bounds: np.ndarray, pages: slice) -> np.nda
                              pages.stop, scores)
         return scores
     split = np.concatenate([np.maximum(grouped, 0), np.minimum(grouped, 0)], axis=-1)
-    return np.matmul(split, bounds[:, :, pages]).max(axis=1)
+    return np.matmul(split, widen_bfloat16(bounds[:, :, pages])).max(axis=1)
 
 
-# Compiled: in decode the bounds (a quarter of the keys' bytes) come from memory at every layer and token;
-# numpy's product also reads the half of them each row multiplies by zero, and allocates its operands.
+# Compiled: in decode the bounds (an eighth of the keys' bytes) come from memory at every layer and token;
+# numpy's product would also read the half of them each row multiplies by zero, and allocate its operands.
 @njit(cache=True, fastmath=True)
 def few_row_bound_scores(rows: np.ndarray, bounds: np.ndarray, start: int, stop: int, scores: np.ndarray) -> None:
-    """quest_page_scores of rows [kv_heads, R, head_dim] over bounds[:, :, start:stop] into scores."""
+    """quest_page_scores of rows [kv_heads, R, head_dim] over bfloat16 bounds[:, :, start:stop] into scores."""
     kv_heads, channels, _ = bounds.shape
     head_dim = channels // 2
-    totals = np.empty((rows.shape[1], stop - start), np.float32)
+    n = stop - start
+    totals = np.empty((rows.shape[1], n), np.float32)
+    # Each bound row a query row needs is widened once into float32 here (a shift of its bits), then read
+    # from the first-level cache by every row that needs it.
+    upper_bits, lower_bits = np.empty(n, np.uint32), np.empty(n, np.uint32)
+    upper, lower = upper_bits.view(np.float32), lower_bits.view(np.float32)
     for head in range(kv_heads):
         totals[:] = 0
         for i in range(head_dim):
-            upper, lower = bounds[head, i, start:stop], bounds[head, head_dim + i, start:stop]
+            wants_upper, wants_lower = False, False
+            for r in range(rows.shape[1]):
+                if rows[head, r, i] > 0:
+                    wants_upper = True
+                else:
+                    wants_lower = True
+            if wants_upper:
+                widen_into(bounds[head, i, start:stop], upper_bits)
+            if wants_lower:
+                widen_into(bounds[head, head_dim + i, start:stop], lower_bits)
             for r in range(rows.shape[1]):
                 x = rows[head, r, i]
                 bound = upper if x > 0 else lower  # where x*k over channel i is largest
                 total = totals[r]
-                for page in range(len(total)):  # indexed from 0 over slices: indexed from start, it was 3x slower
+                for page in range(n):  # indexed from 0 over slices: indexed from start, it was 3x slower
                     total[page] += x * bound[page]
-        for page in range(stop - start):
+        for page in range(n):
             best = totals[0, page]
             for r in range(1, rows.shape[1]):
                 best = max(best, totals[r, page])
             scores[head, page] = best
+
+
+@njit(cache=True)
+def widen_into(bits: np.ndarray, out: np.ndarray) -> None:
+    """out[:] = bfloat16 bits [n] as float32 bits."""
+    for page in range(len(bits)):
+        out[page] = np.uint32(bits[page]) << 16
 
 
 def attention_mass(rows: np.ndarray, keys: np.ndarray, local_keys: np.ndarray, local_visible: np.ndarray) -> np.ndarray:
