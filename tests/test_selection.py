@@ -117,6 +117,26 @@ def test_spilled_pages_come_back_unchanged(tmp_path):
     assert not (tmp_path / "spill.bin").exists()
 
 
+def test_device_pool_evicts_the_least_recently_gathered_pages_of_any_layer(tmp_path):
+    page_bytes = 2 * KV_HEADS * PAGE * HEAD_DIM * 4
+    pool = TieredPool(2, KV_HEADS, HEAD_DIM, PAGE, 10 * page_bytes, 100 * page_bytes, tmp_path / "spill.bin")
+    for layer in (0, 1):
+        for page in range(6):
+            pool.allocate(layer, page)
+
+    def moved(layer: int, page: int) -> int:
+        before = pool.transfer_bytes
+        pool.fetch(layer, np.array([page]))
+        return (pool.transfer_bytes - before) // page_bytes
+
+    order = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (0, 3), (1, 3), (0, 4), (1, 4)]
+    assert [moved(*p) for p in order] == [1] * 10 and pool.counts()["device"] == 10  # full, not over
+    assert moved(1, 5) == 1  # over capacity: down to 95% of it, the two oldest (layer 0's pages 0 and 1) leave
+    assert pool.counts()["device"] == 9
+    assert [moved(0, 2), moved(1, 0), moved(0, 0), moved(0, 1)] == [0, 0, 1, 1]
+    pool.close()
+
+
 @pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
 def test_resident_budget_holds_exactly_the_selection_as_it_changes(tmp_path, kv_dtype):
     """Step after step, with selections that keep some pages and swap others, the resident buffer's

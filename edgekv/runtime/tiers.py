@@ -2,8 +2,8 @@
 
 - Device pool: the LRU of recently gathered pages, with the profile's device capacity. On an NPU it is
   the memory the graph reads; a page gathered from outside it is a transfer, and its bytes are counted.
-  Eviction is batched (down to DEVICE_EVICT_TO of capacity in one vectorized pass) so that keeping the
-  LRU costs a few array operations per step, not a Python loop over pages.
+  Eviction is batched (down to DEVICE_EVICT_TO of capacity in one compiled pass over the stamps) so that
+  keeping the LRU costs little per step.
   (On this CPU-only host the device pool is bookkeeping over host memory: what it measures is how many
   bytes an NPU would have to move per token.)
 - Host pool: page slots in RAM, up to the profile's host KV budget.
@@ -91,14 +91,15 @@ class TieredPool:
         self.open_v = np.zeros_like(self.open_k) if self.format.quantized else None
         self.host_used = 0  # slots handed out so far (free ones are reused first)
         self.host_free: list[int] = []
-        # Per layer, per page: tier, slot in that tier, and the step it was last used (for LRU spills).
-        self.tier = [np.zeros(0, dtype=np.int8) for _ in range(layers)]
-        self.slot = [np.zeros(0, dtype=np.int64) for _ in range(layers)]
-        self.last_used = [np.zeros(0, dtype=np.int64) for _ in range(layers)]
+        # Per layer and page, [layers, capacity], grown by doubling (the layers hold the same pages): tier,
+        # slot in that tier, the step it was last used (for LRU spills), and the step it was last gathered
+        # while on the device, or NOT_ON_DEVICE.
+        self.tier = np.zeros((layers, 0), dtype=np.int8)
+        self.slot = np.zeros((layers, 0), dtype=np.int64)
+        self.last_used = np.zeros((layers, 0), dtype=np.int64)
+        self.device_stamp = np.zeros((layers, 0), dtype=np.int64)
         self.n_pages = [0] * layers
         self.clock = 0
-        # Per layer, per page: the step it was last gathered while on the device, or NOT_ON_DEVICE.
-        self.device_stamp = [np.zeros(0, dtype=np.int64) for _ in range(layers)]
         self.device_pages = 0
         self.spill_path = spill_path
         self.spill: SpillFile | None = None
@@ -108,13 +109,12 @@ class TieredPool:
 
     # -- page table -------------------------------------------------------------------------------
     def allocate(self, layer: int, page: int) -> None:
-        if page == len(self.tier[layer]):
-            grow = max(64, len(self.tier[layer]))
-            self.tier[layer] = np.concatenate([self.tier[layer], np.zeros(grow, dtype=np.int8)])
-            self.slot[layer] = np.concatenate([self.slot[layer], np.zeros(grow, dtype=np.int64)])
-            self.last_used[layer] = np.concatenate([self.last_used[layer], np.zeros(grow, dtype=np.int64)])
-            self.device_stamp[layer] = np.concatenate([self.device_stamp[layer],
-                                                       np.full(grow, NOT_ON_DEVICE, dtype=np.int64)])
+        if page == self.tier.shape[1]:
+            layers, grow = self.tier.shape[0], max(64, self.tier.shape[1])
+            self.tier = np.concatenate([self.tier, np.zeros((layers, grow), np.int8)], axis=1)
+            self.slot = np.concatenate([self.slot, np.zeros((layers, grow), np.int64)], axis=1)
+            self.last_used = np.concatenate([self.last_used, np.zeros((layers, grow), np.int64)], axis=1)
+            self.device_stamp = np.concatenate([self.device_stamp, np.full((layers, grow), NOT_ON_DEVICE)], axis=1)
         self.tier[layer][page] = HOST
         slot = self.slot[layer][page] = self._host_slot(protect=(layer, page))
         # A fresh page's unwritten rows are gathered (then masked) until filled: they must hold finite
@@ -265,14 +265,8 @@ class TieredPool:
 
     def _evict_device(self) -> None:
         """Drop the least recently gathered pages of all layers until the pool is DEVICE_EVICT_TO full."""
-        stamps = np.concatenate([s[:n] for s, n in zip(self.device_stamp, self.n_pages)])
-        on_device = np.flatnonzero(stamps != NOT_ON_DEVICE)
         excess = self.device_pages - int(self.device_capacity * DEVICE_EVICT_TO)
-        oldest = on_device[np.argpartition(stamps[on_device], excess - 1)[:excess]]
-        offsets = np.cumsum([0] + self.n_pages)
-        for layer in range(len(self.device_stamp)):
-            mine = oldest[(oldest >= offsets[layer]) & (oldest < offsets[layer + 1])]
-            self.device_stamp[layer][mine - offsets[layer]] = NOT_ON_DEVICE
+        evict_oldest(self.device_stamp, max(self.n_pages), excess)
         self.device_pages -= excess
 
     def gather(self, layer: int, pages: np.ndarray, k_out: np.ndarray, v_out: np.ndarray) -> None:
@@ -321,3 +315,26 @@ def stamp_on_device(device_stamp: np.ndarray, pages: np.ndarray, clock: int) -> 
         arrived += device_stamp[page] == NOT_ON_DEVICE
         device_stamp[page] = clock
     return arrived
+
+
+@njit(cache=True)
+def evict_oldest(device_stamp: np.ndarray, n_pages: int, excess: int) -> None:
+    """Take the `excess` pages of oldest stamp off the device: device_stamp [layers, >= n_pages]."""
+    layers = device_stamp.shape[0]
+    stamps = np.empty(layers * n_pages, np.int64)
+    count = 0
+    for layer in range(layers):
+        for page in range(n_pages):
+            if device_stamp[layer, page] != NOT_ON_DEVICE:
+                stamps[count] = device_stamp[layer, page]
+                count += 1
+    cutoff = np.partition(stamps[:count], excess - 1)[excess - 1]  # the newest stamp that leaves
+    # Every page stamped before the cutoff leaves, and as many stamped at it (one fetch stamps many) as
+    # make up the excess.
+    at_cutoff = excess - np.sum(stamps[:count] < cutoff)
+    for layer in range(layers):
+        for page in range(n_pages):
+            stamp = device_stamp[layer, page]
+            if stamp != NOT_ON_DEVICE and (stamp < cutoff or (stamp == cutoff and at_cutoff > 0)):
+                at_cutoff -= stamp == cutoff
+                device_stamp[layer, page] = NOT_ON_DEVICE
