@@ -141,13 +141,20 @@ def test_device_pool_evicts_the_least_recently_gathered_pages_of_any_layer(tmp_p
 def test_resident_budget_holds_exactly_the_selection_as_it_changes(tmp_path, kv_dtype):
     """Step after step, with selections that keep some pages and swap others, the resident buffer's
     visible rows are, per head, exactly the rows of the selected pages (INT8 pages: as page_kv decodes
-    them), and empty slots are masked."""
-    pool, store = make_store(tmp_path, kv_dtype=kv_dtype)
+    them), and empty slots are masked; after clear(), over a new cache, the same (the sink page included)."""
     rng = np.random.default_rng(4)
     budget_pages = 6
     buffer = ResidentBudget.over(np.zeros((KV_HEADS, budget_pages * PAGE, HEAD_DIM), np.float32),
                                  np.zeros((KV_HEADS, budget_pages * PAGE, HEAD_DIM), np.float32), PAGE)
-    keys = rng.normal(size=(KV_HEADS, 120, HEAD_DIM)).astype(np.float32)
+    for cache in range(2):
+        (tmp_path / str(cache)).mkdir()
+        pool, store = make_store(tmp_path / str(cache), kv_dtype=kv_dtype)
+        keys = rng.normal(size=(KV_HEADS, 120, HEAD_DIM)).astype(np.float32)
+        buffer.clear()
+        check_resident_budget(buffer, pool, store, keys, budget_pages, kv_dtype, rng)
+
+
+def check_resident_budget(buffer, pool, store, keys, budget_pages, kv_dtype, rng):
     for length in (1, 5, 9, 17, 23, 60, 61, 64, 65, 90, 119):
         store.append(keys[:, store.length:length], -keys[:, store.length:length])
         q = rng.normal(size=(KV_HEADS * GROUPS, 1, HEAD_DIM)).astype(np.float32)

@@ -4,7 +4,7 @@ Quest's selection changes by a few pages per token, so the budget buffer is not 
 each middle page keeps its slot while it stays selected, and only pages that enter the selection are
 copied in. Layout, in pages of page_size slots:
 
-    slot-page 0                 the sink page (page 0)
+    slot-page 0                 the sink page (page 0, copied once)
     slot-pages 1 .. B/P - 2     the middle pages, in whatever slot they first landed in
     slot-page B/P - 1           the current, partly filled page (copied every step: it grows)
 
@@ -35,6 +35,7 @@ class ResidentBudget:
     v: np.ndarray
     page_size: int
     table: np.ndarray  # [kv_heads, B/page_size - 2]: the page held by each middle slot-page, or EMPTY
+    holds_sink: bool = False  # slot-page 0 holds the sink page (full, so it never changes)
 
     @classmethod
     def over(cls, k: np.ndarray, v: np.ndarray, page_size: int) -> "ResidentBudget":
@@ -44,6 +45,7 @@ class ResidentBudget:
     def clear(self) -> None:
         """Forget the resident pages (after the cache they came from is replaced)."""
         self.table[:] = EMPTY
+        self.holds_sink = False
 
     def update(self, pool: TieredPool, layer: int, selection: Selection) -> None:
         """Make the buffer hold `selection` (a decode step's: one new page), copying only what changed."""
@@ -56,11 +58,12 @@ class ResidentBudget:
         heads_in, slot_pages, pages = assign_slots(self.table, np.ascontiguousarray(selection.middle),
                                                    selection.n_pages)
         pool.copy_pages(layer, pages, heads_in, k, v, 1 + slot_pages)  # middle pages are full
-        edges = [selection.n_pages - 1] + ([0] if selection.has_sink else [])
-        keys, values = pool.page_kv(layer, np.array(edges))
+        if selection.has_sink and not self.holds_sink:
+            sink = np.zeros(heads, np.int64)
+            pool.copy_pages(layer, sink, np.arange(heads), k, v, sink)
+            self.holds_sink = True
+        keys, values = pool.page_kv(layer, np.array([selection.n_pages - 1]))  # it grows: copied every step
         k[:, -1], v[:, -1] = keys[0], values[0]
-        if selection.has_sink:
-            k[:, 0], v[:, 0] = keys[1], values[1]
 
 
 # Compiled: it runs for every layer and token, and as a loop it is a few microseconds where numpy's

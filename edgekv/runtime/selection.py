@@ -163,7 +163,8 @@ def top_pages(scores: np.ndarray, count: int) -> np.ndarray:
     """Indices of the `count` highest scores of each row of [kv_heads, candidates], in any order."""
     if count == 0:
         return np.zeros((scores.shape[0], 0), dtype=np.int64)
-    return np.argpartition(-scores, count - 1, axis=1)[:, :count]
+    kth = scores.shape[1] - count  # partitioned ascending, the last `count` are the highest (no negated copy)
+    return np.argpartition(scores, kth, axis=1)[:, kth:]
 
 
 def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, first_new: int,
