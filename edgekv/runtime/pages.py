@@ -16,7 +16,9 @@ holds the per-layer page table and the metadata, which always stay in RAM.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from edgekv.runtime.tiers import TieredPool
 
@@ -97,6 +99,20 @@ def bfloat16_outward(bounds: np.ndarray) -> np.ndarray:
 def widen_bfloat16(bits: np.ndarray) -> np.ndarray:
     """float32 values of bfloat16 bits."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """A uint32's bits as a float32, in compiled code (numba has no scalar view)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@njit(inline="always")
+def bfloat16_value(bits: np.uint16) -> np.float32:
+    """widen_bfloat16 of one value, in compiled code (a shift, vectorized in loops)."""
+    return _float32_from_bits(np.uint32(bits) << np.uint32(16))
 
 
 # Compiled: it runs for every layer and token on a few hundred numbers, where numpy's four reductions and
