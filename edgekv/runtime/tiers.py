@@ -115,8 +115,8 @@ class TieredPool:
             self.slot = np.concatenate([self.slot, np.zeros((layers, grow), np.int64)], axis=1)
             self.last_used = np.concatenate([self.last_used, np.zeros((layers, grow), np.int64)], axis=1)
             self.device_stamp = np.concatenate([self.device_stamp, np.full((layers, grow), NOT_ON_DEVICE)], axis=1)
-        self.tier[layer][page] = HOST
-        slot = self.slot[layer][page] = self._host_slot(protect=(layer, page))
+        self.tier[layer, page] = HOST
+        slot = self.slot[layer, page] = self._host_slot(protect=(layer, page))
         # A fresh page's unwritten rows are gathered (then masked) until filled: they must hold finite
         # values, since the additive mask cannot hide an infinite or NaN score from stale memory.
         self.host[slot] = np.zeros((), self.host.dtype)
@@ -124,13 +124,13 @@ class TieredPool:
             self.open_page[layer] = page
             self.open_k[layer] = 0.0
             self.open_v[layer] = 0.0
-        self.last_used[layer][page] = self.clock
+        self.last_used[layer, page] = self.clock
         self.n_pages[layer] = page + 1
 
     def write(self, layer: int, page: int, offset: int, keys: np.ndarray, values: np.ndarray) -> None:
-        if self.tier[layer][page] == DISK:
+        if self.tier[layer, page] == DISK:
             self._restore(layer, page)
-        slot = self.slot[layer][page]
+        slot = self.slot[layer, page]
         n = keys.shape[1]
         if self.format.quantized:
             self.open_k[layer, :, offset:offset + n] = keys
@@ -141,21 +141,21 @@ class TieredPool:
         else:
             self.host["k"][slot, :, offset:offset + n] = keys
             self.host["v"][slot, :, offset:offset + n] = values
-        self.last_used[layer][page] = self.clock
+        self.last_used[layer, page] = self.clock
 
     def read(self, layer: int, page: int) -> tuple[np.ndarray, np.ndarray]:
         """A page's keys and values [kv_heads, page_size, head_dim], read where they are (no tier change)."""
         if page == self.open_page[layer]:
             return self.open_k[layer].copy(), self.open_v[layer].copy()
-        slot = self.slot[layer][page]
-        store = self.spill.array if self.tier[layer][page] == DISK else self.host
+        slot = self.slot[layer, page]
+        store = self.spill.array if self.tier[layer, page] == DISK else self.host
         return self.format.decode(store, (slot,))
 
     def page_kv(self, layer: int, pages: np.ndarray, heads: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
         """Float keys and values of host-resident pages (fetch them first): [*pages.shape, kv_heads, P, D],
         or with `heads` (broadcast against pages) one KV head per entry: [*shape, P, D]."""
-        slots = self.slot[layer][pages]
+        slots = self.slot[layer, pages]
         keys, values = self.format.decode(self.host, (slots,) if heads is None else (slots, heads))
         self._fill_open(layer, pages, heads, (keys, self.open_k), (values, self.open_v))
         return keys, values
@@ -165,7 +165,7 @@ class TieredPool:
         """page_kv of full, host-resident pages (fetch them first; an INT8 layer's open page is not in its
         record yet), one KV head each, written straight into k_out/v_out [kv_heads, pages, P, D]: page
         pages[i], head heads[i] into [heads[i], out_pages[i]]."""
-        self.format.copy_pages(self.host, self.slot[layer][pages], heads, k_out, v_out, out_pages)
+        self.format.copy_pages(self.host, self.slot[layer, pages], heads, k_out, v_out, out_pages)
 
     def page_keys(self, layer: int, pages: np.ndarray, heads: np.ndarray) -> np.ndarray:
         """Float keys of pages, one KV head per entry (`heads` broadcast against pages): [*shape, P, D].
@@ -173,7 +173,7 @@ class TieredPool:
         For selection, which reads keys on the host without gathering them: spilled pages are read back
         from disk, but nothing enters the device pool or counts as a transfer."""
         self._to_host(layer, pages)
-        keys = self.format.decode_keys(self.host, (self.slot[layer][pages], heads))
+        keys = self.format.decode_keys(self.host, (self.slot[layer, pages], heads))
         self._fill_open(layer, pages, heads, (keys, self.open_k))
         return keys
 
@@ -212,8 +212,8 @@ class TieredPool:
             n = self.n_pages[layer]
             if n == 0:
                 continue
-            usable = (self.tier[layer][:n] == HOST) & (self.last_used[layer][:n] < usable_below)
-            stamps = np.where(usable, self.last_used[layer][:n], np.iinfo(np.int64).max)
+            usable = (self.tier[layer, :n] == HOST) & (self.last_used[layer, :n] < usable_below)
+            stamps = np.where(usable, self.last_used[layer, :n], np.iinfo(np.int64).max)
             if protect[0] == layer and protect[1] < n:
                 stamps[protect[1]] = np.iinfo(np.int64).max
             page = int(np.argmin(stamps))
@@ -223,23 +223,23 @@ class TieredPool:
             raise EdgekvError(f"the host KV budget ({self.host_capacity} pages) cannot hold the pages of one "
                               "step; raise runtime.host_kv_bytes in the profile")
         _, layer, page = best
-        slot = int(self.slot[layer][page])
+        slot = int(self.slot[layer, page])
         if self.spill is None:
             self.spill = SpillFile(self.spill_path, self.format.record)
-        self.slot[layer][page] = self.spill.store(self.host[slot])
-        self.tier[layer][page] = DISK
-        if self.device_stamp[layer][page] != NOT_ON_DEVICE:
-            self.device_stamp[layer][page] = NOT_ON_DEVICE
+        self.slot[layer, page] = self.spill.store(self.host[slot])
+        self.tier[layer, page] = DISK
+        if self.device_stamp[layer, page] != NOT_ON_DEVICE:
+            self.device_stamp[layer, page] = NOT_ON_DEVICE
             self.device_pages -= 1
         self.pages_spilled += 1
         return slot
 
     def _restore(self, layer: int, page: int, pinned_from: int | None = None) -> None:
-        record = self.spill.load(int(self.slot[layer][page]))
+        record = self.spill.load(int(self.slot[layer, page]))
         slot = self._host_slot(protect=(layer, page), pinned_from=pinned_from)
         self.host[slot] = record
-        self.slot[layer][page] = slot
-        self.tier[layer][page] = HOST
+        self.slot[layer, page] = slot
+        self.tier[layer, page] = HOST
         self.pages_restored += 1
 
     # -- gathering --------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ class TieredPool:
         self.clock += 1
         # Stamp first: these pages are the most recent, so restoring one never spills another.
         if stamp_used(self.last_used[layer], self.tier[layer], pages.ravel(), self.clock):
-            for page in np.unique(pages[self.tier[layer][pages] == DISK]):
+            for page in np.unique(pages[self.tier[layer, pages] == DISK]):
                 self._restore(layer, int(page), pinned_from=self.clock)
 
     def _evict_device(self) -> None:
