@@ -5,7 +5,7 @@ Usage: .venv/bin/python benchmarks/host_step.py [ARTIFACT_DIR] [--contexts 1024,
 Like `edgekv bench`, the engine is prefilled with seeded random tokens to each context and decodes 4
 untimed tokens, then `steps` timed ones. The parts of the host's work (appending the new K/V, scoring,
 the rest of the selection, updating the resident budget and, inside that, the tier bookkeeping and the
-page reads) are wrapped with timers and reported in microseconds per layer and step. The wrappers add
+page copies) are wrapped with timers and reported in microseconds per layer and step. The wrappers add
 a few microseconds each, so the parts sum to a little more than an untimed run's host time.
 """
 
@@ -27,7 +27,7 @@ from edgekv.runtime.tiers import TieredPool
 
 WARMUP_TOKENS = 4
 PARTS = ("append new K/V and page bounds", "selection", "  of which: scoring (matrix products)",
-         "resident budget update", "  of which: tier bookkeeping (fetch)", "  of which: page reads (page_kv)")
+         "resident budget update", "  of which: tier bookkeeping (fetch)", "  of which: page copies (copy_pages)")
 
 
 def timed(spent: dict[str, float], name: str, function: Callable) -> Callable:
@@ -41,14 +41,14 @@ def timed(spent: dict[str, float], name: str, function: Callable) -> Callable:
 
 
 def instrument(spent: dict[str, float]) -> None:
-    append, select, scores, update, fetch, page_kv = PARTS
+    append, select, scores, update, fetch, copies = PARTS
     PageStore.append = timed(spent, append, PageStore.append)
     # select_pages calls the scoring through its module, the engine calls select_pages through its own.
     selection_module.quest_page_scores = timed(spent, scores, selection_module.quest_page_scores)
     engine_module.select_pages = timed(spent, select, engine_module.select_pages)
     ResidentBudget.update = timed(spent, update, ResidentBudget.update)
     TieredPool.fetch = timed(spent, fetch, TieredPool.fetch)
-    TieredPool.page_kv = timed(spent, page_kv, TieredPool.page_kv)
+    TieredPool.copy_pages = timed(spent, copies, TieredPool.copy_pages)
 
 
 def main() -> None:

@@ -59,11 +59,9 @@ class ResidentBudget:
                                                    selection.n_pages)
         pool.copy_pages(layer, pages, heads_in, k, v, 1 + slot_pages)  # middle pages are full
         if selection.has_sink and not self.holds_sink:
-            sink = np.zeros(heads, np.int64)
-            pool.copy_pages(layer, sink, np.arange(heads), k, v, sink)
+            pool.copy_page(layer, 0, k, v, 0)
             self.holds_sink = True
-        keys, values = pool.page_kv(layer, np.array([selection.n_pages - 1]))  # it grows: copied every step
-        k[:, -1], v[:, -1] = keys[0], values[0]
+        pool.copy_page(layer, selection.n_pages - 1, k, v, k.shape[1] - 1)  # it grows: copied every step
 
 
 # Compiled: it runs for every layer and token, and as a loop it is a few microseconds where numpy's

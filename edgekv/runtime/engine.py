@@ -293,8 +293,9 @@ class Engine:
             limit = (self.decode_pages[layer] if decoding
                      else int(graph.budget * self.budget_scale) // self.page_size)
             q = b[f"q{layer % 2}"][0, :, pad:]
-            selection = select_pages(self.policy, q, store.bounds(), store.n_pages, first_new, limit,
-                                     partial(self.pool.page_keys, layer, heads=kv_heads), row_positions[pad:])
+            read_keys = partial(self.pool.page_keys, layer, heads=kv_heads) if self.policy == "rerank" else None
+            selection = select_pages(self.policy, q, store.bounds(), store.n_pages, first_new, limit, read_keys,
+                                     row_positions[pad:])
             if self.reselect is not None:
                 selection = self.reselect(layer, q, store, selection)
             t2 = time.perf_counter()

@@ -167,6 +167,15 @@ class TieredPool:
         pages[i], head heads[i] into [heads[i], out_pages[i]]."""
         self.format.copy_pages(self.host, self.slot[layer, pages], heads, k_out, v_out, out_pages)
 
+    def copy_page(self, layer: int, page: int, k_out: np.ndarray, v_out: np.ndarray, out_page: int) -> None:
+        """page_kv of one host-resident page (fetch it first), an INT8 layer's open page included, every KV
+        head, written straight into k_out/v_out [kv_heads, pages, P, D] at out_page."""
+        if page == self.open_page[layer]:
+            k_out[:, out_page], v_out[:, out_page] = self.open_k[layer], self.open_v[layer]
+            return
+        heads = np.arange(self.kv_heads)
+        self.copy_pages(layer, np.full(self.kv_heads, page), heads, k_out, v_out, np.full(self.kv_heads, out_page))
+
     def page_keys(self, layer: int, pages: np.ndarray, heads: np.ndarray) -> np.ndarray:
         """Float keys of pages, one KV head per entry (`heads` broadcast against pages): [*shape, P, D].
 
