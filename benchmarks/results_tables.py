@@ -37,10 +37,13 @@ def bench_table(data: dict) -> str:
 
 
 def retrieval_table(data: dict) -> str:
+    """edgekv eval's rows, or selection_oracle.py's (a `selection` instead of a policy, at npu-small's budget)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in data["rows"]:
-        groups[(r["policy"], r["budget"] or "full", r["requested_context"])].append(r)
-    contexts = sorted({r["requested_context"] for r in data["rows"]})
+        policy = r.get("policy") or r["selection"]
+        budget = r.get("budget", None if policy == "dense" else "npu-small") or "full"
+        groups[(policy, budget, r.get("requested_context", r["context"]))].append(r)
+    contexts = sorted({context for _, _, context in groups})
     lines = ["| policy | budget | " + " | ".join(f"{c} tokens" for c in contexts) + " |",
              "|" + "---|" * (2 + len(contexts))]
     for policy, budget in dict.fromkeys((p, b) for p, b, _ in groups):
