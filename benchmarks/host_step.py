@@ -26,7 +26,7 @@ from edgekv.runtime.pages import PageStore
 from edgekv.runtime.tiers import TieredPool
 
 WARMUP_TOKENS = 4
-PARTS = ("append new K/V and page bounds", "selection", "  of which: scoring (matrix products)",
+PARTS = ("append new K/V and page bounds", "selection", "  of which: scoring (matrix products)", "  of which: top-k",
          "resident budget update", "  of which: tier bookkeeping (fetch)", "  of which: page copies (copy_pages)")
 
 
@@ -41,10 +41,11 @@ def timed(spent: dict[str, float], name: str, function: Callable) -> Callable:
 
 
 def instrument(spent: dict[str, float]) -> None:
-    append, select, scores, update, fetch, copies = PARTS
+    append, select, scores, top_k, update, fetch, copies = PARTS
     PageStore.append = timed(spent, append, PageStore.append)
     # select_pages calls the scoring through its module, the engine calls select_pages through its own.
     selection_module.quest_page_scores = timed(spent, scores, selection_module.quest_page_scores)
+    selection_module.top_pages = timed(spent, top_k, selection_module.top_pages)
     engine_module.select_pages = timed(spent, select, engine_module.select_pages)
     ResidentBudget.update = timed(spent, update, ResidentBudget.update)
     TieredPool.fetch = timed(spent, fetch, TieredPool.fetch)

@@ -10,7 +10,7 @@ import pytest
 from edgekv.runtime.pages import PageStore, bfloat16_outward, widen_bfloat16
 from edgekv.runtime.budget import ResidentBudget, slot_positions
 from edgekv.runtime.selection import attention_mass, quest_page_scores, select_pages, top_pages
-from edgekv.runtime.tiers import TieredPool
+from edgekv.runtime.tiers import DISK, TieredPool
 
 KV_HEADS, GROUPS, HEAD_DIM, PAGE = 2, 3, 8, 4
 
@@ -115,6 +115,26 @@ def test_spilled_pages_come_back_unchanged(tmp_path):
     assert pool.transfer_bytes == 6 * pool.page_bytes  # every gathered page came from below the device pool
     pool.close()
     assert not (tmp_path / "spill.bin").exists()
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_a_page_spilled_while_it_is_written_is_read_back_and_completed(tmp_path, kv_dtype):
+    """Another layer's new pages push this layer's half-written page to disk; the next token must bring
+    it back before writing (an INT8 page is quantized when full, into its record read back)."""
+    record_bytes = TieredPool(1, KV_HEADS, HEAD_DIM, PAGE, 0, 0, tmp_path / "probe", kv_dtype).page_bytes
+    pool = TieredPool(2, KV_HEADS, HEAD_DIM, PAGE, 1 << 30, 3 * record_bytes, tmp_path / "spill.bin", kv_dtype)
+    first, second = PageStore(0, pool), PageStore(1, pool)
+    rng = np.random.default_rng(5)
+    keys = rng.normal(size=(KV_HEADS, PAGE, HEAD_DIM)).astype(np.float32)
+    first.append(keys[:, :2], -keys[:, :2])
+    second.append(np.ones((KV_HEADS, 3 * PAGE, HEAD_DIM), np.float32), np.ones((KV_HEADS, 3 * PAGE, HEAD_DIM), np.float32))
+    assert pool.tier[0, 0] == DISK  # layer 0's open page went to disk
+    first.append(keys[:, 2:], -keys[:, 2:])  # completes the page
+    got_k, got_v = pool.read(0, 0)
+    atol = 0.05 if kv_dtype == "int8" else 0
+    np.testing.assert_allclose(got_k, keys, atol=atol)
+    np.testing.assert_allclose(got_v, -keys, atol=atol)
+    pool.close()
 
 
 def test_device_pool_evicts_the_least_recently_gathered_pages_of_any_layer(tmp_path):

@@ -16,7 +16,7 @@ every head and every layer of one budget, and one mask [S, B] serves them all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit
@@ -36,6 +36,13 @@ class ResidentBudget:
     page_size: int
     table: np.ndarray  # [kv_heads, B/page_size - 2]: the page held by each middle slot-page, or EMPTY
     holds_sink: bool = False  # slot-page 0 holds the sink page (full, so it never changes)
+    pages_k: np.ndarray = field(init=False)  # k and v as [kv_heads, B/page_size, page_size, head_dim]
+    pages_v: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        heads, budget, head_dim = self.k.shape
+        self.pages_k = self.k.reshape(heads, budget // self.page_size, self.page_size, head_dim)
+        self.pages_v = self.v.reshape(self.pages_k.shape)
 
     @classmethod
     def over(cls, k: np.ndarray, v: np.ndarray, page_size: int) -> "ResidentBudget":
@@ -49,15 +56,13 @@ class ResidentBudget:
 
     def update(self, pool: TieredPool, layer: int, selection: Selection) -> None:
         """Make the buffer hold `selection` (a decode step's: one new page), copying only what changed."""
-        heads = self.table.shape[0]
         # Fetch the whole selection (sink and current page included): it keeps every selected page fresh
         # in the host and device LRUs, and counts transfers for pages that are not on the device.
         pool.fetch(layer, np.concatenate([selection.middle.ravel(), [0, selection.n_pages - 1]]))
-        k = self.k.reshape(heads, -1, self.page_size, self.k.shape[-1])
-        v = self.v.reshape(k.shape)
+        k, v = self.pages_k, self.pages_v
         heads_in, slot_pages, pages = assign_slots(self.table, np.ascontiguousarray(selection.middle),
                                                    selection.n_pages)
-        pool.copy_pages(layer, pages, heads_in, k, v, 1 + slot_pages)  # middle pages are full
+        pool.copy_pages(layer, pages, heads_in, k, v, slot_pages)  # middle pages are full
         if selection.has_sink and not self.holds_sink:
             pool.copy_page(layer, 0, k, v, 0)
             self.holds_sink = True
@@ -70,7 +75,8 @@ class ResidentBudget:
 def assign_slots(table: np.ndarray, middle: np.ndarray, n_pages: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Update table [kv_heads, slot-pages] in place to hold middle [kv_heads, m] (pages < n_pages): slots
     whose page left the selection are freed, and each arriving page takes the lowest free slot, in
-    middle's order. Returns the arrivals as (head, slot-page, page) arrays: the pages to copy in."""
+    middle's order. Returns the arrivals as (head, slot-page of the buffer, page) arrays: the pages to
+    copy in (the buffer's slot-page is the table's plus one: slot-page 0 is the sink's)."""
     heads, slots = table.shape
     m = middle.shape[1]
     rows = np.empty(heads * m, np.int64)
@@ -94,7 +100,7 @@ def assign_slots(table: np.ndarray, middle: np.ndarray, n_pages: int) -> tuple[n
                 while table[head, free] != EMPTY:
                     free += 1
                 table[head, free] = page
-                rows[arrived], slot_pages[arrived], pages[arrived] = head, free, page
+                rows[arrived], slot_pages[arrived], pages[arrived] = head, 1 + free, page
                 arrived += 1
             state[page] = 0
     return rows[:arrived], slot_pages[:arrived], pages[:arrived]

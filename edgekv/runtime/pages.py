@@ -52,10 +52,11 @@ class PageStore:
             take = min(p - offset, n - written)
             if offset == 0:
                 self._new_page(page)
-            k, v = keys[:, written:written + take], values[:, written:written + take]
-            self.pool.write(self.layer, page, offset, k, v)
-            cover_keys(self._open_bounds, k, offset == 0)
+            page_k, page_v = self.pool.writable(self.layer, page)
+            write_rows(page_k, page_v, offset, keys[:, written:written + take], values[:, written:written + take],
+                       self._open_bounds)
             if offset + take == p:
+                self.pool.seal(self.layer, page)
                 self._bounds[:, :, page] = bfloat16_outward(self._open_bounds)
             self.length += take
             written += take
@@ -115,17 +116,22 @@ def bfloat16_value(bits: np.uint16) -> np.float32:
     return _float32_from_bits(np.uint32(bits) << np.uint32(16))
 
 
-# Compiled: it runs for every layer and token on a few hundred numbers, where numpy's four reductions and
-# their views cost more than the work.
+# Compiled, one call: it runs for every layer and token on a few hundred numbers, where numpy's row
+# copies, four reductions and their views cost more than the work, and every call made right after a
+# graph call runs cold.
 @njit(cache=True)
-def cover_keys(bounds: np.ndarray, keys: np.ndarray, fresh: bool) -> None:
-    """Make bounds [kv_heads, 2*head_dim] (per channel the max, then the min) cover keys [kv_heads, n,
-    head_dim]: set from them when `fresh` (a new page), else widened."""
+def write_rows(page_k: np.ndarray, page_v: np.ndarray, offset: int, keys: np.ndarray, values: np.ndarray,
+               bounds: np.ndarray) -> None:
+    """Write keys and values [kv_heads, n, head_dim] into a page's rows offset.. (page_k, page_v
+    [kv_heads, page_size, head_dim]) and make bounds [kv_heads, 2*head_dim] (per channel the max, then
+    the min) cover them: set from them when offset is 0 (a new page), else widened."""
     heads, n, head_dim = keys.shape
+    page_k[:, offset:offset + n] = keys
+    page_v[:, offset:offset + n] = values
     for head in range(heads):
         for i in range(head_dim):
-            high = keys[head, 0, i] if fresh else max(bounds[head, i], keys[head, 0, i])
-            low = keys[head, 0, i] if fresh else min(bounds[head, head_dim + i], keys[head, 0, i])
+            high = keys[head, 0, i] if offset == 0 else max(bounds[head, i], keys[head, 0, i])
+            low = keys[head, 0, i] if offset == 0 else min(bounds[head, head_dim + i], keys[head, 0, i])
             for t in range(1, n):
                 high = max(high, keys[head, t, i])
                 low = min(low, keys[head, t, i])

@@ -84,6 +84,7 @@ class TieredPool:
         # Allocated once at full capacity: np.zeros maps untouched memory lazily, so RAM is only used as
         # pages arrive, and slots never move (no copies when the cache grows).
         self.host = np.zeros(self.host_capacity, dtype=self.format.record)
+        self.host_k, self.host_v = self.host["k"], self.host["v"]  # field views, made once: decode writes through them
         # INT8 pages are quantized once, when full: each layer's page being written stays float32 here
         # until then (re-quantizing it at every token would compound the rounding).
         self.open_page = np.full(layers, -1, dtype=np.int64)
@@ -127,21 +128,27 @@ class TieredPool:
         self.last_used[layer, page] = self.clock
         self.n_pages[layer] = page + 1
 
-    def write(self, layer: int, page: int, offset: int, keys: np.ndarray, values: np.ndarray) -> None:
+    def writable(self, layer: int, page: int) -> tuple[np.ndarray, np.ndarray]:
+        """The float keys and values [kv_heads, page_size, head_dim] that a page being written is written
+        into, in place: its host record (float32 pages; read back first if it was spilled), or the layer's
+        float copy of its open page (INT8 pages, quantized by `seal` when full)."""
+        self.last_used[layer, page] = self.clock
+        if self.format.quantized:
+            return self.open_k[layer], self.open_v[layer]
         if self.tier[layer, page] == DISK:
             self._restore(layer, page)
         slot = self.slot[layer, page]
-        n = keys.shape[1]
-        if self.format.quantized:
-            self.open_k[layer, :, offset:offset + n] = keys
-            self.open_v[layer, :, offset:offset + n] = values
-            if offset + n == self.page_size:  # full: quantized once, for good
-                self.format.encode(self.host, slot, self.open_k[layer], self.open_v[layer])
-                self.open_page[layer] = -1
-        else:
-            self.host["k"][slot, :, offset:offset + n] = keys
-            self.host["v"][slot, :, offset:offset + n] = values
-        self.last_used[layer, page] = self.clock
+        return self.host_k[slot], self.host_v[slot]
+
+    def seal(self, layer: int, page: int) -> None:
+        """A page has filled: an INT8 page is quantized once, for good (re-quantizing it at every token
+        would compound the rounding)."""
+        if not self.format.quantized:
+            return
+        if self.tier[layer, page] == DISK:
+            self._restore(layer, page)
+        self.format.encode(self.host, self.slot[layer, page], self.open_k[layer], self.open_v[layer])
+        self.open_page[layer] = -1
 
     def read(self, layer: int, page: int) -> tuple[np.ndarray, np.ndarray]:
         """A page's keys and values [kv_heads, page_size, head_dim], read where they are (no tier change)."""
@@ -172,9 +179,13 @@ class TieredPool:
         head, written straight into k_out/v_out [kv_heads, pages, P, D] at out_page."""
         if page == self.open_page[layer]:
             k_out[:, out_page], v_out[:, out_page] = self.open_k[layer], self.open_v[layer]
-            return
-        heads = np.arange(self.kv_heads)
-        self.copy_pages(layer, np.full(self.kv_heads, page), heads, k_out, v_out, np.full(self.kv_heads, out_page))
+        elif not self.format.quantized:
+            slot = self.slot[layer, page]
+            k_out[:, out_page], v_out[:, out_page] = self.host_k[slot], self.host_v[slot]
+        else:
+            heads = np.arange(self.kv_heads)
+            self.copy_pages(layer, np.full(self.kv_heads, page), heads, k_out, v_out,
+                            np.full(self.kv_heads, out_page))
 
     def page_keys(self, layer: int, pages: np.ndarray, heads: np.ndarray) -> np.ndarray:
         """Float keys of pages, one KV head per entry (`heads` broadcast against pages): [*shape, P, D].
@@ -256,8 +267,13 @@ class TieredPool:
         """Make a layer's selected pages (repeats allowed) readable on the host: stamp them as the most
         recent, read spilled ones back from disk, count the bytes of those not on the device, and keep the
         device pool within capacity."""
-        self._to_host(layer, pages)
-        arrived = stamp_on_device(self.device_stamp[layer], pages.ravel(), self.clock)
+        self.clock += 1
+        # One compiled pass stamps both LRUs (this runs for every layer and token); restoring a spilled
+        # page afterwards never spills another one of these, as they are now the most recent.
+        on_disk, arrived = stamp_fetched(self.last_used[layer], self.tier[layer], self.device_stamp[layer],
+                                         pages.ravel(), self.clock)
+        if on_disk:
+            self._restore_all(layer, pages)
         if arrived:
             self.transfer_bytes += arrived * self.page_bytes
             self.device_pages += arrived
@@ -269,8 +285,12 @@ class TieredPool:
         self.clock += 1
         # Stamp first: these pages are the most recent, so restoring one never spills another.
         if stamp_used(self.last_used[layer], self.tier[layer], pages.ravel(), self.clock):
-            for page in np.unique(pages[self.tier[layer, pages] == DISK]):
-                self._restore(layer, int(page), pinned_from=self.clock)
+            self._restore_all(layer, pages)
+
+    def _restore_all(self, layer: int, pages: np.ndarray) -> None:
+        """Read a layer's spilled pages among `pages` (stamped at this clock) back from disk."""
+        for page in np.unique(pages[self.tier[layer, pages] == DISK]):
+            self._restore(layer, int(page), pinned_from=self.clock)
 
     def _evict_device(self) -> None:
         """Drop the least recently gathered pages of all layers until the pool is DEVICE_EVICT_TO full."""
@@ -316,14 +336,16 @@ def stamp_used(last_used: np.ndarray, tier: np.ndarray, pages: np.ndarray, clock
 
 
 @njit(cache=True)
-def stamp_on_device(device_stamp: np.ndarray, pages: np.ndarray, clock: int) -> int:
-    """Stamp pages (repeats allowed) as on the device at `clock`; returns how many distinct pages were not
-    on it before (a repeat finds the stamp its first entry left)."""
+def stamp_fetched(last_used: np.ndarray, tier: np.ndarray, device_stamp: np.ndarray, pages: np.ndarray,
+                  clock: int) -> tuple[int, int]:
+    """stamp_used, and stamp the pages as on the device at `clock`; returns how many of the entries are on
+    disk and how many distinct pages were not on the device before (a repeat finds the stamp its first
+    entry left)."""
     arrived = 0
     for page in pages:
         arrived += device_stamp[page] == NOT_ON_DEVICE
         device_stamp[page] = clock
-    return arrived
+    return stamp_used(last_used, tier, pages, clock), arrived
 
 
 @njit(cache=True)
