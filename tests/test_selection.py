@@ -12,7 +12,7 @@ from edgekv.runtime.budget import ResidentBudget, slot_positions
 from edgekv.runtime.selection import attention_mass, quest_page_scores, select_pages, top_pages
 from edgekv.runtime.tiers import DISK, TieredPool
 
-KV_HEADS, GROUPS, HEAD_DIM, PAGE = 2, 3, 8, 4
+KV_HEADS, GROUPS, HEAD_DIM, PAGE = 2, 3, 16, 4  # HEAD_DIM: a multiple of selection.SCORE_CHANNELS
 
 
 def make_store(tmp_path, host_pages: int = 1000, device_pages: int = 1000, kv_dtype: str = "float32"):
@@ -228,14 +228,15 @@ def test_attention_mass_is_each_rows_softmax_summed_per_page(steps):
 
 def test_rerank_and_the_oracle_keep_the_page_attention_wants_where_quests_bound_misleads(tmp_path):
     """Page 3's keys all align with the query; page 6's per-channel maxima come from different keys, so
-    its Quest bound (8) beats page 3's (4) although each of its keys scores -4: Quest keeps page 6; the
-    rerank policy (both pages in its shortlist) and the oracle of benchmarks/selection_oracle.py keep page 3."""
+    its Quest bound (3 per channel) beats page 3's (0.5 per channel) although each of its keys scores 0:
+    Quest keeps page 6; the rerank policy (both pages in its shortlist) and the oracle of
+    benchmarks/selection_oracle.py keep page 3."""
     pool, store = make_store(tmp_path)
     keys = np.zeros((KV_HEADS, 40, HEAD_DIM), np.float32)
     keys[:, 12:16] = 0.5
     keys[:, 24:28] = -1.0
-    for i in range(4):
-        keys[:, 24 + i, i] = 3.0
+    for i in range(HEAD_DIM):  # each of page 6's keys holds the max of a quarter of the channels
+        keys[:, 24 + i % PAGE, i] = 3.0
     store.append(keys, keys)
     q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
     quest = select_pages("quest", q, store.bounds(), store.n_pages, first_new=store.n_pages - 1, budget_pages=3)
