@@ -249,6 +249,21 @@ def test_rerank_and_the_oracle_keep_the_page_attention_wants_where_quests_bound_
     assert study.attention_mass_selection(0, q, store, quest).pages().tolist() == [[0, 3, 9]] * KV_HEADS
 
 
+@pytest.mark.parametrize("outliers", [False, True])
+@pytest.mark.parametrize("count", [1, 62, 499])
+def test_top_pages_are_the_highest_of_distinct_scores(count, outliers):
+    """Distinct scores, spread out (the bin of the count-th highest holds a few of them) or with a few
+    huge ones, which put every other score into the histogram's lowest bin."""
+    rng = np.random.default_rng(count)
+    scores = rng.normal(size=(3, 500)).astype(np.float32)
+    if outliers:
+        scores[:, [7, 300]] = 1e6
+    top = top_pages(scores, count)
+    for row, chosen in zip(scores, top):
+        assert len(set(chosen)) == count
+        np.testing.assert_array_equal(np.sort(row[chosen]), np.sort(row)[len(row) - count:])
+
+
 @pytest.mark.parametrize("count", [0, 1, 5, 39, 40])
 def test_top_pages_are_the_highest_scores_ties_included(count):
     rng = np.random.default_rng(count)
