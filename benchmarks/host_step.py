@@ -1,12 +1,14 @@
-"""Where the host's share of a `quest` decode step goes: each part of it timed inside the real runtime.
+"""Where the host's share of a decode step goes: each part of it timed inside the real runtime.
 
-Usage: .venv/bin/python benchmarks/host_step.py [ARTIFACT_DIR] [--contexts 1024,8192] [--steps 24]
+Usage: .venv/bin/python benchmarks/host_step.py [ARTIFACT_DIR] [--policy quest|rerank] [--contexts 1024,8192]
+       [--steps 24]
 
 Like `edgekv bench`, the engine is prefilled with seeded random tokens to each context and decodes 4
 untimed tokens, then `steps` timed ones. The parts of the host's work (appending the new K/V, scoring,
-the rest of the selection, updating the resident budget and, inside that, the tier bookkeeping and the
-page copies) are wrapped with timers and reported in microseconds per layer and step. The wrappers add
-a few microseconds each, so the parts sum to a little more than an untimed run's host time.
+the top-k, rerank's attention over its shortlist, the rest of the selection, updating the resident budget
+and, inside that, the tier bookkeeping and the page copies) are wrapped with timers and reported in
+microseconds per layer and step. The wrappers add a few microseconds each, so the parts sum to a little
+more than an untimed run's host time.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from edgekv.runtime.tiers import TieredPool
 
 WARMUP_TOKENS = 4
 PARTS = ("append new K/V and page bounds", "selection", "  of which: scoring (matrix products)", "  of which: top-k",
+         "  of which: shortlist attention (rerank)",
          "resident budget update", "  of which: tier bookkeeping (fetch)", "  of which: page copies (copy_pages)")
 
 
@@ -41,11 +44,12 @@ def timed(spent: dict[str, float], name: str, function: Callable) -> Callable:
 
 
 def instrument(spent: dict[str, float]) -> None:
-    append, select, scores, top_k, update, fetch, copies = PARTS
+    append, select, scores, top_k, attention, update, fetch, copies = PARTS
     PageStore.append = timed(spent, append, PageStore.append)
     # select_pages calls the scoring through its module, the engine calls select_pages through its own.
     selection_module.quest_page_scores = timed(spent, scores, selection_module.quest_page_scores)
     selection_module.top_pages = timed(spent, top_k, selection_module.top_pages)
+    selection_module.most_attended = timed(spent, attention, selection_module.most_attended)
     engine_module.select_pages = timed(spent, select, engine_module.select_pages)
     ResidentBudget.update = timed(spent, update, ResidentBudget.update)
     TieredPool.fetch = timed(spent, fetch, TieredPool.fetch)
@@ -55,12 +59,13 @@ def instrument(spent: dict[str, float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("artifact", nargs="?", default="artifacts/smollm2-135m-instruct-npu-small")
+    parser.add_argument("--policy", choices=("quest", "rerank"), default="quest")
     parser.add_argument("--contexts", default="1024,8192")
     parser.add_argument("--steps", type=int, default=24)
     args = parser.parse_args()
     spent: dict[str, float] = defaultdict(float)
     instrument(spent)
-    engine = Engine.open(args.artifact, "quest")
+    engine = Engine.open(args.artifact, args.policy)
     rng = np.random.default_rng(0)
     vocab, layers = engine.manifest.model["vocab"], engine.manifest.model["layers"]
     try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from functools import partial
 
 import numpy as np
 
@@ -30,6 +29,7 @@ from edgekv.runtime.engine import Engine
 from edgekv.runtime.pages import PageStore
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.selection import Selection, most_attended
+from edgekv.runtime.tiers import LayerKeys
 from edgekv.runtime.tokens import ArtifactTokenizer
 
 TASK = "retrieve-number"
@@ -43,9 +43,8 @@ def attention_mass_selection(layer: int, q: np.ndarray, store: PageStore, select
         return selection
     kv_heads = store.pool.kv_heads
     candidates = np.broadcast_to(np.arange(1, first_new), (kv_heads, first_new - 1))
-    read_keys = partial(store.pool.page_keys, layer, heads=np.arange(kv_heads)[:, None])
     row_positions = store.length - q.shape[1] + np.arange(q.shape[1])
-    return Selection(most_attended(q, candidates, room, read_keys, row_positions, first_new, selection.n_pages),
+    return Selection(most_attended(q, candidates, room, LayerKeys(store.pool, layer), row_positions, first_new, selection.n_pages),
                      first_new, selection.n_pages)
 
 

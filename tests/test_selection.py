@@ -1,7 +1,6 @@
 """Page metadata, Quest scores and the selection policies on hand-made data."""
 
 import importlib.util
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +8,8 @@ import pytest
 
 from edgekv.runtime.pages import PageStore, bfloat16_outward, widen_bfloat16
 from edgekv.runtime.budget import ResidentBudget, slot_positions
-from edgekv.runtime.selection import attention_mass, quest_page_scores, select_pages, top_pages
-from edgekv.runtime.tiers import DISK, TieredPool
+from edgekv.runtime.selection import attention_mass, quest_page_scores, record_page_mass, select_pages, top_pages
+from edgekv.runtime.tiers import DISK, LayerKeys, TieredPool
 
 KV_HEADS, GROUPS, HEAD_DIM, PAGE = 2, 3, 16, 4  # HEAD_DIM: a multiple of selection.SCORE_CHANNELS
 
@@ -226,6 +225,29 @@ def test_attention_mass_is_each_rows_softmax_summed_per_page(steps):
         np.testing.assert_allclose(mass[head], want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_decode_attention_mass_read_from_the_host_records_is_that_of_the_decoded_keys(tmp_path, kv_dtype):
+    """The compiled decode path reads each candidate's keys where they lie (INT8 dequantized on the fly),
+    in any order of pages per head, and must give attention_mass of the keys page_keys decodes, with the
+    sink's and the current page's keys in each row's softmax as far as the row sees them."""
+    pool, store = make_store(tmp_path, kv_dtype=kv_dtype)
+    rng = np.random.default_rng(8)
+    keys = rng.normal(size=(KV_HEADS, 12 * PAGE + 2, HEAD_DIM)).astype(np.float32)
+    store.append(keys, keys)
+    candidates = np.array([[3, 1, 10, 7], [2, 9, 4, 11]])  # pages wholly in the past, each head its own
+    rows = 2 * rng.normal(size=(KV_HEADS, GROUPS, HEAD_DIM)).astype(np.float32)
+    local = pool.page_keys(0, np.array([[0, 12]] * KV_HEADS)).reshape(KV_HEADS, -1, HEAD_DIM)
+    local_positions = np.concatenate([np.arange(PAGE), 12 * PAGE + np.arange(PAGE)])
+    row_positions = np.array([12 * PAGE + 1])  # the current page holds two tokens: the rest is unwritten
+    mass = np.empty(candidates.shape, np.float32)
+    layer_keys = LayerKeys(pool, 0)
+    record_page_mass(rows, *layer_keys.records(candidates), PAGE, local, local_positions, row_positions, mass)
+    visible = np.broadcast_to(local_positions <= row_positions[0], (GROUPS, 2 * PAGE))
+    want = attention_mass(rows, layer_keys.read(candidates), local, visible)
+    assert np.ptp(want, axis=1).min() > 0.1  # the pages differ: a permutation would show
+    np.testing.assert_allclose(mass, want, rtol=1e-5)
+
+
 def test_rerank_and_the_oracle_keep_the_page_attention_wants_where_quests_bound_misleads(tmp_path):
     """Page 3's keys all align with the query; page 6's per-channel maxima come from different keys, so
     its Quest bound (3 per channel) beats page 3's (0.5 per channel) although each of its keys scores 0:
@@ -241,8 +263,7 @@ def test_rerank_and_the_oracle_keep_the_page_attention_wants_where_quests_bound_
     q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
     quest = select_pages("quest", q, store.bounds(), store.n_pages, first_new=store.n_pages - 1, budget_pages=3)
     assert quest.middle.tolist() == [[6]] * KV_HEADS
-    read_keys = partial(pool.page_keys, 0, heads=np.arange(KV_HEADS)[:, None])
-    rerank = select_pages("rerank", q, store.bounds(), store.n_pages, store.n_pages - 1, 3, read_keys,
+    rerank = select_pages("rerank", q, store.bounds(), store.n_pages, store.n_pages - 1, 3, LayerKeys(pool, 0),
                           row_positions=np.array([store.length - 1]))
     assert rerank.pages().tolist() == [[0, 3, 9]] * KV_HEADS
     study = load_selection_oracle()

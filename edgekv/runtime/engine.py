@@ -20,7 +20,6 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -35,7 +34,7 @@ from edgekv.runtime.pages import PageStore
 from edgekv.runtime.sampling import Sampler
 from edgekv.runtime.selection import POLICIES, Selection, select_pages
 from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S, GenerationStats
-from edgekv.runtime.tiers import TieredPool
+from edgekv.runtime.tiers import LayerKeys, TieredPool
 from edgekv.toolkit.errors import EdgekvError
 from edgekv.toolkit.manifest import GraphEntry, Manifest, load_verified
 
@@ -283,7 +282,6 @@ class Engine:
         # The mask buffer of a budget, as this step last filled it (for how many selectable pages): one
         # fill serves every layer of that budget and page limit.
         masked: dict[int, int] = {}
-        kv_heads = np.arange(self.pool.kv_heads)[:, None]  # rerank reads one row of pages per KV head
         for layer, store in enumerate(self.stores):
             graph = step.graphs[layer + 1]
             k_sel, v_sel, mask = step.layer_kv[layer]
@@ -293,8 +291,8 @@ class Engine:
             limit = (self.decode_pages[layer] if decoding
                      else int(graph.budget * self.budget_scale) // self.page_size)
             q = b[f"q{layer % 2}"][0, :, pad:]
-            read_keys = partial(self.pool.page_keys, layer, heads=kv_heads) if self.policy == "rerank" else None
-            selection = select_pages(self.policy, q, store.bounds(), store.n_pages, first_new, limit, read_keys,
+            keys = LayerKeys(self.pool, layer) if self.policy == "rerank" else None
+            selection = select_pages(self.policy, q, store.bounds(), store.n_pages, first_new, limit, keys,
                                      row_positions[pad:])
             if self.reselect is not None:
                 selection = self.reselect(layer, q, store, selection)

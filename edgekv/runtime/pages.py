@@ -103,7 +103,7 @@ def widen_bfloat16(bits: np.ndarray) -> np.ndarray:
 
 
 @intrinsic
-def _float32_from_bits(typingctx, bits):
+def float32_from_bits(typingctx, bits):
     """A uint32's bits as a float32, in compiled code (numba has no scalar view)."""
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
@@ -113,7 +113,7 @@ def _float32_from_bits(typingctx, bits):
 @njit(inline="always")
 def bfloat16_value(bits: np.uint16) -> np.float32:
     """widen_bfloat16 of one value, in compiled code (a shift, vectorized in loops)."""
-    return _float32_from_bits(np.uint32(bits) << np.uint32(16))
+    return float32_from_bits(np.uint32(bits) << np.uint32(16))
 
 
 # Compiled, one call: it runs for every layer and token on a few hundred numbers, where numpy's row

@@ -18,12 +18,13 @@ selected, which is exactly dense attention.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
-from edgekv.runtime.pages import bfloat16_value, widen_bfloat16
+from edgekv.runtime.pages import bfloat16_value, float32_from_bits, widen_bfloat16
+from edgekv.runtime.tiers import LayerKeys
 
 POLICIES = ("quest", "rerank", "streaming", "dense")
 # rerank reads the keys of this many times the free room, per KV head: 4 for one query row (decode), 8
@@ -159,6 +160,113 @@ def attention_mass(rows: np.ndarray, keys: np.ndarray, local_keys: np.ndarray, l
     return mass.reshape(heads, pages, page_size).sum(axis=-1)
 
 
+# Compiled: in decode, numpy's fancy index copied the shortlist's keys (four times the budget's free room,
+# 1.5 MiB per layer at 8K) out of the host records before its product could read them, and its softmax
+# took several passes over the logits.
+@njit(cache=True, fastmath=True)
+def record_page_mass(rows: np.ndarray, records: np.ndarray, scales: np.ndarray | None, slots: np.ndarray,
+                     page_size: int, local_keys: np.ndarray, local_positions: np.ndarray, row_positions: np.ndarray,
+                     mass: np.ndarray) -> None:
+    """attention_mass of a decode step's few rows into mass [kv_heads, c], the candidates' keys read where
+    they lie in the host tier: rows [kv_heads, G*S, head_dim]; records, scales and slots from
+    TieredPool.key_records (float32 keys, or int8 times scales [records, kv_heads, head_dim]; candidate
+    [h, i], a page of page_size keys, in record slots[h, i]); local_keys [kv_heads, L, head_dim] at
+    local_positions [L], each seen by the rows whose position (row_positions [S], the S rows fastest) is
+    at least its own."""
+    kv_heads, n_rows, head_dim = rows.shape
+    n, n_local, steps = slots.shape[1], local_keys.shape[1], len(row_positions)
+    span = page_size * head_dim  # one KV head's keys of a page, contiguous in its record
+    line = max(1, 64 // records.itemsize)  # elements per cache line
+    logits = np.empty((n_rows, n * page_size), np.float32)
+    local_logits = np.empty((n_rows, n_local), np.float32)
+    scaled = np.empty((n_rows, head_dim), np.float32)
+    head_rows = np.empty((n_rows, head_dim), np.float32)  # an INT8 page's rows times its key scales
+    for head in range(kv_heads):
+        for r in range(n_rows):
+            for d in range(head_dim):
+                scaled[r, d] = rows[head, r, d] / np.sqrt(np.float32(head_dim))
+            for j in range(n_local):
+                logit = np.float32(0)
+                for d in range(head_dim):
+                    logit += scaled[r, d] * local_keys[head, j, d]
+                local_logits[r, j] = logit if local_positions[j] <= row_positions[r % steps] else -np.inf
+        head_rows[:] = scaled
+        for i in range(n):
+            # The pages lie scattered in DRAM and the step runs cold after a graph call: reading each page
+            # only when its turn came left the loop waiting on memory (cold, 215 us for 744 page-heads;
+            # fetching two pages ahead, 106; in cache 50).
+            if i + PREFETCH_PAGES_AHEAD < n:
+                ahead = slots[head, i + PREFETCH_PAGES_AHEAD] * records.shape[1] + head * span
+                for offset in range(0, span, line):
+                    prefetch(records, ahead + offset)
+            slot = slots[head, i]
+            if scales is not None:
+                for r in range(n_rows):
+                    for d in range(head_dim):
+                        head_rows[r, d] = scaled[r, d] * scales[slot, head, d]
+            for t in range(page_size):
+                key = records[slot, head * span + t * head_dim:head * span + (t + 1) * head_dim]
+                for r in range(n_rows):
+                    acc = np.float32(0)
+                    for d in range(head_dim):
+                        acc += head_rows[r, d] * np.float32(key[d])
+                    logits[r, i * page_size + t] = acc
+        mass[head] = 0
+        for r in range(n_rows):
+            top = max(logits[r].max(), local_logits[r].max())
+            total = 0.0  # float64: the softmax denominator sums thousands of terms
+            for j in range(n * page_size):
+                weight = exp_nonpositive(logits[r, j] - top)
+                logits[r, j] = weight
+                total += weight
+            for j in range(n_local):
+                total += exp_nonpositive(local_logits[r, j] - top)
+            share = np.float32(1 / total)
+            for i in range(n):
+                page_total = np.float32(0)
+                for t in range(page_size):
+                    page_total += logits[r, i * page_size + t]
+                mass[head, i] += page_total * share
+
+
+# Cephes' expf: exp(x) = 2^n * exp(r), r = x - n*ln(2) in [-ln(2)/2, ln(2)/2], exp(r) by a polynomial
+# (within 2e-7 of np.exp). Compiled np.exp calls libm for each value; this vectorizes (18K softmax terms
+# per layer and decode step at 8K: 32 us, this 4).
+LOG2E = np.float32(1.4426950408889634)
+LN2_HI, LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)  # ln(2) in two parts, for an exact r
+EXP_POLY = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                                          1.6666665459e-1, 5.0000001201e-1))
+
+
+@njit(inline="always", fastmath=True)
+def exp_nonpositive(x: np.float32) -> np.float32:
+    """exp(x) for x <= 0 (below -87, where float32 would go subnormal, the value of -87: about 1e-38)."""
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * LOG2E + np.float32(0.5))
+    r = x - n * LN2_HI - n * LN2_LO
+    p0, p1, p2, p3, p4, p5 = EXP_POLY
+    y = (((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5) * r * r + r + np.float32(1)
+    return y * float32_from_bits(np.uint32(np.int32(n) + 127) << np.uint32(23))
+
+
+PREFETCH_PAGES_AHEAD = 2  # record_page_mass (one page ahead: 128 us cold, two 106, four 115)
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """Ask the CPU to bring element `index` of a C-contiguous array into its caches (LLVM's prefetch for a
+    read, kept in every cache level), in compiled code: numba has no such call."""
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        byte = ir.IntType(8).as_pointer()
+        function = builder.module.declare_intrinsic(
+            "llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [byte] + [ir.IntType(32)] * 3))
+        read, keep, data_cache = (ir.Constant(ir.IntType(32), v) for v in (0, 3, 1))
+        builder.call(function, [builder.bitcast(builder.gep(data, [args[1]]), byte), read, keep, data_cache])
+        return context.get_dummy_value()
+    return types.void(array, index), codegen
+
+
 def row_logits(rows: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """rows [h, R, D] times keys [h, K, D] transposed: [h, R, K], contiguous.
 
@@ -230,13 +338,12 @@ def top_by_histogram(scores: np.ndarray, count: int) -> np.ndarray:
 
 
 def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, first_new: int,
-                 budget_pages: int, read_keys: Callable[[np.ndarray], np.ndarray] | None = None,
-                 row_positions: np.ndarray | None = None) -> Selection:
+                 budget_pages: int, keys: LayerKeys | None = None, row_positions: np.ndarray | None = None
+                 ) -> Selection:
     """The selection of one layer and step (quest, rerank or streaming; dense never selects).
 
-    `first_new` is the first page the step writes. rerank also needs `read_keys`, which gives the keys
-    [kv_heads, k, page_size, head_dim] of pages [kv_heads, k] (one row of pages per KV head), and the
-    positions of q's rows.
+    `first_new` is the first page the step writes. rerank also needs the layer's `keys` and the positions
+    of q's rows.
     """
     kv_heads = bounds.shape[0]
     if first_new == 0:
@@ -258,22 +365,26 @@ def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, f
         candidates = np.broadcast_to(np.arange(1, first_new), (kv_heads, shortlist))
     else:
         candidates = top_pages(quest_page_scores(q, bounds, slice(1, first_new)), shortlist) + 1
-    return Selection(most_attended(q, candidates, room, read_keys, row_positions, first_new, n_pages),
+    return Selection(most_attended(q, candidates, room, keys, row_positions, first_new, n_pages),
                      first_new, n_pages)
 
 
-def most_attended(q: np.ndarray, candidates: np.ndarray, room: int, read_keys: Callable[[np.ndarray], np.ndarray],
-                  row_positions: np.ndarray, first_new: int, n_pages: int) -> np.ndarray:
+def most_attended(q: np.ndarray, candidates: np.ndarray, room: int, keys: LayerKeys, row_positions: np.ndarray,
+                  first_new: int, n_pages: int) -> np.ndarray:
     """The `room` pages of candidates [kv_heads, c] (pages wholly in the past) that receive the most of
     q's attention (attention_mass, with the sink and the step's pages first_new..n_pages-1 in each row's
-    softmax), per KV head: [kv_heads, room]. `read_keys` and `row_positions` as in select_pages."""
+    softmax), per KV head: [kv_heads, room]. `keys` and `row_positions` as in select_pages."""
     kv_heads = candidates.shape[0]
     local_pages = np.concatenate([[0], np.arange(first_new, n_pages)])
-    local_keys = read_keys(np.broadcast_to(local_pages, (kv_heads, len(local_pages))))
-    page_size = local_keys.shape[2]
+    local_keys = keys.read(np.broadcast_to(local_pages, (kv_heads, len(local_pages))))
+    page_size, head_dim = local_keys.shape[2:]
+    local_keys = local_keys.reshape(kv_heads, -1, head_dim)
     local_positions = (local_pages[:, None] * page_size + np.arange(page_size)).ravel()
-    groups = q.shape[0] // kv_heads  # rows are [kv_heads, G*S]: the step's S rows fastest
-    visible = np.tile(local_positions[None, :] <= row_positions[:, None], (groups, 1))
-    mass = attention_mass(q.reshape(kv_heads, -1, q.shape[-1]), read_keys(candidates),
-                          local_keys.reshape(kv_heads, -1, q.shape[-1]), visible)
+    rows = q.reshape(kv_heads, -1, head_dim)  # [kv_heads, G*S]: the step's S rows fastest
+    if rows.shape[1] <= FEW_ROWS:
+        mass = np.empty(candidates.shape, np.float32)
+        record_page_mass(rows, *keys.records(candidates), page_size, local_keys, local_positions, row_positions, mass)
+    else:
+        visible = np.tile(local_positions[None, :] <= row_positions[:, None], (rows.shape[1] // len(row_positions), 1))
+        mass = attention_mass(rows, keys.read(candidates), local_keys, visible)
     return np.take_along_axis(candidates, top_pages(mass, room), axis=1)

@@ -16,6 +16,7 @@ tiers as one record of page_format.PageFormat (float32, or INT8 with per-page sc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,11 @@ class TieredPool:
         # pages arrive, and slots never move (no copies when the cache grows).
         self.host = np.zeros(self.host_capacity, dtype=self.format.record)
         self.host_k, self.host_v = self.host["k"], self.host["v"]  # field views, made once: decode writes through them
+        # The records as rows of their element type, keys first: a kernel reads them with a unit stride,
+        # where a field view's stride is the record's (numba does not vectorize such loops).
+        element = np.int8 if self.format.quantized else np.float32
+        assert self.format.record.fields["k"][1] == 0
+        self.host_rows = self.host.view(element).reshape(self.host_capacity, -1)
         # INT8 pages are quantized once, when full: each layer's page being written stays float32 here
         # until then (re-quantizing it at every token would compound the rounding).
         self.open_page = np.full(layers, -1, dtype=np.int64)
@@ -187,15 +193,24 @@ class TieredPool:
             self.copy_pages(layer, np.full(self.kv_heads, page), heads, k_out, v_out,
                             np.full(self.kv_heads, out_page))
 
-    def page_keys(self, layer: int, pages: np.ndarray, heads: np.ndarray) -> np.ndarray:
-        """Float keys of pages, one KV head per entry (`heads` broadcast against pages): [*shape, P, D].
+    def page_keys(self, layer: int, pages: np.ndarray) -> np.ndarray:
+        """Float keys of pages [kv_heads, k] (one row of pages per KV head): [kv_heads, k, P, D].
 
         For selection, which reads keys on the host without gathering them: spilled pages are read back
         from disk, but nothing enters the device pool or counts as a transfer."""
         self._to_host(layer, pages)
+        heads = np.arange(self.kv_heads)[:, None]
         keys = self.format.decode_keys(self.host, (self.slot[layer, pages], heads))
         self._fill_open(layer, pages, heads, (keys, self.open_k))
         return keys
+
+    def key_records(self, layer: int, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """page_keys of full pages [kv_heads, k] left where they are, for a kernel to read in place: the host
+        records as rows of their element type (key [head, t, d] at (head * page_size + t) * head_dim + d),
+        their INT8 key scales [records, kv_heads, head_dim] (None for float32 pages) and each page's record
+        [kv_heads, k]."""
+        self._to_host(layer, pages)
+        return self.host_rows, self.host["k_scale"] if self.format.quantized else None, self.slot[layer, pages]
 
     def _fill_open(self, layer: int, pages: np.ndarray, heads: np.ndarray | None,
                    *decoded: tuple[np.ndarray, np.ndarray]) -> None:
@@ -323,6 +338,20 @@ class TieredPool:
             self.spill = None
 
 
+@dataclass(frozen=True)
+class LayerKeys:
+    """One layer's keys in a pool, as a selection policy reads them on the host (rerank)."""
+
+    pool: TieredPool
+    layer: int
+
+    def read(self, pages: np.ndarray) -> np.ndarray:
+        return self.pool.page_keys(self.layer, pages)
+
+    def records(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        return self.pool.key_records(self.layer, pages)
+
+
 # Compiled: these run for every layer and token on a few hundred pages, where numpy's per-call cost
 # (a fancy index, a comparison, a unique) outweighs the work (benchmarks/RESULTS.md, host share).
 @njit(cache=True)
@@ -369,3 +398,4 @@ def evict_oldest(device_stamp: np.ndarray, n_pages: int, excess: int) -> None:
             if stamp != NOT_ON_DEVICE and (stamp < cutoff or (stamp == cutoff and at_cutoff > 0)):
                 at_cutoff -= stamp == cutoff
                 device_stamp[layer, page] = NOT_ON_DEVICE
+
