@@ -1,7 +1,7 @@
 """Prefill and decode speed of edgekv against its peers: same machine, same prompts, one process tree.
 
 Usage: .venv/bin/python benchmarks/peers.py [--contexts 1024,4096,8128,16384]
-       [--systems transformers,optimum,llama.cpp,quest,dense] [--steps 16] [--artifact DIR]
+       [--systems transformers,optimum,llama.cpp,quest,rerank,dense] [--steps 16] [--artifact DIR]
        [--json FILE] [--plot FILE.png]
 
 Needs the `peers` extra for two of the systems: `.venv/bin/pip install -e '.[peers]'`.
@@ -11,7 +11,8 @@ Systems (SmolLM2-135M-Instruct, CPU, greedy, THREADS threads each):
   optimum       optimum-onnx ORTModelForCausalLM, float32, exported once from the same float32 directory
                 and cached in cache_dir()/peers/optimum-<sha>; dynamic KV cache (tensors in, tensors out)
   llama.cpp     llama-cpp-python on the same GGUF file, so with its Q4_1 weights (the others are float32)
-  quest, dense  edgekv's Engine over ARTIFACT; dense's static context is 8192, so it skips 16K
+  quest, rerank, dense
+                edgekv's Engine over ARTIFACT with that policy; dense's static context is 8192, so it skips 16K
 
 Every system gets the same seeded token ids. At each context it starts from an empty cache, prefills the
 first `context` ids (timed: prefill tok/s), decodes WARMUP greedy tokens, then `steps` timed greedy
@@ -40,7 +41,7 @@ import numpy as np
 MODEL = "smollm2-135m-instruct"
 ARTIFACT = "artifacts/smollm2-135m-instruct-npu-small"
 CONTEXTS = "1024,4096,8128,16384"
-SYSTEMS = "transformers,optimum,llama.cpp,quest,dense"
+SYSTEMS = "transformers,optimum,llama.cpp,quest,rerank,dense"
 STEPS = 16
 WARMUP = 4  # untimed decode steps after each prefill
 WARMUP_PROMPT = 64  # untimed prefill + WARMUP decodes once per system, before any timing
@@ -53,6 +54,7 @@ LABELS = {
     "optimum": "optimum-onnx ORT (fp32)",
     "llama.cpp": "llama.cpp (GGUF Q4_1)",
     "quest": "edgekv quest",
+    "rerank": "edgekv rerank",
     "dense": "edgekv dense (static 8192)",
 }
 

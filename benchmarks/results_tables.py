@@ -89,13 +89,14 @@ def peers_table(data) -> str:
                  for c in contexts]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines.append("")
-    for c in contexts:
-        quest = by.get(("quest", c))
-        if quest:
-            ratios = ", ".join(f"{quest['decode_tok_s'] / by[(s, c)]['decode_tok_s']:.2f}x {s}"
-                               for s in systems if s != "quest" and (s, c) in by)
-            lines.append(f"- {c} tokens: quest {quest['decode_tok_s'] / READING_SPEED_TOKENS_PER_S:.1f}x reading "
-                         f"speed; {ratios}")
+    for policy in ("quest", "rerank"):
+        for c in contexts:
+            ours = by.get((policy, c))
+            if ours:
+                ratios = ", ".join(f"{ours['decode_tok_s'] / by[(s, c)]['decode_tok_s']:.2f}x {s}"
+                                   for s in systems if s != policy and (s, c) in by)
+                lines.append(f"- {c} tokens: {policy} {ours['decode_tok_s'] / READING_SPEED_TOKENS_PER_S:.1f}x "
+                             f"reading speed; {ratios}")
     return "\n".join(lines)
 
 
