@@ -18,6 +18,7 @@ selected, which is exactly dense attention.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -183,7 +184,7 @@ def add_softmax_page_mass(logits: np.ndarray, local_logits: np.ndarray, page_siz
             mass[i] += key_mass[i * page_size + t]
 
 
-MAX_LANES = 16  # largest
+MAX_LANES = 16  # running maxima of `largest`
 
 
 @njit(inline="always", fastmath=True)
@@ -413,8 +414,10 @@ def most_attended(q: np.ndarray, candidates: np.ndarray, room: int, keys: LayerK
     rows = q.reshape(kv_heads, -1, head_dim)  # [kv_heads, G*S]: the step's S rows fastest
     if rows.shape[1] <= FEW_ROWS:
         mass = np.empty(candidates.shape, np.float32)
-        record_page_mass(rows, *keys.records(candidates), page_size, local_keys, local_positions, row_positions, mass)
+        record_page_mass(rows, *keys.records(candidates), page_size, local_keys, local_positions, row_positions,
+                         mass)
     else:
-        visible = np.tile(local_positions[None, :] <= row_positions[:, None], (rows.shape[1] // len(row_positions), 1))
+        groups = rows.shape[1] // len(row_positions)
+        visible = np.tile(local_positions[None, :] <= row_positions[:, None], (groups, 1))
         mass = attention_mass(rows, keys.read(candidates), local_keys, visible)
     return np.take_along_axis(candidates, top_pages(mass, room), axis=1)

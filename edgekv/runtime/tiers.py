@@ -398,4 +398,3 @@ def evict_oldest(device_stamp: np.ndarray, n_pages: int, excess: int) -> None:
             if stamp != NOT_ON_DEVICE and (stamp < cutoff or (stamp == cutoff and at_cutoff > 0)):
                 at_cutoff -= stamp == cutoff
                 device_stamp[layer, page] = NOT_ON_DEVICE
-
