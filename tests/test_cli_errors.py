@@ -53,3 +53,10 @@ def test_modified_graph_file_is_named_by_validate(tiny_artifacts, tmp_path):
 def test_validate_on_a_non_artifact(tmp_path):
     assert_one_line_error(run_edgekv("validate", str(tmp_path)), "not an edgekv artifact",
                           "edgekv export --profile npu-small")
+
+
+def test_a_mistyped_artifact_names_the_artifacts_beside_it(tiny_artifacts):
+    root = tiny_artifacts["llama"].parent  # the tiny exports, one artifact per architecture
+    names = ", ".join(sorted(path.name for path in tiny_artifacts.values()))
+    assert_one_line_error(run_edgekv("validate", str(root / "lama")), "lama is not an edgekv artifact",
+                          f"the artifacts in {root} are {names}; or create one with `edgekv export")

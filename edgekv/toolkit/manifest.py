@@ -83,7 +83,10 @@ def read_manifest(directory: Path | str) -> Manifest:
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not path.is_file():
-        raise EdgekvError(f"{directory} is not an edgekv artifact (no {MANIFEST_NAME}); create one with "
+        # A mistyped artifact name is the usual cause: name the artifacts that stand beside it.
+        beside = sorted(p.parent.name for p in directory.parent.glob(f"*/{MANIFEST_NAME}"))
+        hint = f"the artifacts in {directory.parent} are {', '.join(beside)}; or " if beside else ""
+        raise EdgekvError(f"{directory} is not an edgekv artifact (no {MANIFEST_NAME}); {hint}create one with "
                           "`edgekv export --profile npu-small`")
     try:
         data = json.loads(path.read_text())
