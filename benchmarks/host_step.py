@@ -20,17 +20,17 @@ from collections.abc import Callable
 
 import numpy as np
 
-import edgekv.runtime.engine as engine_module
+import edgekv.runtime.paged_cache as paged_cache_module
 import edgekv.runtime.selection as selection_module
-from edgekv.runtime.budget import ResidentBudget
-from edgekv.runtime.engine import Engine, Timers
-from edgekv.runtime.pages import PageStore
+from edgekv.runtime.budget import BudgetBuffer
+from edgekv.runtime.engine import Engine
+from edgekv.runtime.paged_cache import LayerPages
 from edgekv.runtime.tiers import TieredPool
 
 WARMUP_TOKENS = 4
 PARTS = ("append new K/V and page bounds", "selection", "  of which: scoring (matrix products)", "  of which: top-k",
          "  of which: shortlist attention (rerank)",
-         "resident budget update", "  of which: tier bookkeeping (fetch)", "  of which: page copies (copy_pages)")
+         "resident budget update", "  of which: tier bookkeeping (fetch)", "  of which: page copies (copy)")
 
 
 def timed(spent: dict[str, float], name: str, function: Callable) -> Callable:
@@ -45,15 +45,15 @@ def timed(spent: dict[str, float], name: str, function: Callable) -> Callable:
 
 def instrument(spent: dict[str, float]) -> None:
     append, select, scores, top_k, attention, update, fetch, copies = PARTS
-    PageStore.append = timed(spent, append, PageStore.append)
-    # select_pages calls the scoring through its module, the engine calls select_pages through its own.
+    LayerPages.append = timed(spent, append, LayerPages.append)
+    # select_pages calls the scoring through its module, the cache calls select_pages through its own.
     selection_module.quest_page_scores = timed(spent, scores, selection_module.quest_page_scores)
     selection_module.top_pages = timed(spent, top_k, selection_module.top_pages)
     selection_module.most_attended = timed(spent, attention, selection_module.most_attended)
-    engine_module.select_pages = timed(spent, select, engine_module.select_pages)
-    ResidentBudget.update = timed(spent, update, ResidentBudget.update)
+    paged_cache_module.select_pages = timed(spent, select, paged_cache_module.select_pages)
+    BudgetBuffer.update = timed(spent, update, BudgetBuffer.update)
     TieredPool.fetch = timed(spent, fetch, TieredPool.fetch)
-    TieredPool.copy_pages = timed(spent, copies, TieredPool.copy_pages)
+    TieredPool.copy = timed(spent, copies, TieredPool.copy)
 
 
 def main() -> None:
@@ -75,7 +75,7 @@ def main() -> None:
             for _ in range(WARMUP_TOKENS):
                 token = int(np.argmax(engine.decode(token)))
             spent.clear()
-            engine.timers = Timers()
+            engine.timers.reset()
             start = time.perf_counter()
             for _ in range(args.steps):
                 token = int(np.argmax(engine.decode(token)))

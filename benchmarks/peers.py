@@ -7,7 +7,7 @@ Usage: .venv/bin/python benchmarks/peers.py [--contexts 1024,4096,8128,16384]
 Needs the `peers` extra for two of the systems: `.venv/bin/pip install -e '.[peers]'`.
 
 Systems (SmolLM2-135M-Instruct, CPU, greedy, THREADS threads each):
-  transformers  PyTorch eager, float32, its dynamic KV cache (the model edgekv.toolkit.models loads)
+  transformers  PyTorch eager, float32, its dynamic KV cache (the model edgekv.export.models loads)
   optimum       optimum-onnx ORTModelForCausalLM, float32, exported once from the same float32 directory
                 and cached in cache_dir()/peers/optimum-<sha>; dynamic KV cache (tensors in, tensors out)
   llama.cpp     llama-cpp-python on the same GGUF file, so with its Q4_1 weights (the others are float32)
@@ -68,7 +68,7 @@ class Transformers:
         import torch
         import transformers
 
-        from edgekv.toolkit.models import load_model
+        from edgekv.export.models import load_model
 
         torch.set_num_threads(THREADS)
         self.torch, self.model = torch, load_model(MODEL).model
@@ -97,7 +97,7 @@ def optimum_export(source_sha: str, hf_dir: Path) -> Path:
     """Export the float32 HF directory with optimum once; cached under edgekv's cache directory."""
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    from edgekv.toolkit.models import cache_dir
+    from edgekv.core.hashing import cache_dir
 
     target = cache_dir() / "peers" / f"optimum-{source_sha[:24]}"
     if not (target / "model.onnx").is_file():
@@ -123,7 +123,8 @@ class Optimum:
         from importlib.metadata import version
         from optimum.onnxruntime import ORTModelForCausalLM
 
-        from edgekv.toolkit.models import cache_dir, load_model, resolve_model, source_sha256
+        from edgekv.core.hashing import cache_dir
+        from edgekv.export.models import load_model, resolve_model, source_sha256
 
         source = resolve_model(MODEL)
         sha = source_sha256(source)
@@ -165,7 +166,7 @@ class LlamaCpp:
     def __init__(self, n_ctx: int) -> None:
         import llama_cpp
 
-        from edgekv.toolkit.models import resolve_model
+        from edgekv.export.models import resolve_model
 
         self.llm = llama_cpp.Llama(model_path=str(resolve_model(MODEL).path), n_ctx=n_ctx, n_batch=PREFILL_CHUNK,
                                    n_ubatch=PREFILL_CHUNK, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)

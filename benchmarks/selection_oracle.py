@@ -26,7 +26,7 @@ import numpy as np
 
 from edgekv.evaluation.tasks import ANSWER_TOKENS, task_prompt
 from edgekv.runtime.engine import Engine
-from edgekv.runtime.pages import PageStore
+from edgekv.runtime.paged_cache import LayerPages
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.selection import Selection, most_attended
 from edgekv.runtime.tiers import LayerKeys
@@ -35,9 +35,9 @@ from edgekv.runtime.tokens import ArtifactTokenizer
 TASK = "retrieve-number"
 
 
-def attention_mass_selection(layer: int, q: np.ndarray, store: PageStore, selection: Selection) -> Selection:
+def attention_mass_selection(layer: int, q: np.ndarray, store: LayerPages, selection: Selection) -> Selection:
     """`selection` with its middle pages replaced by the candidates holding the most attention mass, every
-    past page a candidate (an Engine.reselect): the runtime's rerank without Quest's shortlist."""
+    past page a candidate (a PagedCache.reselect): the runtime's rerank without Quest's shortlist."""
     room, first_new = selection.middle.shape[1], selection.first_new
     if room == 0 or room >= first_new - 1:  # every candidate page fits: nothing to choose
         return selection
@@ -60,7 +60,7 @@ def main() -> None:
     for selection in args.selections.split(","):
         engine = Engine.open(args.artifact, "quest" if selection == "oracle" else selection)
         if selection == "oracle":
-            engine.reselect = attention_mass_selection
+            engine.cache.reselect = attention_mass_selection
         tokenizer = ArtifactTokenizer.load(engine.manifest)
         try:
             for context in (int(c) for c in args.contexts.split(",")):

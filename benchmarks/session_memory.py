@@ -5,8 +5,8 @@ Usage: .venv/bin/python benchmarks/session_memory.py [ARTIFACT_DIR]
 
 import sys
 
-from edgekv.runtime.graphs import GraphSessions
-from edgekv.toolkit.manifest import load_verified
+from edgekv.runtime.backend import OnnxruntimeBackend
+from edgekv.core.manifest import load_verified
 
 
 def resident_mib() -> float:
@@ -17,7 +17,7 @@ def resident_mib() -> float:
 def main(directory: str = "artifacts/smollm2-135m-instruct-npu-small") -> None:
     manifest = load_verified(directory)
     before = resident_mib()
-    sessions = GraphSessions.open(manifest)
+    sessions = OnnxruntimeBackend.open(manifest)
     weights = resident_mib()
     print(f"weights loaded: +{weights - before:.0f} MiB "
           f"({sum(w['length'] for w in manifest.data['weights'].values()) / 2**20:.0f} MiB on disk)")

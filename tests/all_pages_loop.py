@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgekv.export.modules import MASK_VALUE
-from edgekv.runtime.graphs import GraphSessions
+from edgekv.core.constants import MASK_VALUE
+from edgekv.runtime.backend import OnnxruntimeBackend
 
 
-def run_step(sessions: GraphSessions, graphs, caches: list[list[np.ndarray]], tokens: list[int], start: int):
+def run_step(backend: OnnxruntimeBackend, graphs, caches: list[list[np.ndarray]], tokens: list[int], start: int):
     """Feed `tokens` at positions start.. through one step's graphs; returns the last row's logits.
 
     The chunk is left-padded to the graph's fixed length so the last real token sits on the last row,
@@ -25,7 +25,7 @@ def run_step(sessions: GraphSessions, graphs, caches: list[list[np.ndarray]], to
     ids[0, pad:] = tokens
     positions = np.zeros((1, seq), dtype=np.int64)
     positions[0, pad:] = np.arange(start, start + n)
-    hidden, q, k, v = sessions.run(graphs[0], {"input_ids": ids, "position_ids": positions})
+    hidden, q, k, v = backend.session(graphs[0]).run(None, {"input_ids": ids, "position_ids": positions})
     for layer, graph in enumerate(graphs[1:]):
         caches[layer].append((k[:, :, pad:], v[:, :, pad:]))
         keys = np.concatenate([c[0] for c in caches[layer]], axis=2)
@@ -43,23 +43,23 @@ def run_step(sessions: GraphSessions, graphs, caches: list[list[np.ndarray]], to
         feeds = {"hidden_in": hidden, "q_in": q, "k_sel": k_sel, "v_sel": v_sel, "mask": mask}
         if graph.kind == "layer":
             feeds["position_ids"] = positions
-            hidden, q, k, v = sessions.run(graph, feeds)
+            hidden, q, k, v = backend.session(graph).run(None, feeds)
         else:
-            (logits,) = sessions.run(graph, feeds)
+            (logits,) = backend.session(graph).run(None, feeds)
     return logits[0, -1]
 
 
-def greedy_all_pages(sessions: GraphSessions, policy: str, prompt: list[int], new_tokens: int):
+def greedy_all_pages(backend: OnnxruntimeBackend, policy: str, prompt: list[int], new_tokens: int):
     """Greedy tokens and the prompt's last-token logits through the `policy` (budget or dense) graphs."""
-    manifest = sessions.manifest
+    manifest = backend.manifest
     prefill, decode = manifest.variant(f"{policy}-prefill"), manifest.variant(f"{policy}-decode")
     caches: list[list] = [[] for _ in range(len(prefill) - 1)]
     chunk = prefill[0].seq_len
     for start in range(0, len(prompt), chunk):
-        logits = run_step(sessions, prefill, caches, prompt[start:start + chunk], start)
+        logits = run_step(backend, prefill, caches, prompt[start:start + chunk], start)
     first_logits = logits
     tokens = [int(np.argmax(logits))]
     while len(tokens) < new_tokens:
-        logits = run_step(sessions, decode, caches, tokens[-1:], len(prompt) + len(tokens) - 1)
+        logits = run_step(backend, decode, caches, tokens[-1:], len(prompt) + len(tokens) - 1)
         tokens.append(int(np.argmax(logits)))
     return tokens, first_logits

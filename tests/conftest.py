@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tiny_models import save_tiny_model
@@ -19,6 +20,17 @@ def run_edgekv(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise AssertionError(f"edgekv {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def gather_pages(pool, layer: int, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pages [kv_heads, k] (per KV head) of a TieredPool fetched and copied out as the graphs read them: keys
+    and values [kv_heads, k * page_size, head_dim]."""
+    heads, k = pages.shape
+    pool.fetch(layer, pages)
+    k_out = np.zeros((heads, k, pool.page_size, pool.head_dim), np.float32)
+    v_out = np.zeros_like(k_out)
+    pool.copy(layer, pages.ravel(), np.repeat(np.arange(heads), k), k_out, v_out, np.tile(np.arange(k), heads))
+    return k_out.reshape(heads, -1, pool.head_dim), v_out.reshape(heads, -1, pool.head_dim)
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -52,6 +64,7 @@ def default_artifact(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def default_model():
-    from edgekv.toolkit.models import DEFAULT_MODEL, load_model
+    from edgekv.core.constants import DEFAULT_MODEL
+    from edgekv.export.models import load_model
 
     return load_model(DEFAULT_MODEL)

@@ -10,20 +10,20 @@ from conftest import run_edgekv
 from edgekv.calibration import budgets
 from edgekv.calibration.budgets import budgets_for_level, candidate_budgets, captured_mass
 from edgekv.runtime.engine import Engine
-from edgekv.runtime.pages import PageStore
+from edgekv.runtime.paged_cache import LayerPages
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.tiers import TieredPool
-from edgekv.toolkit.errors import EdgekvError
-from edgekv.toolkit.manifest import load_verified
-from edgekv.toolkit.profiles import load_profile
+from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import load_verified
+from edgekv.core.profiles import load_profile
 
 PAGE = 4
 
 
-def page_store(keys: np.ndarray, tmp_path) -> PageStore:
+def page_store(keys: np.ndarray, tmp_path) -> LayerPages:
     kv_heads, length, head_dim = keys.shape
     pool = TieredPool(1, kv_heads, head_dim, PAGE, 1 << 20, 1 << 20, tmp_path / "spill.bin")
-    store = PageStore(0, pool)
+    store = LayerPages(0, pool)
     store.append(keys, np.zeros_like(keys))
     return store
 

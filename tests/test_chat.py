@@ -16,7 +16,7 @@ from edgekv.runtime.engine import Engine
 from edgekv.runtime.sampling import SamplingConfig
 from edgekv.runtime.session_file import apply_session, load_session, save_session
 from edgekv.runtime.tokens import ArtifactTokenizer
-from edgekv.toolkit.errors import EdgekvError
+from edgekv.core.errors import EdgekvError
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from edgekv.evaluation.evaluate import record_rows
 from edgekv.evaluation.metrics import mean_kl, perplexity, top1_agreement
 from edgekv.evaluation.tasks import TASKS, task_prompt
 from edgekv.runtime.engine import Engine
-from edgekv.toolkit.errors import EdgekvError
+from edgekv.core.errors import EdgekvError
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ from onnx import numpy_helper
 from all_pages_loop import greedy_all_pages
 from conftest import run_edgekv
 from edgekv.export.validator import validate_artifact
-from edgekv.runtime.graphs import GraphSessions
-from edgekv.toolkit.manifest import load_verified
-from edgekv.toolkit.models import load_model
-from edgekv.toolkit.profiles import load_profile
+from edgekv.runtime.backend import OnnxruntimeBackend
+from edgekv.core.manifest import load_verified
+from edgekv.export.models import load_model
+from edgekv.core.profiles import load_profile
 
 NEW_TOKENS = 32
 LOGITS_TOLERANCE = 1e-3
@@ -30,10 +30,10 @@ def reference(loaded, prompt: list[int]):
 
 
 def assert_graphs_match_transformers(artifact, loaded, prompt):
-    sessions = GraphSessions.open(load_verified(artifact))
+    backend = OnnxruntimeBackend.open(load_verified(artifact))
     want_tokens, want_logits = reference(loaded, prompt)
     for policy in ("budget", "dense"):
-        tokens, logits = greedy_all_pages(sessions, policy, prompt, NEW_TOKENS)
+        tokens, logits = greedy_all_pages(backend, policy, prompt, NEW_TOKENS)
         assert np.abs(logits - want_logits).max() < LOGITS_TOLERANCE, policy
         assert tokens == want_tokens, policy
 
@@ -109,7 +109,7 @@ def test_validate_reports_every_violation_against_a_stricter_profile(tiny_artifa
     text["graph"]["allowed_ops"] = [op for op in text["graph"]["allowed_ops"] if op != "Softmax"]
     text["graph"]["max_tensor_bytes"] = 1024
     manifest = load_verified(tiny_artifacts["llama"])
-    from edgekv.toolkit.profiles import profile_from_dict
+    from edgekv.core.profiles import profile_from_dict
 
     report = validate_artifact(manifest, profile_from_dict(text, "strict"))
     assert not report.ok

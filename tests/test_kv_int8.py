@@ -3,20 +3,21 @@ spilling that changes nothing, and a real engine run with its bytes moved."""
 
 import numpy as np
 
+from conftest import gather_pages
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.page_format import PageFormat
-from edgekv.runtime.pages import PageStore
+from edgekv.runtime.paged_cache import LayerPages
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.tiers import TieredPool
-from edgekv.toolkit.manifest import load_verified
+from edgekv.core.manifest import load_verified
 
 KV_HEADS, PAGE, HEAD_DIM = 3, 8, 64  # SmolLM2-135M's KV shape with npu-small's pages
 
 
-def int8_store(tmp_path, host_pages: int = 1000) -> tuple[TieredPool, PageStore]:
+def int8_store(tmp_path, host_pages: int = 1000) -> tuple[TieredPool, LayerPages]:
     page_bytes = PageFormat("int8", KV_HEADS, PAGE, HEAD_DIM).page_bytes
     pool = TieredPool(1, KV_HEADS, HEAD_DIM, PAGE, 1 << 30, host_pages * page_bytes, tmp_path / "spill.bin", "int8")
-    return pool, PageStore(0, pool)
+    return pool, LayerPages(0, pool)
 
 
 def test_int8_pages_are_a_third_of_float_and_round_within_half_a_step():
@@ -55,12 +56,8 @@ def test_spilled_int8_pages_come_back_as_they_were(tmp_path):
         (tmp_path / str(host_pages)).mkdir()
         pool, store = int8_store(tmp_path / str(host_pages), host_pages)
         store.append(keys, 2 * keys)
-        k_out = np.zeros((KV_HEADS, 2 * PAGE, HEAD_DIM), np.float32)
-        v_out = np.zeros_like(k_out)
-        rounds = []
-        for pages in ([0, 1], [4, 5], [2, 3]):
-            pool.gather(0, np.broadcast_to(np.array(pages), (KV_HEADS, 2)), k_out, v_out)
-            rounds.append((k_out.copy(), v_out.copy()))
+        rounds = [gather_pages(pool, 0, np.broadcast_to(np.array(pages), (KV_HEADS, 2)))
+                  for pages in ([0, 1], [4, 5], [2, 3])]
         gathered.append(rounds)
         if host_pages == 3:
             assert pool.pages_spilled > 0 and pool.pages_restored > 0
@@ -81,7 +78,8 @@ def test_engine_with_int8_pages_moves_fewer_bytes_and_spills_exactly(tiny_artifa
         engine = Engine.open(artifact, "quest", spill_dir=tmp_path, budget=64, **kwargs)
         try:
             tokens = list(engine.generate(prompt, 16, Sampler(SamplingConfig()), eos_ids=set()))
-            runs[name] = (tokens, engine.pool.transfer_bytes, engine.pool.counts(), engine.pool.pages_spilled)
+            usage = engine.cache.usage()
+            runs[name] = (tokens, usage.transfer_bytes, usage.pages, usage.pages_spilled)
         finally:
             engine.close()
     assert runs["int8 spilled"][3] > 0

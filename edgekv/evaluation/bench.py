@@ -54,13 +54,13 @@ def usable_context(context: int, policy: str, max_context: int) -> int | None:
 
 def measure_policy(artifact: str, policy: str, contexts: list[int], steps: int,
                    kv_dtype: str | None = None) -> list[dict]:
-    from edgekv.runtime.engine import Engine, Timers
+    from edgekv.runtime.engine import Engine
 
     engine = Engine.open(artifact, policy, kv_dtype=kv_dtype)
     rng = np.random.default_rng(0)
     rows = []
     try:
-        page_bytes, vocab = engine.pool.page_bytes, engine.manifest.model["vocab"]
+        vocab = engine.manifest.model["vocab"]
         for requested in contexts:
             context = usable_context(requested, policy, engine.manifest.model["max_context"])
             if context is None or context < len(engine.tokens):
@@ -74,8 +74,8 @@ def measure_policy(artifact: str, policy: str, contexts: list[int], steps: int,
             token = int(np.argmax(logits))
             for _ in range(WARMUP_TOKENS):
                 token = int(np.argmax(engine.decode(token)))
-            engine.timers = Timers()
-            transfer_before = engine.pool.transfer_bytes
+            engine.timers.reset()
+            transfer_before = engine.cache.usage().transfer_bytes
             times = []
             for _ in range(steps):
                 start = time.perf_counter()
@@ -83,16 +83,13 @@ def measure_policy(artifact: str, policy: str, contexts: list[int], steps: int,
                 times.append(time.perf_counter() - start)
             step = float(np.median(times))
             total = sum(times)
-            transfer = (engine.pool.transfer_bytes - transfer_before) / steps
+            usage = engine.cache.usage()
+            transfer = (usage.transfer_bytes - transfer_before) / steps
             host_s = (engine.timers.select_s + engine.timers.gather_s) / steps
-            if policy == "dense":  # the baseline's KV is its static per-layer buffers, on the device
-                kv = {"device": sum(k.nbytes + v.nbytes for k, v, _ in engine.decode_step.layer_kv), "host": 0, "disk": 0}
-            else:
-                kv = {tier: n * page_bytes for tier, n in engine.pool.counts().items()}
             row = BenchRow(
                 policy, context, fill / ttft, ttft, 1e3 * step, 1 / step, 1 / step / READING_SPEED_TOKENS_PER_S,
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                kv, transfer,
+                usage.kv_bytes, transfer,
                 engine.timers.graph_s / total, engine.timers.select_s / total, engine.timers.gather_s / total,
                 project_decode(engine.manifest, policy, transfer, host_s).to_dict())
             rows.append(asdict(row))

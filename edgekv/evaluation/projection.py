@@ -19,7 +19,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S
-from edgekv.toolkit.manifest import Manifest
+from edgekv.core.manifest import Manifest
 
 
 @dataclass

@@ -28,10 +28,11 @@ import torch
 import edgekv
 from edgekv.export.modules import EmbedQKV, LastLayerHead, LayerBoundary
 from edgekv.export.weights import WeightWriter, parameter_digests
-from edgekv.toolkit.errors import EdgekvError
-from edgekv.toolkit.manifest import read_manifest, write_manifest
-from edgekv.toolkit.models import DEFAULT_MODEL, LoadedModel, load_model
-from edgekv.toolkit.profiles import SUPPORTED_WEIGHT_DTYPES, Profile, load_profile
+from edgekv.core.constants import DEFAULT_MODEL
+from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import ARTIFACT_FORMAT_VERSION, default_artifact_dir, read_manifest, write_manifest
+from edgekv.core.profiles import Profile, load_profile
+from edgekv.export.models import LoadedModel, load_model
 
 VARIANTS = ("budget-decode", "budget-prefill", "dense-decode", "dense-prefill")
 GRAPHS_SUBDIR = "graphs"
@@ -153,11 +154,6 @@ def model_record(loaded: LoadedModel) -> dict:
             "bos_token_id": config.bos_token_id}
 
 
-def default_out_dir(model_name: str, profile: Profile, weight_dtype: str = "float32") -> Path:
-    suffix = "" if weight_dtype == "float32" else f"-{weight_dtype}"
-    return Path("artifacts") / f"{model_name}-{profile.name}{suffix}"
-
-
 @dataclass
 class ExportResult:
     directory: Path
@@ -169,45 +165,24 @@ class ExportResult:
 
 def export_artifact(model_spec: str = DEFAULT_MODEL, profile_spec: str = "npu-small", out_dir: Path | None = None,
                     progress: Callable[[str], None] = print,
-                    step: Callable[[str, int, int], None] | None = None, quantize: str | None = None,
-                    calibration_text: Path | None = None) -> ExportResult:
-    """Export `model_spec` for `profile_spec` into `out_dir`; step(name, i, n) reports graph progress.
-
-    `quantize` (default: the profile's weight_dtype) exports float32 graphs first, then writes the INT8
-    artifact (edgekv/calibration/quantize.py): "int8" QDQ graphs calibrated on real activations, or
-    "int8-weight-only" MatMulNBits graphs for onnxruntime's CPU kernels."""
+                    step: Callable[[str, int, int], None] | None = None) -> ExportResult:
+    """Export `model_spec` for `profile_spec` as float32 graphs into `out_dir`; step(name, i, n) reports graph
+    progress. (INT8 artifacts are quantized from these: calibration/quantize.py.)"""
     start = time.perf_counter()
     profile = load_profile(profile_spec)
-    weight_dtype = quantize or profile.weight_dtype
-    if weight_dtype not in SUPPORTED_WEIGHT_DTYPES:
-        raise EdgekvError(f"unknown quantization '{weight_dtype}'; choose one of: {', '.join(SUPPORTED_WEIGHT_DTYPES)}")
-    if calibration_text is not None and weight_dtype != "int8":
-        raise EdgekvError(f"--calibration-text calibrates the activation ranges of int8 QDQ graphs; {weight_dtype} "
-                          "graphs need no calibration: drop --calibration-text")
     progress(f"loading model {model_spec}")
     loaded = load_model(model_spec, progress)
-    out_dir = Path(out_dir) if out_dir else default_out_dir(loaded.source.name, profile, weight_dtype)
-    if weight_dtype == "float32":
-        write_float_artifact(loaded, profile, out_dir, step)
-    else:
-        from edgekv.calibration.prompts import read_text_tokens
-        from edgekv.calibration.quantize import CALIBRATION_TOKENS, check_profile_allows, quantize_artifact
+    out_dir = Path(out_dir) if out_dir else default_artifact_dir(loaded.source.name, profile.name)
+    write_float_artifact(loaded, profile, out_dir, step)
+    return export_result(out_dir, start)
 
-        check_profile_allows(profile, weight_dtype)  # fail before the float32 export, not after it
-        if calibration_text is not None:
-            read_text_tokens(lambda text: loaded.tokenizer(text).input_ids, calibration_text, CALIBRATION_TOKENS + 1)
 
-        float_dir = out_dir.with_name(out_dir.name + ".float32.partial")
-        try:
-            write_float_artifact(loaded, profile, float_dir, step, head_weight_on_right=True)
-            del loaded  # calibration runs the float32 graphs; the torch model is no longer needed
-            quantize_artifact(float_dir, out_dir, weight_dtype, calibration_text, progress)
-        finally:
-            shutil.rmtree(float_dir, ignore_errors=True)
+def export_result(out_dir: Path, started: float) -> ExportResult:
+    """What an export wrote into out_dir, since time.perf_counter() read `started`."""
     manifest = read_manifest(out_dir)
     weight_bytes = sum(entry["length"] for entry in manifest.data["weights"].values())
     artifact_bytes = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
-    return ExportResult(out_dir, time.perf_counter() - start, len(manifest.data["graphs"]), weight_bytes,
+    return ExportResult(out_dir, time.perf_counter() - started, len(manifest.data["graphs"]), weight_bytes,
                         artifact_bytes)
 
 
@@ -229,17 +204,15 @@ def write_float_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path,
         if step:
             step(plan.name, i, len(unique))
         proto = trace_graph(loaded.model, plan, dims, profile.opset, head_weight_on_right)
-        writer.externalize(proto)
         rel = f"{GRAPHS_SUBDIR}/{plan.name}.onnx"
-        onnx.save(proto, staging / rel)
-        graphs[plan.name] = graph_record(plan, rel, proto)
+        graphs[plan.name] = graph_record(plan, rel, proto, writer.save(proto, staging / rel))
     if step:
         step("done", len(unique), len(unique))
     writer.close()
 
     loaded.tokenizer.save_pretrained(staging / TOKENIZER_SUBDIR)
     manifest = {
-        "format_version": edgekv.ARTIFACT_FORMAT_VERSION,
+        "format_version": ARTIFACT_FORMAT_VERSION,
         "edgekv_version": edgekv.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": model_record(loaded),
@@ -256,9 +229,9 @@ def write_float_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path,
     staging.rename(out_dir)
 
 
-def graph_record(plan: GraphPlan, rel: str, proto: onnx.ModelProto) -> dict:
+def graph_record(plan: GraphPlan, rel: str, proto: onnx.ModelProto, weights: list[str]) -> dict:
     """A graph's manifest entry: what it is, its file, its inputs and outputs, the shared weights it uses."""
     return {"name": plan.name, "file": rel, "kind": plan.kind, "layer": plan.layer,
             "seq_len": plan.seq_len, "budget": plan.budget,
             "inputs": tensor_specs(proto.graph.input), "outputs": tensor_specs(proto.graph.output),
-            "weights": [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]}
+            "weights": weights}

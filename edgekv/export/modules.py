@@ -20,12 +20,6 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-# Additive mask value for slots a query must not see. Finite (float16's lowest) so a row whose
-# slots are all masked (a padding row) gives a uniform softmax instead of NaN, and the same mask
-# works if a device runs the graph in float16. exp(-65504) is exactly 0 in float32.
-MASK_VALUE = -65504.0
-
-
 def _dims(model) -> tuple[int, int, int]:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from edgekv.toolkit.manifest import GraphEntry, Manifest, verify_files
-from edgekv.toolkit.profiles import Profile
+from edgekv.core.manifest import GraphEntry, Manifest, verify_files
+from edgekv.core.profiles import Profile
 
 
 @dataclass

@@ -127,6 +127,13 @@ class WeightWriter:
                 if name in renames:
                     node.input[i] = renames[name]
 
+    def save(self, graph_model: onnx.ModelProto, path: Path) -> list[str]:
+        """Write a graph with its large weights external (each stored once, by name); the names of the
+        external weights it uses."""
+        self.externalize(graph_model)
+        onnx.save(graph_model, path)
+        return [t.name for t in graph_model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+
     def manifest_table(self) -> dict[str, dict]:
         """The manifest's `weights` table: where each tensor lies, relative to the artifact directory."""
         return {e.name: {"file": f"{self.graphs_dir.name}/{e.file}", "offset": e.offset, "length": e.length,

@@ -16,7 +16,7 @@ from edgekv.runtime.engine import Engine
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.stats import GenerationStats
 from edgekv.runtime.tokens import ArtifactTokenizer
-from edgekv.toolkit.errors import EdgekvError
+from edgekv.core.errors import EdgekvError
 
 
 @dataclass

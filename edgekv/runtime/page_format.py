@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
-KV_DTYPES = ("float32", "int8")
+from edgekv.runtime.kernels.pages import copy_float_pages, copy_int8_pages
+
 INT8_MAX = 127
 
 
@@ -70,8 +70,9 @@ class PageFormat:
         on the record and head axes): [..., page_size, head_dim] each, copies."""
         if not self.quantized:
             return store["k"][index], store["v"][index]
+        keys = store["k"][index].astype(np.float32) * store["k_scale"][index][..., None, :]
         values = store["v"][index].astype(np.float32) * store["v_scale"][index][..., :, None]
-        return self.decode_keys(store, index), values
+        return keys, values
 
     def copy_pages(self, store: np.ndarray, slots: np.ndarray, heads: np.ndarray, k_out: np.ndarray,
                    v_out: np.ndarray, out_pages: np.ndarray) -> None:
@@ -82,54 +83,3 @@ class PageFormat:
                             k_out, v_out, out_pages)
         else:
             copy_float_pages(store["k"], store["v"], slots, heads, k_out, v_out, out_pages)
-
-    def decode_keys(self, store: np.ndarray, index: tuple) -> np.ndarray:
-        """decode()'s keys alone (selection reads keys, not values)."""
-        if not self.quantized:
-            return store["k"][index]
-        return store["k"][index].astype(np.float32) * store["k_scale"][index][..., None, :]
-
-
-# Compiled: a decode step copies a few dozen page-heads per layer into the resident budgets, and numpy's
-# fancy indexing made two copies of each and cost several microseconds per call (benchmarks/RESULTS.md).
-# Element loops, not slice assignments: the record fields are strided views, for which numba's slice copy
-# is generic code (45 page-heads in cache: 15.5 us, the loops 8.7). Four pages at a time: their sources are
-# scattered in DRAM, and eight streams in flight instead of two cut the copies in the runtime from 54-58
-# to 32-41 us per layer and step at 8K (eight at a time: no better; benchmarks/host_step.py).
-@njit(cache=True)
-def copy_float_pages(keys, values, slots, heads, k_out, v_out, out_pages) -> None:
-    page_size, head_dim = keys.shape[2], keys.shape[3]
-    n = len(slots)
-    done = 0
-    while done + 4 <= n:
-        s0, s1, s2, s3 = slots[done], slots[done + 1], slots[done + 2], slots[done + 3]
-        h0, h1, h2, h3 = heads[done], heads[done + 1], heads[done + 2], heads[done + 3]
-        o0, o1, o2, o3 = out_pages[done], out_pages[done + 1], out_pages[done + 2], out_pages[done + 3]
-        for t in range(page_size):
-            for d in range(head_dim):
-                k_out[h0, o0, t, d] = keys[s0, h0, t, d]
-                k_out[h1, o1, t, d] = keys[s1, h1, t, d]
-                k_out[h2, o2, t, d] = keys[s2, h2, t, d]
-                k_out[h3, o3, t, d] = keys[s3, h3, t, d]
-                v_out[h0, o0, t, d] = values[s0, h0, t, d]
-                v_out[h1, o1, t, d] = values[s1, h1, t, d]
-                v_out[h2, o2, t, d] = values[s2, h2, t, d]
-                v_out[h3, o3, t, d] = values[s3, h3, t, d]
-        done += 4
-    for i in range(done, n):
-        slot, head, out = slots[i], heads[i], out_pages[i]
-        for t in range(page_size):
-            for d in range(head_dim):
-                k_out[head, out, t, d] = keys[slot, head, t, d]
-                v_out[head, out, t, d] = values[slot, head, t, d]
-
-
-@njit(cache=True)
-def copy_int8_pages(keys, values, k_scale, v_scale, slots, heads, k_out, v_out, out_pages) -> None:
-    page_size, head_dim = keys.shape[2], keys.shape[3]
-    for i in range(len(slots)):
-        slot, head, out = slots[i], heads[i], out_pages[i]
-        for t in range(page_size):
-            for d in range(head_dim):
-                k_out[head, out, t, d] = keys[slot, head, t, d] * k_scale[slot, head, d]
-                v_out[head, out, t, d] = values[slot, head, t, d] * v_scale[slot, head, t]

@@ -19,9 +19,9 @@ import numpy as np
 import edgekv
 from edgekv.runtime.conversation import Conversation
 from edgekv.runtime.sampling import Sampler, SamplingConfig
-from edgekv.toolkit.errors import EdgekvError
-from edgekv.toolkit.manifest import MANIFEST_NAME, Manifest
-from edgekv.toolkit.models import file_sha256
+from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import ARTIFACT_FORMAT_VERSION, MANIFEST_NAME, Manifest
+from edgekv.core.hashing import file_sha256
 
 SESSION_FORMAT = "edgekv-session"
 SESSION_FORMAT_VERSION = 1
@@ -30,7 +30,7 @@ SESSION_FORMAT_VERSION = 1
 def artifact_identity(manifest: Manifest) -> dict:
     """What a saved KV cache depends on: the model, the profile and the exact artifact."""
     return {"model": manifest.model["name"], "model_sha256": manifest.model["source_sha256"],
-            "profile": manifest.profile.name, "artifact_format": edgekv.ARTIFACT_FORMAT_VERSION,
+            "profile": manifest.profile.name, "artifact_format": ARTIFACT_FORMAT_VERSION,
             "manifest_sha256": file_sha256(manifest.directory / MANIFEST_NAME)}
 
 

@@ -28,3 +28,16 @@ class GenerationStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class HostTimers:
+    """Seconds spent in graph calls, in page selection, and in the rest of the host's work (appending new
+    K/V, gathering the budgets, building masks), added up since the last reset."""
+
+    graph_s: float = 0.0
+    select_s: float = 0.0
+    gather_s: float = 0.0
+
+    def reset(self) -> None:
+        self.graph_s = self.select_s = self.gather_s = 0.0

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, TextIO
 from edgekv.runtime.conversation import Conversation, Turn
 from edgekv.runtime.session_file import apply_session, load_session, save_session
 from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S
-from edgekv.toolkit.errors import EdgekvError
+from edgekv.core.errors import EdgekvError
 
 HELP = f"""commands:
   /help           this text
@@ -43,11 +43,11 @@ def status_line(turn: Turn, conversation: Conversation) -> str:
 
 
 def session_stats(conversation: Conversation) -> dict:
-    pool = conversation.engine.pool
+    usage = conversation.engine.cache.usage()
     return {"turns": conversation.turns, "generated_tokens": conversation.generated_tokens,
-            "context_tokens": conversation.context_tokens, "pages": pool.counts(),
-            "transfer_bytes": pool.transfer_bytes, "pages_spilled": pool.pages_spilled,
-            "pages_restored": pool.pages_restored, "policy": conversation.engine.policy}
+            "context_tokens": conversation.context_tokens, "pages": usage.pages,
+            "transfer_bytes": usage.transfer_bytes, "pages_spilled": usage.pages_spilled,
+            "pages_restored": usage.pages_restored, "policy": conversation.engine.policy}
 
 
 class ReplyInterrupt:

@@ -15,9 +15,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgekv.toolkit.errors import EdgekvError
+from edgekv.core.errors import EdgekvError
+from edgekv.core.hashing import cache_dir, file_sha256
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 # Built-in name -> (package that ships the file, file name inside it). The package is found with
 # importlib's finder and never imported: its own import pulls heavy dependencies we do not need.
 BUILTIN_MODELS = {
@@ -32,12 +32,6 @@ class ModelSource:
     name: str  # short name, used in artifact directory names
     path: Path  # a .gguf file or a Hugging Face model directory
     is_gguf: bool
-
-
-def cache_dir() -> Path:
-    """Where converted GGUF weights live: $EDGEKV_CACHE_DIR, else ~/.cache/edgekv."""
-    root = os.environ.get("EDGEKV_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "edgekv")
-    return Path(root)
 
 
 def resolve_model(spec: str) -> ModelSource:
@@ -66,14 +60,6 @@ def resolve_model(spec: str) -> ModelSource:
         raise EdgekvError(f"model directory {path} has no config.json; pass a Hugging Face model directory "
                           "(config.json plus safetensors or .bin weights)")
     return ModelSource(path.resolve().name.lower(), path.resolve(), is_gguf=False)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def source_sha256(source: ModelSource) -> str:

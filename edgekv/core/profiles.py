@@ -14,8 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from edgekv.runtime.page_format import KV_DTYPES
-from edgekv.toolkit.errors import EdgekvError
+from edgekv.core.constants import KV_DTYPES
+from edgekv.core.errors import EdgekvError
 
 # int8: QDQ graphs calibrated on real activations (NPUs); int8-weight-only: onnxruntime's CPU MatMulNBits kernels
 SUPPORTED_WEIGHT_DTYPES = ("float32", "int8", "int8-weight-only")

@@ -9,11 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import edgekv
-from edgekv.toolkit.errors import EdgekvError
-from edgekv.toolkit.models import file_sha256
-from edgekv.toolkit.profiles import Profile, profile_from_dict
+from edgekv.core.errors import EdgekvError
+from edgekv.core.hashing import cached_sha256s, file_sha256
+from edgekv.core.profiles import Profile, profile_from_dict
 
 MANIFEST_NAME = "manifest.json"
+# Version of the artifact layout (manifest.json and the graph interface). Bump it whenever a
+# graph's inputs/outputs or the manifest's meaning change; loaders refuse other versions.
+ARTIFACT_FORMAT_VERSION = 1
+ARTIFACTS_DIR = "artifacts"  # where exports go by default, relative to the working directory
+
+
+def default_artifact_dir(model_name: str, profile_name: str, weight_dtype: str = "float32") -> Path:
+    suffix = "" if weight_dtype == "float32" else f"-{weight_dtype}"
+    return Path(ARTIFACTS_DIR) / f"{model_name}-{profile_name}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -93,21 +102,19 @@ def read_manifest(directory: Path | str) -> Manifest:
     except json.JSONDecodeError as e:
         raise EdgekvError(f"{path} is corrupt ({e}); re-run `edgekv export`") from None
     version = data.get("format_version") if isinstance(data, dict) else None
-    if version != edgekv.ARTIFACT_FORMAT_VERSION:
+    if version != ARTIFACT_FORMAT_VERSION:
         raise EdgekvError(f"{directory} has artifact format {version}, this edgekv {edgekv.__version__} reads "
-                          f"format {edgekv.ARTIFACT_FORMAT_VERSION}; re-export it with `edgekv export`")
+                          f"format {ARTIFACT_FORMAT_VERSION}; re-export it with `edgekv export`")
     return Manifest(directory, data)
 
 
 def verify_files(manifest: Manifest) -> list[str]:
     """Every file the manifest lists exists with its recorded sha256; returns the problems found."""
-    problems = []
-    for rel, sha in manifest.data["files"].items():
-        path = manifest.directory / rel
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-        elif file_sha256(path) != sha:
-            problems.append(f"{rel}: sha256 differs from the manifest (file modified or corrupt)")
+    files = {rel: manifest.directory / rel for rel in manifest.data["files"]}
+    problems = [f"{rel}: missing" for rel, path in files.items() if not path.is_file()]
+    digests = cached_sha256s([path for path in files.values() if path.is_file()])
+    problems += [f"{rel}: sha256 differs from the manifest (file modified or corrupt)"
+                 for rel, sha in manifest.data["files"].items() if files[rel] in digests and digests[files[rel]] != sha]
     return problems
 
 

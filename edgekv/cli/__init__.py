@@ -1,0 +1,1 @@
+"""The top floor: the `edgekv` command line and the terminal chat loop."""

@@ -1,0 +1,69 @@
+"""What the commands share: the consoles, option groups, and the parsing of DIR and comma-separated lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from edgekv.core.constants import DEFAULT_MODEL, POLICIES
+from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import default_artifact_dir
+
+POLICY_HELP = ("quest: Quest page selection (fastest); rerank: Quest's shortlist re-ranked by attention "
+               "(slower; finds facts deep in a long context that quest can miss); streaming: the sink and the "
+               "most recent pages; dense: the full-context baseline graphs.")
+
+console = Console(stderr=True)
+out = Console(soft_wrap=True)
+
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def sampling_options(command):
+    """Sampling options shared by generate and chat; unset ones fall back to the model's defaults."""
+    for option in reversed([
+        click.option("--temperature", type=float, default=None, help="0 = greedy (default unless the model says)."),
+        click.option("--top-k", type=int, default=None),
+        click.option("--top-p", type=float, default=None),
+        click.option("--repetition-penalty", type=float, default=None),
+        click.option("--seed", type=int, default=None),
+    ]):
+        command = option(command)
+    return command
+
+
+def artifact_dir(directory: Path | None) -> Path:
+    """DIR, or the default export; a missing default says which command makes it."""
+    if directory is not None:
+        return directory
+    default = default_artifact_dir(DEFAULT_MODEL, "npu-small")
+    if not default.exists():
+        raise EdgekvError(f"no artifact at {default}; create it with `edgekv export --profile npu-small` "
+                          "or pass an artifact directory")
+    return default
+
+
+
+def parse_policies(text: str) -> list[str]:
+    """--policies: known policy names, comma-separated."""
+    policies = text.split(",")
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise EdgekvError(f"unknown policy '{unknown[0]}' in --policies; choose from: {', '.join(POLICIES)}")
+    return policies
+
+
+def int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise EdgekvError(f"{option} takes comma-separated integers, e.g. 1024,4096") from None
+    if any(v < 2 for v in values):
+        raise EdgekvError(f"{option} values must be at least 2 tokens")
+    return values
+

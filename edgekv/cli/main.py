@@ -1,0 +1,39 @@
+"""The `edgekv` command line: its commands, and the one place that turns an EdgekvError into a one-line
+error and exit status 1."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from edgekv.cli.artifacts import export, profiles, validate
+from edgekv.cli.common import console
+from edgekv.cli.measure import bench, calibrate, evaluate
+from edgekv.cli.run import chat, generate
+from edgekv.core.errors import EdgekvError
+
+
+@click.group()
+@click.version_option(package_name="edgekv")
+def cli() -> None:
+    """edgekv: unbounded-context LLMs on static-shape NPUs."""
+
+
+for command in (profiles, export, validate, generate, chat, bench, calibrate, evaluate):
+    cli.add_command(command)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except EdgekvError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+

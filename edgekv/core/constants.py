@@ -1,0 +1,16 @@
+"""Constants that several layers share: defined once here, at the bottom, so that none of them has to
+import another layer (and its heavy dependencies) for a number or a name."""
+
+# Additive mask value for KV slots a query must not see. Finite (float16's lowest) so a row whose
+# slots are all masked (a padding row) gives a uniform softmax instead of NaN, and the same mask
+# works if a device runs the graph in float16. exp(-65504) is exactly 0 in float32.
+MASK_VALUE = -65504.0
+
+# How pages are stored in the host and disk tiers (runtime/page_format.py).
+KV_DTYPES = ("float32", "int8")
+
+# Selection policies of the paged cache, and `dense`, the static full-context cache of the classic design.
+POLICIES = ("quest", "rerank", "streaming", "dense")
+
+# The model `edgekv export` uses when given none.
+DEFAULT_MODEL = "smollm2-135m-instruct"

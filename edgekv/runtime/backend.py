@@ -1,0 +1,109 @@
+"""The graph-backend seam: everything that opens a graph, binds its buffers and runs it.
+
+The engine owns every input and output buffer (numpy arrays allocated once); a backend turns a graph and
+those buffers into a `run()` that reads the inputs and leaves the outputs in their buffers. A backend that
+can read and write numpy memory in place binds once (onnxruntime's IOBinding, below); one that cannot (a
+vendor simulator that copies its inputs) copies in and out inside `run`, and fits the same seam.
+
+onnxruntime: the weight files are read once into numpy arrays; each tensor becomes one OrtValue that is
+handed to every session that uses it (SessionOptions.add_initializer), so the prefill, decode and dense
+graphs of a layer share one copy. Weight pre-packing is turned off for the same reason: it would make a
+private, re-laid-out copy of every matrix in every session. Except for MatMulNBits graphs (the CPU
+weight-only INT8 artifacts): that kernel runs its integer path only on weights it packed at session
+creation, and without them dequantizes the whole matrix at every call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from edgekv.core.manifest import GraphEntry, Manifest
+
+Buffers = dict[str, np.ndarray]  # a graph's input or output name -> the engine's buffer for it
+
+
+class GraphBackend(Protocol):
+    """What the engine needs of a backend."""
+
+    def bind(self, graph: GraphEntry, inputs: Buffers, outputs: Buffers) -> Callable[[], None]:
+        """A call that runs `graph` on the current contents of `inputs` and writes `outputs` in place."""
+        ...
+
+
+BackendFactory = Callable[[Manifest, int], GraphBackend]  # (manifest, threads) -> backend
+
+
+def load_shared_weights(manifest: Manifest) -> dict[str, ort.OrtValue]:
+    """One OrtValue per weight tensor, each a view into one in-memory copy of its weight file
+    (an OrtValue made from a numpy array keeps that array, and so the file's buffer, alive)."""
+    files: dict[str, np.ndarray] = {}
+    values = {}
+    for name, entry in manifest.data["weights"].items():
+        raw = files.get(entry["file"])
+        if raw is None:
+            raw = files[entry["file"]] = np.fromfile(manifest.directory / entry["file"], dtype=np.uint8)
+        array = raw[entry["offset"]:entry["offset"] + entry["length"]].view(entry["dtype"]).reshape(entry["shape"])
+        values[name] = ort.OrtValue.ortvalue_from_numpy(array)
+    return values
+
+
+def available_providers(requested: tuple[str, ...]) -> list[str]:
+    """The profile's execution providers that this onnxruntime build has, in the profile's order."""
+    have = set(ort.get_available_providers())
+    chosen = [p for p in requested if p in have]
+    return chosen or ["CPUExecutionProvider"]
+
+
+@dataclass
+class OnnxruntimeBackend:
+    """One InferenceSession per graph (created on first bind, kept), run with IOBinding over the engine's
+    buffers: OrtValues share the numpy arrays' memory, so binding once is enough."""
+
+    manifest: Manifest
+    weights: dict[str, ort.OrtValue]
+    providers: list[str]
+    threads: int = 0  # 0: onnxruntime's default (one per core)
+    sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
+    values: dict[int, ort.OrtValue] = field(default_factory=dict)  # id(buffer) -> its OrtValue, one per buffer
+
+    @classmethod
+    def open(cls, manifest: Manifest, threads: int = 0) -> "OnnxruntimeBackend":
+        return cls(manifest, load_shared_weights(manifest), available_providers(manifest.profile.execution_providers),
+                   threads)
+
+    def session(self, graph: GraphEntry) -> ort.InferenceSession:
+        """The graph's session, made on first use. It reads the backend's weights without a copy: keep the
+        backend alive while the session runs."""
+        found = self.sessions.get(graph.name)
+        if found is None:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            if self.manifest.data.get("quantization", {}).get("format") != "MatMulNBits":
+                options.add_session_config_entry("session.disable_prepacking", "1")
+            # The host works between every two graph calls; onnxruntime's worker threads would otherwise
+            # spin after each call and take the cores from page selection and gathering.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            for name in graph.weights:
+                options.add_initializer(name, self.weights[name])
+            found = self.sessions[graph.name] = ort.InferenceSession(
+                str(self.manifest.directory / graph.file), options, providers=self.providers)
+        return found
+
+    def _value(self, array: np.ndarray) -> ort.OrtValue:
+        # Each IOBinding keeps the OrtValues bound to it alive, and each OrtValue its numpy array.
+        if id(array) not in self.values:
+            self.values[id(array)] = ort.OrtValue.ortvalue_from_numpy(array)
+        return self.values[id(array)]
+
+    def bind(self, graph: GraphEntry, inputs: Buffers, outputs: Buffers) -> Callable[[], None]:
+        session = self.session(graph)
+        binding = session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_ortvalue_input(name, self._value(array))
+        for name, array in outputs.items():
+            binding.bind_ortvalue_output(name, self._value(array))
+        return lambda: session.run_with_iobinding(binding)

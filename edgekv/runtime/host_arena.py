@@ -1,0 +1,87 @@
+"""Where page records live: slots in RAM up to the host budget, and a spill file on disk beyond it.
+
+A record is one page of one layer in page_format.PageFormat's layout (float32, or INT8 with its scales);
+RAM and the spill file hold the same records, so spilling a page and reading it back changes no byte.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgekv.runtime.page_format import PageFormat
+
+
+class HostArena:
+    """Page records in RAM: slots handed out once (the array is allocated at full capacity, and np.zeros
+    maps untouched memory lazily, so RAM is used only as pages arrive and slots never move); freed slots
+    are reused first."""
+
+    def __init__(self, page_format: PageFormat, capacity: int):
+        self.capacity = capacity
+        self.records = np.zeros(capacity, dtype=page_format.record)
+        self.k, self.v = self.records["k"], self.records["v"]  # field views, made once: decode writes through them
+        # The records as rows of their element type, keys first: a kernel reads them with a unit stride,
+        # where a field view's stride is the record's (numba does not vectorize such loops).
+        element = np.int8 if page_format.quantized else np.float32
+        assert page_format.record.fields["k"][1] == 0
+        self.rows = self.records.view(element).reshape(capacity, -1)
+        self.used = 0  # slots handed out so far
+        self.free: list[int] = []
+
+    def take(self) -> int | None:
+        """A free slot, zeroed (a fresh page's unwritten rows are gathered, then masked, until filled: they
+        must hold finite values, which the additive mask can hide), or None when RAM is full."""
+        if self.free:
+            slot = self.free.pop()
+        elif self.used < self.capacity:
+            slot, self.used = self.used, self.used + 1
+        else:
+            return None
+        self.records[slot] = np.zeros((), self.records.dtype)
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+
+class SpillFile:
+    """Page records in a memory-mapped file, grown by doubling; freed slots are reused."""
+
+    def __init__(self, path: Path, record: np.dtype):
+        self.path = path
+        self.record = record
+        self.capacity = 0
+        self.next_slot = 0
+        self.free: list[int] = []
+        self.array: np.memmap | None = None
+        path.touch()
+
+    def _grow(self) -> None:
+        self.capacity = max(64, self.capacity * 2)
+        if self.array is not None:
+            self.array.flush()
+        with open(self.path, "r+b") as f:
+            f.truncate(self.capacity * self.record.itemsize)
+        self.array = np.memmap(self.path, dtype=self.record, mode="r+", shape=(self.capacity,))
+
+    def store(self, record: np.ndarray) -> int:
+        if self.free:
+            slot = self.free.pop()
+        else:
+            if self.next_slot == self.capacity:
+                self._grow()
+            slot, self.next_slot = self.next_slot, self.next_slot + 1
+        self.array[slot] = record
+        return slot
+
+    def load(self, slot: int) -> np.ndarray:
+        """Read a page record back and free its slot (a copy: the slot may be reused at once)."""
+        record = self.array[[slot]][0]  # fancy indexing copies (an integer index would give a view)
+        self.free.append(slot)
+        return record
+
+    def close(self) -> None:
+        self.array = None
+        self.path.unlink(missing_ok=True)

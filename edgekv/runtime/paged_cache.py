@@ -1,0 +1,178 @@
+"""The paged KV cache: every token's K/V in pages across the tiers, and per layer and step the pages a
+selection policy picks copied into the graph's fixed budget.
+
+Per layer and step:
+    append   the new K/V into the layer's pages (tiers.TieredPool), widening the open page's bounds
+    select   which pages enter the budget (selection.select_pages: quest, rerank or streaming)
+    gather   the selection into the graph's k_sel/v_sel (budget.BudgetBuffer) and the mask for it
+
+Decode keeps one budget buffer per layer, resident from step to step; a prefill chunk has one per
+distinct budget, filled layer after layer. While the context fits in the budget every page is selected:
+exactly dense attention.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from edgekv.core.manifest import GraphEntry
+from edgekv.runtime.budget import BudgetBuffer
+from edgekv.runtime.kernels.bounds import write_rows
+from edgekv.runtime.kv_cache import KV, CacheUsage, LayerInputs, fill_mask
+from edgekv.runtime.page_bounds import PageBounds
+from edgekv.runtime.selection import Selection, select_pages
+from edgekv.runtime.stats import HostTimers
+from edgekv.runtime.tiers import LayerKeys, TieredPool
+
+
+class LayerPages:
+    """One layer's handle on the pool: how many tokens it holds, their pages' bounds, and its writes and
+    reads. Page i holds the tokens at positions i*page_size .. (i+1)*page_size-1."""
+
+    def __init__(self, layer: int, pool: TieredPool):
+        self.layer = layer
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.length = 0  # tokens stored
+        self.metadata = PageBounds(pool.kv_heads, pool.head_dim)
+
+    @property
+    def n_pages(self) -> int:
+        return -(-self.length // self.page_size)
+
+    def append(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Append n tokens: keys and values [kv_heads, n, head_dim], post-RoPE."""
+        n, p = keys.shape[1], self.page_size
+        written = 0
+        while written < n:
+            page, offset = divmod(self.length, p)
+            take = min(p - offset, n - written)
+            if offset == 0:
+                self.metadata.add_page(page)
+                self.pool.allocate(self.layer, page)
+            page_k, page_v = self.pool.writable(self.layer, page)
+            write_rows(page_k, page_v, offset, keys[:, written:written + take], values[:, written:written + take],
+                       self.metadata.open)
+            if offset + take == p:
+                self.pool.seal(self.layer, page)
+                self.metadata.seal(page)
+            self.length += take
+            written += take
+
+    def bounds(self) -> np.ndarray:
+        """Per-page key max and min as bfloat16 bits (uint16), [kv_heads, 2*head_dim, capacity]: the array
+        itself (no copy), whose columns 0 .. length // page_size - 1, the full pages, are set. The page axis
+        runs to the capacity so that the array stays C-contiguous, which the compiled decode score needs."""
+        return self.metadata.full
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """All stored keys and values, [kv_heads, length, head_dim] each, wherever their pages live."""
+        pages = [self.pool.read(self.layer, page) for page in range(self.n_pages)]
+        if not pages:
+            empty = np.zeros((self.pool.kv_heads, 0, self.pool.head_dim), np.float32)
+            return empty, empty.copy()
+        keys = np.concatenate([k for k, _ in pages], axis=1)[:, :self.length]
+        values = np.concatenate([v for _, v in pages], axis=1)[:, :self.length]
+        return keys, values
+
+
+# Called with a layer's selection (and its layer, query rows and pages) to replace it by another of the
+# same size (benchmarks/selection_oracle.py ranks the pages by their true attention through it).
+Reselect = Callable[[int, np.ndarray, LayerPages, Selection], Selection]
+
+
+@dataclass
+class PagedCache:
+    policy: str  # quest | rerank | streaming
+    pool: TieredPool
+    decode_pages: list[int]  # per layer: pages a decode selection may fill
+    budget_scale: float  # the share of each prefill graph's budget that selection may fill
+    timers: HostTimers
+    reselect: Reselect | None = None
+    family = "budget"
+    layers: list[LayerPages] = field(init=False)
+    buffers: dict[bool, list[tuple[int, BudgetBuffer, np.ndarray]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layers = [LayerPages(layer, self.pool) for layer in range(self.pool.table.layers)]
+
+    @property
+    def page_size(self) -> int:
+        return self.pool.page_size
+
+    def inputs(self, graphs: list[GraphEntry], decoding: bool) -> list[LayerInputs]:
+        """Decode: each layer its own buffer, kept resident; prefill: one per distinct budget. One mask per
+        budget either way."""
+        masks: dict[int, np.ndarray] = {}
+        shared: dict[int, tuple[BudgetBuffer, LayerInputs]] = {}
+        entries, inputs = [], []
+        for graph in graphs[1:]:
+            spec = {t.name: t for t in graph.inputs}
+            mask = masks.setdefault(graph.budget, np.zeros(spec["mask"].shape, np.float32))
+            if decoding or graph.budget not in shared:
+                k, v = (np.zeros(spec[name].shape, np.float32) for name in ("k_sel", "v_sel"))
+                made = (BudgetBuffer.over(k[0], v[0], self.page_size), (k, v, mask))
+                buffer, bound = shared.setdefault(graph.budget, made) if not decoding else made
+            else:
+                buffer, bound = shared[graph.budget]
+            entries.append((graph.budget, buffer, mask))
+            inputs.append(bound)
+        self.buffers[decoding] = entries
+        return inputs
+
+    def begin(self, decoding: bool, start: int, row_positions: np.ndarray, pad: int) -> None:
+        self.decoding, self.row_positions, self.pad = decoding, row_positions, pad
+        self.first_new = start // self.page_size  # the first page the step writes
+        self.masked: dict[int, int] = {}  # budget -> the page limit its mask was filled for in this step
+
+    def append(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
+        started = time.perf_counter()
+        self.layers[layer].append(keys, values)
+        self.timers.gather_s += time.perf_counter() - started
+
+    def prepare(self, layer: int, q: np.ndarray) -> None:
+        started = time.perf_counter()
+        budget, buffer, mask = self.buffers[self.decoding][layer]
+        pages = self.layers[layer]
+        limit = self.decode_pages[layer] if self.decoding else int(budget * self.budget_scale) // self.page_size
+        keys = LayerKeys(self.pool, layer) if self.policy == "rerank" else None
+        selection = select_pages(self.policy, q, pages.bounds(), pages.n_pages, self.first_new, limit, keys,
+                                 self.row_positions[self.pad:])
+        if self.reselect is not None:
+            selection = self.reselect(layer, q, pages, selection)
+        selected = time.perf_counter()
+        if not self.decoding:  # the buffer held the previous layer's pages
+            buffer.clear()
+        buffer.update(self.pool, layer, selection)
+        if self.masked.get(budget) != limit:  # one fill serves every layer of that budget and page limit
+            fill_mask(mask[0, 0], buffer.positions(selection), pages.length, self.row_positions, self.pad)
+            self.masked[budget] = limit
+        self.timers.select_s += selected - started
+        self.timers.gather_s += time.perf_counter() - selected
+
+    def snapshot(self) -> KV:
+        return [pages.read() for pages in self.layers]
+
+    def restore(self, kv: KV) -> None:
+        self.reset()
+        for pages, (keys, values) in zip(self.layers, kv):
+            pages.append(keys, values)
+
+    def reset(self) -> None:
+        self.pool.close()
+        self.pool = self.pool.fresh()
+        self.layers = [LayerPages(layer, self.pool) for layer in range(len(self.layers))]
+        for _, buffer, _ in self.buffers.get(True, []):
+            buffer.clear()
+
+    def usage(self) -> CacheUsage:
+        pages = self.pool.counts()
+        return CacheUsage(pages, {tier: n * self.pool.page_bytes for tier, n in pages.items()},
+                          self.pool.transfer_bytes, self.pool.pages_spilled, self.pool.pages_restored)
+
+    def close(self) -> None:
+        self.pool.close()
