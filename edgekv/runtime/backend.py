@@ -10,7 +10,8 @@ handed to every session that uses it (SessionOptions.add_initializer), so the pr
 graphs of a layer share one copy. Weight pre-packing is turned off for the same reason: it would make a
 private, re-laid-out copy of every matrix in every session. Except for MatMulNBits graphs (the CPU
 weight-only INT8 artifacts): that kernel runs its integer path only on weights it packed at session
-creation, and without them dequantizes the whole matrix at every call.
+creation, and without them dequantizes the whole matrix at every call. QDQ artifacts on the CPU provider
+(which has no 16-bit QDQ kernels) get their weights dequantized once per session, by constant folding.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class OnnxruntimeBackend:
     weights: dict[str, ort.OrtValue]
     providers: list[str]
     threads: int = 0  # 0: onnxruntime's default (one per core)
+    fold_qdq_weights: bool = True  # QDQ graphs on the CPU provider: weights dequantized once (below)
     sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
     values: dict[int, ort.OrtValue] = field(default_factory=dict)  # id(buffer) -> its OrtValue, one per buffer
 
@@ -82,8 +84,14 @@ class OnnxruntimeBackend:
         if found is None:
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.threads
-            if self.manifest.data.get("quantization", {}).get("format") != "MatMulNBits":
+            quantization = self.manifest.data.get("quantization", {}).get("format")
+            if quantization != "MatMulNBits":
                 options.add_session_config_entry("session.disable_prepacking", "1")
+            if quantization == "QDQ" and self.fold_qdq_weights and self.providers == ["CPUExecutionProvider"]:
+                # The CPU provider has no kernels for 16-bit QDQ: it would dequantize every weight at every
+                # call. With its QDQ handling off, constant folding dequantizes each weight once, here; the
+                # activations keep their quantize-dequantize pairs, so the products are the same.
+                options.add_session_config_entry("session.disable_quant_qdq", "1")
             # The host works between every two graph calls; onnxruntime's worker threads would otherwise
             # spin after each call and take the cores from page selection and gathering.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
