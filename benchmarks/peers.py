@@ -118,9 +118,10 @@ class Optimum:
     max_context: int | None = None
 
     def __init__(self) -> None:
+        from importlib.metadata import version
+
         import onnxruntime as ort
         import torch
-        from importlib.metadata import version
         from optimum.onnxruntime import ORTModelForCausalLM
 
         from edgekv.core.hashing import cache_dir

@@ -5,8 +5,8 @@ Usage: .venv/bin/python benchmarks/session_memory.py [ARTIFACT_DIR]
 
 import sys
 
-from edgekv.runtime.backend import OnnxruntimeBackend
 from edgekv.core.manifest import load_verified
+from edgekv.runtime.backend import OnnxruntimeBackend
 
 
 def resident_mib() -> float:

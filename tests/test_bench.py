@@ -5,10 +5,10 @@ import json
 import pytest
 
 from conftest import run_edgekv
+from edgekv.core.manifest import load_verified
 from edgekv.evaluation.bench import DENSE_HEADROOM, usable_context
 from edgekv.evaluation.projection import project_decode, weight_bytes
 from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S
-from edgekv.core.manifest import load_verified
 
 
 def test_bench_writes_rows_json_and_plot(tiny_artifacts, tmp_path):

@@ -9,13 +9,13 @@ import pytest
 from conftest import run_edgekv
 from edgekv.calibration import budgets
 from edgekv.calibration.budgets import budgets_for_level, candidate_budgets, captured_mass
+from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import load_verified
+from edgekv.core.profiles import load_profile
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.paged_cache import LayerPages
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.tiers import TieredPool
-from edgekv.core.errors import EdgekvError
-from edgekv.core.manifest import load_verified
-from edgekv.core.profiles import load_profile
 
 PAGE = 4
 

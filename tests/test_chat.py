@@ -9,6 +9,7 @@ import pexpect
 import pytest
 
 from conftest import EDGEKV
+from edgekv.core.errors import EdgekvError
 from edgekv.evaluation.passkey import FILLER
 from edgekv.runtime import session_file
 from edgekv.runtime.conversation import Conversation
@@ -16,7 +17,6 @@ from edgekv.runtime.engine import Engine
 from edgekv.runtime.sampling import SamplingConfig
 from edgekv.runtime.session_file import apply_session, load_session, save_session
 from edgekv.runtime.tokens import ArtifactTokenizer
-from edgekv.core.errors import EdgekvError
 
 
 @pytest.fixture(scope="module")

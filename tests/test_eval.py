@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import run_edgekv
+from edgekv.core.errors import EdgekvError
 from edgekv.evaluation.evaluate import record_rows
 from edgekv.evaluation.metrics import mean_kl, perplexity, top1_agreement
 from edgekv.evaluation.tasks import TASKS, task_prompt
 from edgekv.runtime.engine import Engine
-from edgekv.core.errors import EdgekvError
 
 
 @pytest.fixture(scope="module")

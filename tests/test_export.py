@@ -8,11 +8,11 @@ from onnx import numpy_helper
 
 from all_pages_loop import greedy_all_pages
 from conftest import run_edgekv
+from edgekv.core.manifest import load_verified
+from edgekv.core.profiles import load_profile
+from edgekv.export.models import load_model
 from edgekv.export.validator import validate_artifact
 from edgekv.runtime.backend import OnnxruntimeBackend
-from edgekv.core.manifest import load_verified
-from edgekv.export.models import load_model
-from edgekv.core.profiles import load_profile
 
 NEW_TOKENS = 32
 LOGITS_TOLERANCE = 1e-3

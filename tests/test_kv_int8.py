@@ -4,12 +4,12 @@ spilling that changes nothing, and a real engine run with its bytes moved."""
 import numpy as np
 
 from conftest import gather_pages
+from edgekv.core.manifest import load_verified
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.page_format import PageFormat
 from edgekv.runtime.paged_cache import LayerPages
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.tiers import TieredPool
-from edgekv.core.manifest import load_verified
 
 KV_HEADS, PAGE, HEAD_DIM = 3, 8, 64  # SmolLM2-135M's KV shape with npu-small's pages
 

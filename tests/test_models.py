@@ -5,8 +5,8 @@ import sys
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from edgekv.core.errors import EdgekvError
 from edgekv.core.constants import DEFAULT_MODEL
+from edgekv.core.errors import EdgekvError
 from edgekv.export.models import load_model, resolve_model
 
 

@@ -7,16 +7,16 @@ import pytest
 from conftest import error_line, run_edgekv
 from edgekv.calibration.int8_export import quantize_artifact
 from edgekv.calibration.quantize import INT16_WEIGHT_PROJECTIONS, QDQ_OPS
+from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import load_verified
 from edgekv.evaluation.evaluate import forced_logits
 from edgekv.evaluation.metrics import top1_agreement
 from edgekv.evaluation.tasks import task_prompt
 from edgekv.export.validator import validate_artifact
-from edgekv.runtime.engine import Engine
 from edgekv.runtime.backend import OnnxruntimeBackend
+from edgekv.runtime.engine import Engine
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.tokens import ArtifactTokenizer
-from edgekv.core.errors import EdgekvError
-from edgekv.core.manifest import load_verified
 
 MAX_WEIGHT_SHARE = 0.35  # INT8 weights against float32 weights (issue 6)
 MIN_AGREEMENT = 0.95  # top-1 agreement with the float32 artifact over 256 teacher-forced tokens

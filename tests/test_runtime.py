@@ -2,6 +2,7 @@
 shapes at any context, retrieval, and bad input."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -12,15 +13,15 @@ import numpy as np
 import pytest
 
 from conftest import EDGEKV, run_edgekv
+from edgekv.core.constants import POLICIES
+from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import load_verified
 from edgekv.evaluation.passkey import passkey_prompt
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.page_format import PageFormat
 from edgekv.runtime.sampling import Sampler, SamplingConfig
-from edgekv.core.constants import POLICIES
 from edgekv.runtime.selection import select_pages
 from edgekv.runtime.tokens import ArtifactTokenizer
-from edgekv.core.errors import EdgekvError
-from edgekv.core.manifest import load_verified
 from test_export import NEW_TOKENS, reference
 
 GREEDY = SamplingConfig()
@@ -215,3 +216,14 @@ def test_reselect_replaces_the_selection_of_every_step(tiny_artifacts):
     np.testing.assert_array_equal(hooked, streaming)
     assert not np.array_equal(logits("quest")[0], streaming)  # the hook is what made them equal
     assert set(calls) == set(range(layers))
+
+
+def test_the_status_line_after_a_streamed_reply_starts_its_own_line(default_artifact):
+    """With stdout and stderr on one stream (a terminal, or `2>&1 | tee`), the reply ends its line before
+    the status line."""
+    result = subprocess.run([EDGEKV, "generate", str(default_artifact), "--prompt", "What is the capital of France?",
+                             "--max-new-tokens", "4"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert result.returncode == 0, result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[0].strip()  # a reply that does not end in a newline of its own
+    assert any(re.match(r"\d+ tokens, [\d.]+ tok/s decode", line) for line in lines), lines

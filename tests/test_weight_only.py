@@ -6,10 +6,10 @@ import pytest
 
 from conftest import error_line, run_edgekv
 from edgekv.calibration.weight_only import WEIGHT_ONLY_BLOCK
-from edgekv.evaluation.evaluate import forced_logits
-from edgekv.export.validator import validate_artifact
 from edgekv.core.manifest import load_verified
 from edgekv.core.profiles import load_profile
+from edgekv.evaluation.evaluate import forced_logits
+from edgekv.export.validator import validate_artifact
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,15 @@ from typing import Callable
 
 import numpy as np
 
+from edgekv.calibration.prompts import CALIBRATION_SEED, text_tokens
+from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import GraphEntry, load_verified, read_manifest
 from edgekv.evaluation.evaluate import teacher_forced_logits
 from edgekv.evaluation.metrics import top1_agreement
+from edgekv.evaluation.tasks import task_prompt
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.selection import quest_page_scores
-from edgekv.core.errors import EdgekvError
-from edgekv.core.manifest import GraphEntry
+from edgekv.runtime.tokens import ArtifactTokenizer
 
 # Mass levels searched for the budget sets; 1.0 gives every layer its largest candidate.
 MASS_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
@@ -190,11 +193,6 @@ def calibration_and_held_out_prompts(artifact: Path, context: int, text_file: Pa
                                      ) -> tuple[list[list[int]], list[list[int]]]:
     """Calibration: a text slice and a Retrieve.KV prompt. Held out: the next slice of the same text and a
     Retrieve.Number prompt of another seed, which calibration never runs."""
-    from edgekv.calibration.prompts import CALIBRATION_SEED, text_tokens
-    from edgekv.evaluation.tasks import task_prompt
-    from edgekv.runtime.tokens import ArtifactTokenizer
-    from edgekv.core.manifest import read_manifest
-
     encode = ArtifactTokenizer.load(read_manifest(artifact)).encode
     text = text_tokens(artifact, 2 * context, text_file)
     calibration = [text[:context], task_prompt("retrieve-kv", encode, context, 0.5, CALIBRATION_SEED).tokens]
@@ -204,8 +202,6 @@ def calibration_and_held_out_prompts(artifact: Path, context: int, text_file: Pa
 
 def calibrate_budgets(artifact: Path, target: float, context: int, scored: int, text_file: Path | None,
                       progress: Callable[[str], None]) -> Calibration:
-    from edgekv.core.manifest import load_verified
-
     manifest = load_verified(artifact)
     if "quantization" in manifest.data:
         raise EdgekvError(f"{artifact} is already quantized ({manifest.data['quantization']['weight_dtype']}); "

@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import read_manifest
 from edgekv.evaluation.evaluate import self_written_text
 from edgekv.evaluation.tasks import task_prompt
 from edgekv.runtime.tokens import ArtifactTokenizer
-from edgekv.core.errors import EdgekvError
-from edgekv.core.manifest import read_manifest
 
 CALIBRATION_SEED = 1234  # the retrieval prompt's seed: held-out prompts use other seeds
 

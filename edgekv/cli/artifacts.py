@@ -87,8 +87,8 @@ def export(profile_spec: str, model_spec: str, out_dir: Path | None, quantize: s
               help="Validate against this profile instead of the one the artifact was exported for.")
 def validate(directory: Path, profile_spec: str | None) -> None:
     """Check an artifact: manifest, sha256 of every file, static shapes, operators, tensor sizes."""
-    from edgekv.export.validator import validate_artifact
     from edgekv.core.manifest import read_manifest
+    from edgekv.export.validator import validate_artifact
 
     manifest = read_manifest(directory)
     report = validate_artifact(manifest, load_profile(profile_spec) if profile_spec else None)

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
+from edgekv.core.errors import EdgekvError
 from edgekv.runtime.conversation import Conversation, Turn
 from edgekv.runtime.session_file import apply_session, load_session, save_session
 from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S
-from edgekv.core.errors import EdgekvError
 
 HELP = f"""commands:
   /help           this text

@@ -31,8 +31,8 @@ def bench(directory, contexts, policies, steps, kv_dtype, json_path, plot_path) 
     """Decode and prefill speed per policy and context, measured here and projected on the profile's device."""
     import json
 
-    from edgekv.evaluation.bench import plot_bench, run_bench
     from edgekv.core.manifest import load_verified
+    from edgekv.evaluation.bench import plot_bench, run_bench
 
     artifact = artifact_dir(directory)
     manifest = load_verified(artifact)
@@ -81,9 +81,9 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
 
     from edgekv.calibration.budgets import calibrate_budgets, calibration_report, plot_calibration
     from edgekv.calibration.int8_export import export_for_profile
-    from edgekv.export.validator import validate_artifact
     from edgekv.core.manifest import load_verified, read_manifest
     from edgekv.core.profiles import profile_toml
+    from edgekv.export.validator import validate_artifact
 
     artifact = artifact_dir(directory)
     manifest = load_verified(artifact)
@@ -155,10 +155,10 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
 def evaluate(directory, task, contexts, depths, budgets, policies, text_file, scored_tokens, kv_dtype,
              reference_dir, json_path, plot_path) -> None:
     """Long-context accuracy per context, depth and budget; or agreement of each policy with dense."""
+    from edgekv.core.manifest import load_verified
     from edgekv.evaluation.evaluate import (EvalPlan, plot_eval, record_rows, run_agreement, run_retrieval,
                                             self_written_text)
     from edgekv.runtime.tokens import ArtifactTokenizer
-    from edgekv.core.manifest import load_verified
 
     artifact = artifact_dir(directory)
     manifest = load_verified(artifact)

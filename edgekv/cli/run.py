@@ -84,11 +84,11 @@ def chat(directory, system, policy, max_new_tokens, spill_dir, as_json, temperat
     On a terminal: an interactive chat (/help lists the commands). Otherwise each input line is one
     user turn and replies go to standard output.
     """
+    from edgekv.cli.chat import ChatLoop
     from edgekv.runtime.conversation import Conversation
     from edgekv.runtime.engine import Engine
     from edgekv.runtime.sampling import SamplingConfig
     from edgekv.runtime.tokens import ArtifactTokenizer
-    from edgekv.cli.chat import ChatLoop
 
     engine = Engine.open(artifact_dir(directory), policy, spill_dir)
     try:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekv.evaluation.projection import project_decode
+from edgekv.runtime.engine import Engine
 from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S
 
 WARMUP_TOKENS = 4
@@ -54,8 +55,6 @@ def usable_context(context: int, policy: str, max_context: int) -> int | None:
 
 def measure_policy(artifact: str, policy: str, contexts: list[int], steps: int,
                    kv_dtype: str | None = None) -> list[dict]:
-    from edgekv.runtime.engine import Engine
-
     engine = Engine.open(artifact, policy, kv_dtype=kv_dtype)
     rng = np.random.default_rng(0)
     rows = []

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekv.core.errors import EdgekvError
 from edgekv.evaluation.metrics import mean_kl, perplexity, top1_agreement
 from edgekv.evaluation.tasks import ANSWER_TOKENS, task_prompt
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.tokens import ArtifactTokenizer
-from edgekv.core.errors import EdgekvError
 
 SELF_TEXT_PROMPT = "Write a long, detailed history of the city of Lyon, chapter after chapter."
 SELF_TEXT_SAMPLING = SamplingConfig(temperature=0.8, top_p=0.95, repetition_penalty=1.1, seed=0)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S
 from edgekv.core.manifest import Manifest
+from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S
 
 
 @dataclass

@@ -26,13 +26,13 @@ import onnx
 import torch
 
 import edgekv
-from edgekv.export.modules import EmbedQKV, LastLayerHead, LayerBoundary
-from edgekv.export.weights import WeightWriter, parameter_digests
 from edgekv.core.constants import DEFAULT_MODEL
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import ARTIFACT_FORMAT_VERSION, default_artifact_dir, read_manifest, write_manifest
 from edgekv.core.profiles import Profile, load_profile
 from edgekv.export.models import LoadedModel, load_model
+from edgekv.export.modules import EmbedQKV, LastLayerHead, LayerBoundary
+from edgekv.export.weights import WeightWriter, parameter_digests
 
 VARIANTS = ("budget-decode", "budget-prefill", "dense-decode", "dense-prefill")
 GRAPHS_SUBDIR = "graphs"

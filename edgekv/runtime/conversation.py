@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from edgekv.core.errors import EdgekvError
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.stats import GenerationStats
 from edgekv.runtime.tokens import ArtifactTokenizer
-from edgekv.core.errors import EdgekvError
 
 
 @dataclass

@@ -22,6 +22,7 @@ from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import GraphEntry
 from edgekv.runtime.stats import HostTimers
 
+
 @dataclass(frozen=True)
 class CacheUsage:
     pages: dict[str, int]  # pages per tier: device, host, disk

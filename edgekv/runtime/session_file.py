@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 import edgekv
+from edgekv.core.errors import EdgekvError
+from edgekv.core.hashing import file_sha256
+from edgekv.core.manifest import ARTIFACT_FORMAT_VERSION, MANIFEST_NAME, Manifest
 from edgekv.runtime.conversation import Conversation
 from edgekv.runtime.sampling import Sampler, SamplingConfig
-from edgekv.core.errors import EdgekvError
-from edgekv.core.manifest import ARTIFACT_FORMAT_VERSION, MANIFEST_NAME, Manifest
-from edgekv.core.hashing import file_sha256
 
 SESSION_FORMAT = "edgekv-session"
 SESSION_FORMAT_VERSION = 1
