@@ -15,8 +15,8 @@ from edgekv.runtime.page_format import PageFormat
 
 class HostArena:
     """Page records in RAM: slots handed out once (the array is allocated at full capacity, and np.zeros
-    maps untouched memory lazily, so RAM is used only as pages arrive and slots never move); freed slots
-    are reused first."""
+    maps untouched memory lazily, so RAM is used only as pages arrive and slots never move). A page leaves
+    RAM only by spilling, which hands its slot straight to the page that needed one (tiers.py)."""
 
     def __init__(self, page_format: PageFormat, capacity: int):
         self.capacity = capacity
@@ -28,22 +28,14 @@ class HostArena:
         assert page_format.record.fields["k"][1] == 0
         self.rows = self.records.view(element).reshape(capacity, -1)
         self.used = 0  # slots handed out so far
-        self.free: list[int] = []
 
     def take(self) -> int | None:
-        """A free slot, zeroed (a fresh page's unwritten rows are gathered, then masked, until filled: they
-        must hold finite values, which the additive mask can hide), or None when RAM is full."""
-        if self.free:
-            slot = self.free.pop()
-        elif self.used < self.capacity:
-            slot, self.used = self.used, self.used + 1
-        else:
+        """A slot never used, so still zeros (a fresh page's unwritten rows are gathered, then masked, until
+        filled: they must hold finite values, which the additive mask can hide), or None when RAM is full."""
+        if self.used == self.capacity:
             return None
-        self.records[slot] = np.zeros((), self.records.dtype)
+        slot, self.used = self.used, self.used + 1
         return slot
-
-    def release(self, slot: int) -> None:
-        self.free.append(slot)
 
 
 class SpillFile:

@@ -137,7 +137,8 @@ class TieredPool:
         return self._spill_coldest(protect, pinned_from) if slot is None else slot
 
     def _spill_coldest(self, protect: tuple[int, int], pinned_from: int | None) -> int:
-        """Move the least recently used host page to disk and return its slot (zeroed)."""
+        """Move the least recently used host page to disk and return its slot, zeroed (as a slot never used
+        is: HostArena.take)."""
         coldest = self.table.coldest_on_host(protect, pinned_from)
         if coldest is None:
             raise EdgekvError(f"the host KV budget ({self.arena.capacity} pages) cannot hold the pages of one "
