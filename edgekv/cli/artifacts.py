@@ -11,6 +11,7 @@ from rich.table import Table
 
 from edgekv.cli.common import console, mib, out
 from edgekv.core.constants import DEFAULT_MODEL
+from edgekv.core.manifest import read_manifest
 from edgekv.core.profiles import QUANTIZED_WEIGHT_DTYPES, load_profile, shipped_profile_names
 from edgekv.export.models import check_model
 
@@ -56,7 +57,6 @@ def export(profile_spec: str, model_spec: str, out_dir: Path | None, quantize: s
            calibration_text: Path | None) -> None:
     """Export a model into fixed-shape ONNX graphs for a device profile, then validate it."""
     from edgekv.calibration.int8_export import export_for_profile
-    from edgekv.core.manifest import read_manifest
     from edgekv.export.validator import validate_artifact
 
     # Fail on a bad profile or model before any progress display or weight loading.
@@ -87,7 +87,6 @@ def export(profile_spec: str, model_spec: str, out_dir: Path | None, quantize: s
               help="Validate against this profile instead of the one the artifact was exported for.")
 def validate(directory: Path, profile_spec: str | None) -> None:
     """Check an artifact: manifest, sha256 of every file, static shapes, operators, tensor sizes."""
-    from edgekv.core.manifest import read_manifest
     from edgekv.export.validator import validate_artifact
 
     manifest = read_manifest(directory)

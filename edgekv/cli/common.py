@@ -19,7 +19,6 @@ console = Console(stderr=True)
 out = Console(soft_wrap=True)
 
 
-
 def mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -46,7 +45,6 @@ def artifact_dir(directory: Path | None) -> Path:
         raise EdgekvError(f"no artifact at {default}; create it with `edgekv export --profile npu-small` "
                           "or pass an artifact directory")
     return default
-
 
 
 def parse_policies(text: str) -> list[str]:

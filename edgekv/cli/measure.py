@@ -14,6 +14,7 @@ from edgekv.cli.artifacts import print_violations
 from edgekv.cli.common import artifact_dir, int_list, out, parse_policies
 from edgekv.core.constants import KV_DTYPES
 from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import load_verified, read_manifest
 from edgekv.core.profiles import QUANTIZED_WEIGHT_DTYPES
 
 
@@ -31,7 +32,6 @@ def bench(directory, contexts, policies, steps, kv_dtype, json_path, plot_path) 
     """Decode and prefill speed per policy and context, measured here and projected on the profile's device."""
     import json
 
-    from edgekv.core.manifest import load_verified
     from edgekv.evaluation.bench import plot_bench, run_bench
 
     artifact = artifact_dir(directory)
@@ -81,7 +81,6 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
 
     from edgekv.calibration.budgets import calibrate_budgets, calibration_report, plot_calibration
     from edgekv.calibration.int8_export import export_for_profile
-    from edgekv.core.manifest import load_verified, read_manifest
     from edgekv.core.profiles import profile_toml
     from edgekv.export.validator import validate_artifact
 
@@ -155,7 +154,6 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
 def evaluate(directory, task, contexts, depths, budgets, policies, text_file, scored_tokens, kv_dtype,
              reference_dir, json_path, plot_path) -> None:
     """Long-context accuracy per context, depth and budget; or agreement of each policy with dense."""
-    from edgekv.core.manifest import load_verified
     from edgekv.evaluation.evaluate import (EvalPlan, plot_eval, record_rows, run_agreement, run_retrieval,
                                             self_written_text)
     from edgekv.runtime.tokens import ArtifactTokenizer

@@ -86,6 +86,7 @@ class StaticCache:
         self.length = 0
         self.caches: list[tuple[np.ndarray, np.ndarray]] = []
         self.masks: dict[bool, np.ndarray] = {}  # per variant (decoding or not): one mask for every layer
+        self.slot_positions = np.arange(self.capacity)  # slot j holds position j
         self.start = 0
 
     def inputs(self, graphs: list[GraphEntry], decoding: bool) -> list[LayerInputs]:
@@ -102,7 +103,7 @@ class StaticCache:
                               "use --policy quest for longer contexts")
         started = time.perf_counter()
         self.start, self.length = start, start + n
-        fill_mask(self.masks[decoding][0, 0], np.arange(self.capacity), start + n, row_positions, pad)
+        fill_mask(self.masks[decoding][0, 0], self.slot_positions, start + n, row_positions, pad)
         self.timers.gather_s += time.perf_counter() - started
 
     def append(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:

@@ -96,6 +96,12 @@ class PagedCache:
     family = "budget"
     layers: list[LayerPages] = field(init=False)
     buffers: dict[bool, list[tuple[int, BudgetBuffer, np.ndarray]]] = field(default_factory=dict)
+    # The step under way (begin): its variant, rows, padding, first page written, and the masks filled so far.
+    decoding: bool = field(init=False, default=False)
+    row_positions: np.ndarray = field(init=False, default=None)
+    pad: int = field(init=False, default=0)
+    first_new: int = field(init=False, default=0)
+    masked: dict[int, int] = field(init=False, default_factory=dict)  # budget -> the page limit its mask holds
 
     def __post_init__(self) -> None:
         self.layers = [LayerPages(layer, self.pool) for layer in range(self.pool.table.layers)]
@@ -108,26 +114,25 @@ class PagedCache:
         """Decode: each layer its own buffer, kept resident; prefill: one per distinct budget. One mask per
         budget either way."""
         masks: dict[int, np.ndarray] = {}
-        shared: dict[int, tuple[BudgetBuffer, LayerInputs]] = {}
+        newest: dict[int, tuple[BudgetBuffer, LayerInputs]] = {}  # per budget: its last buffer made
         entries, inputs = [], []
         for graph in graphs[1:]:
             spec = {t.name: t for t in graph.inputs}
-            mask = masks.setdefault(graph.budget, np.zeros(spec["mask"].shape, np.float32))
-            if decoding or graph.budget not in shared:
+            if graph.budget not in masks:
+                masks[graph.budget] = np.zeros(spec["mask"].shape, np.float32)
+            if decoding or graph.budget not in newest:
                 k, v = (np.zeros(spec[name].shape, np.float32) for name in ("k_sel", "v_sel"))
-                made = (BudgetBuffer.over(k[0], v[0], self.page_size), (k, v, mask))
-                buffer, bound = shared.setdefault(graph.budget, made) if not decoding else made
-            else:
-                buffer, bound = shared[graph.budget]
-            entries.append((graph.budget, buffer, mask))
+                newest[graph.budget] = (BudgetBuffer.over(k[0], v[0], self.page_size), (k, v, masks[graph.budget]))
+            buffer, bound = newest[graph.budget]
+            entries.append((graph.budget, buffer, masks[graph.budget]))
             inputs.append(bound)
         self.buffers[decoding] = entries
         return inputs
 
     def begin(self, decoding: bool, start: int, row_positions: np.ndarray, pad: int) -> None:
         self.decoding, self.row_positions, self.pad = decoding, row_positions, pad
-        self.first_new = start // self.page_size  # the first page the step writes
-        self.masked: dict[int, int] = {}  # budget -> the page limit its mask was filled for in this step
+        self.first_new = start // self.page_size
+        self.masked = {}
 
     def append(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
         started = time.perf_counter()
