@@ -1,13 +1,16 @@
-"""Shared fixtures. The default model is exported once per test run (session scope)."""
+"""Shared fixtures. The default model is exported once per test run: the suite runs in two pytest-xdist
+workers (pyproject's addopts), and an export both need is made by the first to ask, under a file lock."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from tiny_models import save_tiny_model
 
@@ -54,12 +57,23 @@ def tiny_artifacts(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
             for arch, path in tiny_model_dirs.items()}
 
 
+def export_once(tmp_path_factory, name: str, *export_args: str) -> Path:
+    """`edgekv export ... --out DIR` run once per test run, whichever worker asks first; the others wait for it."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the run's directory, which every worker's basetemp sits in
+    out = root / "exports" / name
+    out.parent.mkdir(exist_ok=True)
+    with FileLock(f"{out}.lock"):
+        if not (out / "manifest.json").exists():
+            run_edgekv("export", *export_args, "--out", str(out), check=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def default_artifact(tmp_path_factory) -> Path:
     """The default model exported for npu-small through the CLI, exactly as the README's main command."""
-    out = tmp_path_factory.mktemp("default") / "smollm2-npu-small"
-    run_edgekv("export", "--profile", "npu-small", "--out", str(out), check=True)
-    return out
+    return export_once(tmp_path_factory, "smollm2-npu-small", "--profile", "npu-small")
 
 
 @pytest.fixture(scope="session")

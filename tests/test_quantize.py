@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import error_line, run_edgekv
+from conftest import error_line, export_once, run_edgekv
 from edgekv.calibration.int8_export import quantize_artifact
 from edgekv.calibration.quantize import INT16_WEIGHT_PROJECTIONS, QDQ_OPS
 from edgekv.core.errors import EdgekvError
@@ -37,9 +37,7 @@ def tiny_int8(tiny_model_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_int8(tmp_path_factory):
-    out = tmp_path_factory.mktemp("default-int8") / "smollm2-npu-small-int8"
-    run_edgekv("export", "--profile", "npu-small", "--quantize", "int8", "--out", str(out), check=True)
-    return out
+    return export_once(tmp_path_factory, "smollm2-npu-small-int8", "--profile", "npu-small", "--quantize", "int8")
 
 
 def test_int8_graphs_are_qdq_over_int8_weights(tiny_int8):
@@ -135,6 +133,7 @@ def test_profile_without_qdq_operators_is_a_clear_error(tiny_model_dirs, tmp_pat
     assert "QuantizeLinear" in result.stderr and "allowed_ops" in result.stderr
 
 
+@pytest.mark.xdist_group("default-int8")  # one worker exports it while the other runs the rest
 def test_default_int8_is_small_valid_and_faithful(default_int8, default_artifact):
     int8, float32 = load_verified(default_int8), load_verified(default_artifact)
     assert weight_bytes(int8) <= MAX_WEIGHT_SHARE * weight_bytes(float32)
@@ -149,6 +148,7 @@ def test_default_int8_is_small_valid_and_faithful(default_int8, default_artifact
     assert top1_agreement(int8_logits, float_logits) >= MIN_AGREEMENT
 
 
+@pytest.mark.xdist_group("default-int8")
 def test_default_int8_retrieves_the_4k_pass_keys_float32_retrieves(default_int8, default_artifact):
     tokenizer = ArtifactTokenizer.load(load_verified(default_artifact))
     float_retrieved = 0
