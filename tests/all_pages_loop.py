@@ -1,7 +1,8 @@
 """The simplest host loop over an artifact's graphs: every token's K/V is selected (no paging).
 
-It checks the exported graphs against transformers before the real runtime exists on top of them:
-with all pages selected, the graphs must compute exactly the model's dense attention.
+It checks the exported graphs (with the host's embedding lookup and RoPE tables) against transformers
+apart from the real runtime's paging: with all pages selected, the graphs must compute exactly the
+model's dense attention.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import numpy as np
 
 from edgekv.core.constants import MASK_VALUE
 from edgekv.runtime.backend import OnnxruntimeBackend
+from edgekv.runtime.embedding import Embedding
+from edgekv.runtime.rope import Rope
 
 
 def run_step(backend: OnnxruntimeBackend, graphs, caches: list[list[np.ndarray]], tokens: list[int], start: int):
@@ -21,29 +24,31 @@ def run_step(backend: OnnxruntimeBackend, graphs, caches: list[list[np.ndarray]]
     seq = graphs[0].seq_len
     n = len(tokens)
     pad = seq - n
-    ids = np.zeros((1, seq), dtype=np.int64)
-    ids[0, pad:] = tokens
-    positions = np.zeros((1, seq), dtype=np.int64)
-    positions[0, pad:] = np.arange(start, start + n)
-    hidden, q, k, v = backend.session(graphs[0]).run(None, {"input_ids": ids, "position_ids": positions})
+    ids = np.zeros(seq, dtype=np.int64)
+    ids[pad:] = tokens
+    positions = np.zeros(seq, dtype=np.int64)
+    positions[pad:] = np.arange(start, start + n)
+    hidden = np.zeros((seq, backend.manifest.model["hidden"]), np.float32)
+    Embedding.open(backend.manifest).lookup(ids, hidden)
+    cos, sin = (np.zeros((seq, backend.manifest.model["head_dim"]), np.float32) for _ in range(2))
+    Rope.from_manifest(backend.manifest.model).fill(positions, cos, sin)
+    q, k, v = backend.session(graphs[0]).run(None, {"hidden_in": hidden, "cos": cos, "sin": sin})
     for layer, graph in enumerate(graphs[1:]):
-        caches[layer].append((k[:, :, pad:], v[:, :, pad:]))
-        keys = np.concatenate([c[0] for c in caches[layer]], axis=2)
-        values = np.concatenate([c[1] for c in caches[layer]], axis=2)
-        length, budget = keys.shape[2], graph.budget
+        caches[layer].append((k[:, pad:], v[:, pad:]))
+        keys = np.concatenate([c[0] for c in caches[layer]], axis=1)
+        values = np.concatenate([c[1] for c in caches[layer]], axis=1)
+        length, budget = keys.shape[1], graph.budget
         assert length <= budget, f"context {length} exceeds the graph budget {budget}"
-        k_sel = np.zeros(keys.shape[:2] + (budget, keys.shape[3]), dtype=np.float32)
+        k_sel = np.zeros((keys.shape[0], budget, keys.shape[2]), dtype=np.float32)
         v_sel = np.zeros_like(k_sel)
-        k_sel[:, :, :length], v_sel[:, :, :length] = keys, values
+        k_sel[:, :length], v_sel[:, :length] = keys, values
         slot = np.arange(budget)
-        row_pos = positions[0][:, None]
-        visible = (slot[None, :] <= row_pos) & (slot[None, :] < length)
+        visible = (slot[None, :] <= positions[:, None]) & (slot[None, :] < length)
         visible[:pad] = False
-        mask = np.where(visible, 0.0, MASK_VALUE).astype(np.float32).reshape(1, 1, seq, budget)
+        mask = np.where(visible, 0.0, MASK_VALUE).astype(np.float32)
         feeds = {"hidden_in": hidden, "q_in": q, "k_sel": k_sel, "v_sel": v_sel, "mask": mask}
         if graph.kind == "layer":
-            feeds["position_ids"] = positions
-            hidden, q, k, v = backend.session(graph).run(None, feeds)
+            hidden, q, k, v = backend.session(graph).run(None, feeds | {"cos": cos, "sin": sin})
         else:
             (logits,) = backend.session(graph).run(None, feeds)
     return logits[0, -1]

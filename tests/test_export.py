@@ -4,7 +4,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 
 from all_pages_loop import greedy_all_pages
 from conftest import run_edgekv
@@ -13,6 +12,7 @@ from edgekv.core.profiles import load_profile
 from edgekv.export.models import load_model
 from edgekv.export.validator import validate_artifact
 from edgekv.runtime.backend import OnnxruntimeBackend
+from edgekv.runtime.rope import Rope
 
 NEW_TOKENS = 32
 LOGITS_TOLERANCE = 1e-3
@@ -47,6 +47,22 @@ def test_tiny_models_match_transformers(arch, tiny_model_dirs, tiny_artifacts):
     assert_graphs_match_transformers(tiny_artifacts[arch], loaded, prompt)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_host_rope_tables_are_the_models_own(arch, tiny_model_dirs, tiny_artifacts):
+    """cos/sin from the manifest's frequencies (float64 angles) against the model's rotary module (float32
+    angles, whose rounding grows with the position: about 6e-8 rad per position)."""
+    rotary = load_model(str(tiny_model_dirs[arch])).model.model.rotary_emb
+    manifest = load_verified(tiny_artifacts[arch])
+    positions = np.array([0, 1, 7, 100, 511, 4095, 32767])
+    cos, sin = (np.zeros((len(positions), manifest.model["head_dim"]), np.float32) for _ in range(2))
+    Rope.from_manifest(manifest.model).fill(positions, cos, sin)
+    with torch.no_grad():
+        want_cos, want_sin = rotary(torch.zeros(1), torch.tensor(positions).reshape(1, -1))
+    tolerance = 1e-6 + 1e-7 * positions[:, None]
+    assert np.all(np.abs(cos - want_cos[0].numpy()) <= tolerance)
+    assert np.all(np.abs(sin - want_sin[0].numpy()) <= tolerance)
+
+
 def test_default_model_matches_transformers(default_artifact, default_model):
     messages = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
     prompt = default_model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -69,24 +85,29 @@ def test_every_shape_is_static_and_budgets_follow_the_profile(default_artifact):
     decode = manifest.variant("budget-decode")
     assert len(decode) == dims["layers"] + 1
     k_shapes = [next(t.shape for t in g.inputs if t.name == "k_sel") for g in decode[1:]]
-    assert k_shapes == [(1, dims["kv_heads"], profile.layer_budget(layer, False), dims["head_dim"])
+    assert k_shapes == [(dims["kv_heads"], profile.layer_budget(layer, False), dims["head_dim"])
                         for layer in range(dims["layers"])]
     dense = manifest.variant("dense-prefill")
     assert {g.budget for g in dense[1:]} == {dims["max_context"]} == {8192}
     assert {g.seq_len for g in dense} == {profile.prefill_chunk}
 
 
-def test_graphs_bake_in_the_models_own_rope_theta(default_artifact):
+def test_the_host_rotates_with_the_models_own_rope_theta(default_artifact):
     manifest = load_verified(default_artifact)
-    embed = onnx.load(str(default_artifact / manifest.variant("budget-decode")[0].file), load_external_data=False)
-    constants = [numpy_helper.to_array(t) for t in embed.graph.initializer
-                 if t.data_location != onnx.TensorProto.EXTERNAL]
-    constants += [numpy_helper.to_array(a.t) for n in embed.graph.node if n.op_type == "Constant" for a in n.attribute]
     head_dim = manifest.model["head_dim"]
     expected = 1.0 / 100000.0 ** (np.arange(0, head_dim, 2) / head_dim)
-    inv_freqs = [c.ravel() for c in constants if c.size == head_dim // 2 and c.dtype == np.float32]
-    assert any(np.allclose(c, expected, rtol=1e-6) for c in inv_freqs)
+    assert np.allclose(manifest.model["rope"]["inv_freq"], expected, rtol=1e-6)
     assert manifest.model["rope_theta"] == 100000.0
+
+
+def test_no_graph_looks_up_embeddings_or_computes_positions(default_artifact):
+    """What NPU toolchains run on the CPU or get wrong in float16 stays on the host (modules.py)."""
+    manifest = load_verified(default_artifact)
+    for graph in manifest.graphs.values():
+        model = onnx.load(str(default_artifact / graph.file), load_external_data=False)
+        assert not {n.op_type for n in model.graph.node} & {"Gather", "Cos", "Sin", "Range"}, graph.name
+        for spec in graph.inputs:
+            assert spec.dtype == "float32" and len(spec.shape) <= 3, (graph.name, spec)
 
 
 def test_each_weight_is_stored_once(default_artifact, default_model):

@@ -13,7 +13,7 @@ from edgekv.evaluation.evaluate import forced_logits
 from edgekv.evaluation.metrics import top1_agreement
 from edgekv.evaluation.tasks import task_prompt
 from edgekv.export.validator import validate_artifact
-from edgekv.runtime.backend import OnnxruntimeBackend
+from edgekv.runtime.embedding import Embedding
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.tokens import ArtifactTokenizer
@@ -74,20 +74,17 @@ def test_int8_graphs_are_qdq_over_int8_weights(tiny_int8):
 def test_vocabulary_matrix_is_stored_once_and_looked_up_row_by_row(tiny_int8, tiny_artifacts):
     manifest = load_verified(tiny_int8)
     assert [n for n in manifest.data["weights"] if n.endswith("_int16")] == ["model.embed_tokens.weight.T_int16"]
-    embed = next(e for e in manifest.graphs.values() if e.kind == "embed")
-    model = onnx.load(tiny_int8 / embed.file, load_external_data=False)
-    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
-    assert {"model.embed_tokens.weight.T_int16", "model.embed_tokens.weight.T_int16_scale"} <= gathered
-    assert not any(n.op_type == "DequantizeLinear" and n.input[0] == "model.embed_tokens.weight.T_int16"
-                   for n in model.graph.node)  # the whole matrix is never dequantized per call
+    # The LM head multiplies it and the host looks embeddings up in it: the same tensor.
+    head = next(e for e in manifest.graphs.values() if e.kind == "head")
+    assert "model.embed_tokens.weight.T_int16" in head.weights
+    assert manifest.data["embedding"] == {"weight": "model.embed_tokens.weight.T_int16", "vocab_axis": 1,
+                                          "scale": "model.embed_tokens.weight.T_int16_scale"}
     # The looked-up rows are the float rows within half a 16-bit step.
     float_manifest = load_verified(tiny_artifacts["llama"])
-    float_embed = next(e for e in float_manifest.graphs.values() if e.name == embed.name)
-    ids = np.arange(embed.seq_len, dtype=np.int64).reshape(1, -1) * 5 % float_manifest.model["vocab"]
-    feeds = {"input_ids": ids, "position_ids": np.arange(embed.seq_len, dtype=np.int64).reshape(1, -1)}
-    int8_backend, float_backend = OnnxruntimeBackend.open(manifest), OnnxruntimeBackend.open(float_manifest)
-    got = int8_backend.session(embed).run(None, feeds)[0][0]
-    want = float_backend.session(float_embed).run(None, feeds)[0][0]
+    ids = np.arange(64, dtype=np.int64) * 5 % float_manifest.model["vocab"]
+    got, want = (np.zeros((64, manifest.model["hidden"]), np.float32) for _ in range(2))
+    Embedding.open(manifest).lookup(ids, got)
+    Embedding.open(float_manifest).lookup(ids, want)
     step = np.abs(want).max(axis=1, keepdims=True) / 32767
     assert np.all(np.abs(got - want) <= step / 2 + 1e-7)
 

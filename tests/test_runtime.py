@@ -107,7 +107,7 @@ def test_graph_inputs_keep_their_shapes_from_1k_to_16k(tiny_artifacts):
         assert len(engine.tokens) == 16 * 1024 + 2
         assert bound_shapes() == at_1k
         step = engine.decode_step
-        assert [k.shape for k, _, _ in step.layer_kv] == [(1, 2, g.budget, 16) for g in step.graphs[1:]]
+        assert [k.shape for k, _, _ in step.layer_kv] == [(2, g.budget, 16) for g in step.graphs[1:]]
         assert np.isfinite(logits).all()
         # Past the trained context (512 for the tiny model): one warning, not one per step.
         assert sum("trained context" in str(w.message) for w in caught) == 1

@@ -102,11 +102,11 @@ def measure_mass(artifact: Path, prompts: list[list[int]], scored: int, candidat
     steps = 0
 
     def record(graph: GraphEntry, inputs: dict[str, np.ndarray]) -> None:
-        if graph.kind == "embed" or graph.seq_len != 1:
+        if graph.kind == "qkv" or graph.seq_len != 1:
             return
         pages = engine.cache.layers[graph.layer]
         keys, _ = pages.read()
-        totals[graph.layer] += captured_mass(inputs["q_in"][0, :, -1], keys, pages.bounds(), pages.page_size,
+        totals[graph.layer] += captured_mass(inputs["q_in"][:, -1], keys, pages.bounds(), pages.page_size,
                                              scaling, candidates)
 
     try:

@@ -9,15 +9,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from edgekv.calibration.prompts import read_text_tokens
-from edgekv.calibration.quantize import CALIBRATION_TOKENS, QDQ_OPS, quantize_qdq
+from edgekv.calibration.quantize import CALIBRATION_TOKENS, QDQ_OPS, quantize_qdq, vocabulary_int16
 from edgekv.calibration.weight_only import WEIGHT_ONLY_OPS, quantize_weight_only
 from edgekv.core.errors import EdgekvError
-from edgekv.core.manifest import default_artifact_dir, read_manifest, write_manifest
+from edgekv.core.manifest import Manifest, default_artifact_dir, read_manifest, write_manifest
 from edgekv.core.profiles import QUANTIZED_WEIGHT_DTYPES, SUPPORTED_WEIGHT_DTYPES, Profile, load_profile
 from edgekv.export.exporter import ExportResult, export_artifact, export_result, write_float_artifact
 from edgekv.export.models import load_model
 from edgekv.export.weights import WeightWriter
+from edgekv.runtime.embedding import mapped_weight
 
 
 def export_for_profile(model_spec: str, profile_spec: str, out_dir: Path | None = None,
@@ -84,11 +87,13 @@ def quantize_artifact(float_dir: Path, out_dir: Path, weight_dtype: str = "int8"
         graphs, quantization = quantize_qdq(source, float_dir, staging, writer, text_file, progress)
     else:
         graphs, quantization = quantize_weight_only(source, float_dir, staging, writer, progress)
+    embedding = write_embedding(source, weight_dtype, writer)
     writer.close()
     shutil.copytree(float_dir / source.data["tokenizer"]["dir"], staging / source.data["tokenizer"]["dir"])
     profile = dict(source.data["profile"])
     profile["graph"] = {**profile["graph"], "weight_dtype": weight_dtype}
     manifest = {**source.data, "profile": profile, "graphs": graphs, "weights": writer.manifest_table(),
+                "embedding": embedding,
                 "quantization": {"weight_dtype": weight_dtype, **quantization}}
     write_manifest(staging, manifest)
     if out_dir.exists():
@@ -96,3 +101,19 @@ def quantize_artifact(float_dir: Path, out_dir: Path, weight_dtype: str = "int8"
     staging.rename(out_dir)
 
 
+
+
+def write_embedding(source: Manifest, weight_dtype: str, writer: WeightWriter) -> dict:
+    """The host's embedding table in the quantized artifact, and its manifest record: the float32 rows for
+    weight-only graphs; for QDQ graphs the 16-bit [H, V] matrix with a scale per entry, which the LM head
+    multiplies too when the embeddings are tied (the same name and bytes: stored once)."""
+    record = source.data["embedding"]
+    table = np.array(mapped_weight(source, record["weight"]))
+    if weight_dtype != "int8":
+        writer.add(record["weight"], table)
+        return record
+    values, scales = vocabulary_int16(table.T)
+    name = f"{record['weight']}.T_int16"
+    writer.add(name, values)
+    writer.add(f"{name}_scale", scales)
+    return {"weight": name, "vocab_axis": 1, "scale": f"{name}_scale"}

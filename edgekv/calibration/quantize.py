@@ -12,8 +12,8 @@ artifact is written by int8_export.py; CPUs get weight-only graphs instead, weig
    projections read the same tensors, by name: only the attention over the KV budget differs, and it
    stays float), so their INT8 weights are the same bytes, stored once.
 4. The vocabulary matrix (the embedding, tied to the LM head in SmolLM2) is 16-bit per vocabulary entry,
-   stored once in the head's [H, V] layout: the head multiplies it, the embedding graph gathers columns
-   of it and dequantizes only those (quantize_vocabulary).
+   stored once in the head's [H, V] layout: the head multiplies it, the host's embedding lookup reads
+   columns of it and dequantizes only those (quantize_vocabulary, int8_export.write_embedding).
 
 Why 16-bit activations and a 16-bit vocabulary matrix, measured on SmolLM2-135M (top-1 agreement with
 float32 over 768 tokens, fake-quantized in torch): INT8 weights alone 94.8%; with 8-bit activations 59%
@@ -154,16 +154,11 @@ def vocabulary_int16(matrix_hv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def vocabulary_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
-    """(node, weight) of the embedding lookup and of the LM head's product, where the graph has them."""
+    """(node, weight) of the LM head's product, where the graph has it."""
     initializers = {t.name for t in model.graph.initializer}
-    found = []
-    for node in model.graph.node:
-        if node.op_type == "Gather" and node.input[0] in initializers:
-            found.append((node, node.input[0]))
-        elif (node.op_type == "MatMul" and node.input[1] in initializers
-              and node.input[1] in ("model.embed_tokens.weight.T", "lm_head.weight.T")):
-            found.append((node, node.input[1]))
-    return found
+    return [(node, node.input[1]) for node in model.graph.node
+            if node.op_type == "MatMul" and node.input[1] in initializers
+            and node.input[1] in ("model.embed_tokens.weight.T", "lm_head.weight.T")]
 
 
 def _contrib(op: str, inputs: list[str], output: str, **attributes) -> onnx.NodeProto:
@@ -171,41 +166,27 @@ def _contrib(op: str, inputs: list[str], output: str, **attributes) -> onnx.Node
 
 
 def quantize_vocabulary(model: onnx.ModelProto, ranges) -> None:
-    """16-bit QDQ of the vocabulary matrix, stored as `<its [H, V] name>_int16` in every graph.
-
-    Embedding: Gather(W, ids) -> DQ(Transpose(Gather(Wt_int16, ids, axis=1)), Gather(scales, ids), axis=0),
-    so only the S looked-up entries are dequantized. LM head: MatMul(QDQ(x), DQ(Wt_int16, scales, axis=1)),
-    x over its calibrated range (`ranges`: onnxruntime's TensorsData)."""
+    """16-bit QDQ of the LM head's vocabulary matrix [H, V], stored as `<its name>_int16` with a scale per
+    entry: MatMul(QDQ(x), DQ(Wt_int16, scales, axis=1)), x over its calibrated range (`ranges`:
+    onnxruntime's TensorsData). The host's embedding lookup reads the same tensors (int8_export.py)."""
     initializers = {t.name: t for t in model.graph.initializer}
     for node, weight in vocabulary_nodes(model):
-        lookup = node.op_type == "Gather"
-        array = numpy_helper.to_array(initializers[weight])
-        name = f"{weight}.T" if lookup else weight  # the [H, V] layout's name
-        values, scales = vocabulary_int16(array.T if lookup else array)
-        q, scale, zero = f"{name}_int16", f"{name}_int16_scale", f"{name}_int16_zero_point"
+        values, scales = vocabulary_int16(numpy_helper.to_array(initializers[weight]))
+        q, scale, zero = f"{weight}_int16", f"{weight}_int16_scale", f"{weight}_int16_zero_point"
         model.graph.initializer.remove(initializers[weight])
         model.graph.initializer.extend([numpy_helper.from_array(values, q), numpy_helper.from_array(scales, scale),
                                         numpy_helper.from_array(np.zeros_like(values[0]), zero)])
-        out = node.output[0]
-        if lookup:
-            ids = node.input[1]
-            new = [helper.make_node("Gather", [q, ids], [f"{out}_columns"], axis=1),
-                   helper.make_node("Transpose", [f"{out}_columns"], [f"{out}_rows"], perm=[1, 0]),
-                   helper.make_node("Gather", [scale, ids], [f"{out}_scales"], axis=0),
-                   helper.make_node("Gather", [zero, ids], [f"{out}_zero_points"], axis=0),
-                   _contrib("DequantizeLinear", [f"{out}_rows", f"{out}_scales", f"{out}_zero_points"], out, axis=0)]
-        else:
-            x = node.input[0]
-            lowest, highest = (float(np.ravel(v)[0]) for v in ranges[x].range_value)
-            lowest, highest = min(lowest, 0.0), max(highest, 0.0)
-            x_scale = max(highest - lowest, 1e-8) / UINT16_MAX
-            x_zero = int(round(-lowest / x_scale))
-            model.graph.initializer.extend([numpy_helper.from_array(np.array(x_scale, np.float32), f"{x}_scale"),
-                                            numpy_helper.from_array(np.array(x_zero, np.uint16), f"{x}_zero_point")])
-            new = [_contrib("QuantizeLinear", [x, f"{x}_scale", f"{x}_zero_point"], f"{x}_quantized"),
-                   _contrib("DequantizeLinear", [f"{x}_quantized", f"{x}_scale", f"{x}_zero_point"], f"{x}_dequantized"),
-                   _contrib("DequantizeLinear", [q, scale, zero], f"{name}_dequantized", axis=1),
-                   helper.make_node("MatMul", [f"{x}_dequantized", f"{name}_dequantized"], [out])]
+        x, out = node.input[0], node.output[0]
+        lowest, highest = (float(np.ravel(v)[0]) for v in ranges[x].range_value)
+        lowest, highest = min(lowest, 0.0), max(highest, 0.0)
+        x_scale = max(highest - lowest, 1e-8) / UINT16_MAX
+        x_zero = int(round(-lowest / x_scale))
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(x_scale, np.float32), f"{x}_scale"),
+                                        numpy_helper.from_array(np.array(x_zero, np.uint16), f"{x}_zero_point")])
+        new = [_contrib("QuantizeLinear", [x, f"{x}_scale", f"{x}_zero_point"], f"{x}_quantized"),
+               _contrib("DequantizeLinear", [f"{x}_quantized", f"{x}_scale", f"{x}_zero_point"], f"{x}_dequantized"),
+               _contrib("DequantizeLinear", [q, scale, zero], f"{weight}_dequantized", axis=1),
+               helper.make_node("MatMul", [f"{x}_dequantized", f"{weight}_dequantized"], [out])]
         index = list(model.graph.node).index(node)
         model.graph.node.remove(node)
         for offset, new_node in enumerate(new):
@@ -229,7 +210,7 @@ def quantize_qdq(source: Manifest, float_dir: Path, staging: Path, writer: Weigh
             tensor_ranges = load_tensors_data(ranges)
             for variant in source.data["variants"]:
                 entry = source.variant(variant)[index]
-                if entry.name in graphs:  # shared by variants (the embedding graph)
+                if entry.name in graphs:  # shared by variants (the first q/k/v graph)
                     continue
                 quantized_path = work_dir / f"{entry.name}.onnx"
                 quantize_graph(float_dir / entry.file, ranges, quantized_path)

@@ -1,4 +1,4 @@
-"""`edgekv profiles`, `edgekv export` and `edgekv validate`: device profiles and artifacts."""
+"""`edgekv profiles`, `edgekv export`, `edgekv validate` and `edgekv compile`: device profiles and artifacts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgekv.cli.common import console, mib, out
-from edgekv.core.constants import DEFAULT_MODEL
+from edgekv.core.constants import DEFAULT_MODEL, TARGETS
 from edgekv.core.manifest import read_manifest
 from edgekv.core.profiles import QUANTIZED_WEIGHT_DTYPES, load_profile, shipped_profile_names
 from edgekv.export.models import check_model
@@ -99,6 +99,43 @@ def validate(directory: Path, profile_spec: str | None) -> None:
 
 
 
+@click.command("compile")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--target", required=True, type=click.Choice(list(TARGETS)),
+              help="qnn-htp: QNN EPContext models for the Hexagon HTP (onnxruntime-qnn; its simulator here); "
+                   "openvino: OpenVINO IR for Intel NPUs (the CPU plugin here).")
+@click.option("--precision", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="What the device computes in: float16 is how NPUs run fastest (QNN: the profile's HTP "
+                   "architecture and SoC), float32 the exact reference.")
+def compile_command(directory: Path, target: str, precision: str) -> None:
+    """Compile every graph of an artifact with the vendor's toolchain; record the compiled files in the manifest."""
+    from edgekv.targets.common import compile_artifact
+    from edgekv.targets.registry import compiler
+
+    compile_graph = compiler(target)
+    read_manifest(directory)  # a clear error for a directory that is no artifact, before the progress bar
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"compiling for {target}", total=None)
+
+        def step(name: str, i: int, n: int) -> None:
+            bar.update(task, description=f"compiling {name}", completed=i, total=n)
+
+        compiled = compile_artifact(directory, target, compile_graph, precision, step)
+    table = Table(title=f"{directory} compiled for {target} ({next(iter(compiled.values())).device}, {precision})")
+    for column in ("graph", "operators on the accelerator", "on the CPU", "MiB"):
+        table.add_column(column)
+    for name, graph in compiled.items():
+        on_device = sum(n for key, n in graph.placement.items() if key.endswith("@accelerator"))
+        cpu = ", ".join(f"{op} x{n}" for op, n in graph.cpu_operators.items()) or "-"
+        size = sum(f.stat().st_size for f in graph.files)
+        table.add_row(name, str(on_device), cpu, f"{size / 2**20:.1f}")
+    out.print(table)
+    fallbacks = {name for name, graph in compiled.items() if graph.cpu_operators}
+    out.print(f"compiled {len(compiled)} graphs for {target}; "
+              + (f"{len(fallbacks)} run operators on the CPU" if fallbacks else "every operator on the accelerator"))
+
+
 def print_summary(manifest, report) -> None:
     model, profile = manifest.model, manifest.profile
     table = Table(title=f"{manifest.directory}: {model['name']} ({model['architecture']}) for {profile.name}")
@@ -106,7 +143,7 @@ def print_summary(manifest, report) -> None:
         table.add_column(column)
     for variant, names in manifest.data["variants"].items():
         graphs = manifest.variant(variant)
-        budgets = [g.budget for g in graphs if g.kind != "embed"]
+        budgets = [g.budget for g in graphs if g.kind != "qkv"]
         summary = ", ".join(f"{b}x{budgets.count(b)}" for b in dict.fromkeys(budgets))
         k_sel = next(t.shape for t in graphs[1].inputs if t.name == "k_sel")
         table.add_row(variant, str(len(names)), str(graphs[0].seq_len), summary, str(list(k_sel)))

@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from edgekv.core.constants import DEFAULT_MODEL, POLICIES
+from edgekv.core.constants import BACKENDS, DEFAULT_MODEL, POLICIES
 from edgekv.core.errors import EdgekvError
-from edgekv.core.manifest import default_artifact_dir
+from edgekv.core.manifest import default_artifact_dir, read_manifest
 
 POLICY_HELP = ("quest: Quest page selection (fastest); rerank: Quest's shortlist re-ranked by attention "
                "(slower; finds facts deep in a long context that quest can miss); streaming: the sink and the "
@@ -45,6 +45,22 @@ def artifact_dir(directory: Path | None) -> Path:
         raise EdgekvError(f"no artifact at {default}; create it with `edgekv export --profile npu-small` "
                           "or pass an artifact directory")
     return default
+
+
+def backend_option(command):
+    """--backend, shared by the commands that run a model."""
+    return click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
+                        help="cpu: onnxruntime's CPU provider; qnn-htp, openvino: the graphs `edgekv compile` made "
+                             "for that target [default: the profile's runtime.backend if compiled, else cpu].")(command)
+
+
+def open_engine(directory: Path | None, policy: str, backend: str | None, **options):
+    """Engine.open on DIR (or the default export) with the named backend (or the default one)."""
+    from edgekv.runtime.engine import Engine
+    from edgekv.targets.registry import backend_for
+
+    directory = artifact_dir(directory)
+    return Engine.open(directory, policy, backend=backend_for(backend, read_manifest(directory)), **options)
 
 
 def parse_policies(text: str) -> list[str]:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekv.cli.artifacts import print_violations
-from edgekv.cli.common import artifact_dir, int_list, out, parse_policies
+from edgekv.cli.common import artifact_dir, backend_option, int_list, out, parse_policies
 from edgekv.core.constants import KV_DTYPES
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import load_verified, read_manifest
@@ -28,21 +28,25 @@ from edgekv.core.profiles import QUANTIZED_WEIGHT_DTYPES
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the rows as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="PNG of decode tokens/s against context, with human reading speed.")
-def bench(directory, contexts, policies, steps, kv_dtype, json_path, plot_path) -> None:
+@backend_option
+def bench(directory, contexts, policies, steps, kv_dtype, json_path, plot_path, backend) -> None:
     """Decode and prefill speed per policy and context, measured here and projected on the profile's device."""
     import json
 
     from edgekv.evaluation.bench import plot_bench, run_bench
+    from edgekv.targets.registry import BACKENDS, backend_name
 
     artifact = artifact_dir(directory)
     manifest = load_verified(artifact)
+    backend = backend_name(backend, manifest)
     context_list = int_list(contexts, "--contexts")
     policy_names = parse_policies(policies)
     if steps < 1:
         raise EdgekvError("--steps must be at least 1")
-    rows = run_bench(artifact, policy_names, context_list, steps, kv_dtype)
+    rows = run_bench(artifact, policy_names, context_list, steps, kv_dtype, BACKENDS[backend])
     device = manifest.profile.name
-    table = Table(title=f"edgekv bench: {manifest.model['name']} on this machine, and projected on {device}")
+    table = Table(title=f"edgekv bench: {manifest.model['name']} on this machine ({backend} backend), and projected "
+                        f"on {device}")
     for column in ("policy", "context", "decode tok/s", "x reading", "prefill tok/s", "TTFT s", "peak RSS MiB",
                    "KV MiB dev/host/disk", "KiB moved/token", "graph/select/gather", f"PROJECTED tok/s on {device}"):
         table.add_column(column, justify="right")
@@ -55,7 +59,7 @@ def bench(directory, contexts, policies, steps, kv_dtype, json_path, plot_path) 
                       f"{r['projected']['tok_s']:.1f}")
     (out if out.is_terminal else Console(width=200)).print(table)
     if json_path:
-        json_path.write_text(json.dumps({"artifact": str(artifact), "profile": device, "steps": steps,
+        json_path.write_text(json.dumps({"artifact": str(artifact), "profile": device, "backend": backend, "steps": steps,
                                          "kv_dtype": kv_dtype or manifest.profile.kv_dtype, "rows": rows}, indent=1))
     if plot_path:
         plot_bench(rows, plot_path, f"{manifest.model['name']}, {device} budgets (dashed: projected on {device})")
@@ -151,15 +155,18 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="PNG of accuracy (or agreement) against budget.")
+@backend_option
 def evaluate(directory, task, contexts, depths, budgets, policies, text_file, scored_tokens, kv_dtype,
-             reference_dir, json_path, plot_path) -> None:
+             reference_dir, json_path, plot_path, backend) -> None:
     """Long-context accuracy per context, depth and budget; or agreement of each policy with dense."""
     from edgekv.evaluation.evaluate import (EvalPlan, plot_eval, record_rows, run_agreement, run_retrieval,
                                             self_written_text)
     from edgekv.runtime.tokens import ArtifactTokenizer
+    from edgekv.targets.registry import BACKENDS, backend_name
 
     artifact = artifact_dir(directory)
     manifest = load_verified(artifact)
+    backend = backend_name(backend, manifest)
     policy_names = parse_policies(policies)
     try:
         depth_list = [float(d) for d in depths.split(",")]
@@ -169,8 +176,9 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
         raise EdgekvError("--depths must lie between 0 and 1")
     plan = EvalPlan(int_list(contexts, "--contexts"), depth_list,
                     int_list(budgets, "--budgets") if budgets else [manifest.profile.decode_budget], policy_names,
-                    kv_dtype)
-    header = {"artifact": str(artifact), "task": task, "kv_dtype": kv_dtype or manifest.profile.kv_dtype}
+                    kv_dtype, BACKENDS[backend])
+    header = {"artifact": str(artifact), "task": task, "kv_dtype": kv_dtype or manifest.profile.kv_dtype,
+              "backend": backend}
     if "dense" in policy_names and max(plan.contexts) > manifest.model["max_context"]:
         raise EdgekvError(f"the dense baseline stops at {manifest.model['max_context']} tokens; lower --contexts "
                           "or leave dense out of --policies")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.common import POLICY_HELP, artifact_dir, console, sampling_options
+from edgekv.cli.common import POLICY_HELP, backend_option, console, open_engine, sampling_options
 from edgekv.core.constants import POLICIES
 from edgekv.core.errors import EdgekvError
 
@@ -23,13 +23,13 @@ from edgekv.core.errors import EdgekvError
 @click.option("--spill-dir", type=click.Path(path_type=Path), default=None,
               help="Where the session directory for spilled KV pages goes [default: system temp].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token_ids, stats.")
+@backend_option
 @sampling_options
-def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops, spill_dir, as_json, temperature,
-             top_k, top_p, repetition_penalty, seed) -> None:
+def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops, spill_dir, as_json, backend,
+             temperature, top_k, top_p, repetition_penalty, seed) -> None:
     """Generate a reply through the static graphs with the paged KV cache."""
     import json
 
-    from edgekv.runtime.engine import Engine
     from edgekv.runtime.sampling import Sampler, SamplingConfig
     from edgekv.runtime.tokens import ArtifactTokenizer
 
@@ -41,7 +41,7 @@ def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops,
         prompt = prompt_file.read_text()
     if not prompt.strip():
         raise EdgekvError("empty prompt: give some text with --prompt or --prompt-file")
-    engine = Engine.open(artifact_dir(directory), policy, spill_dir)
+    engine = open_engine(directory, policy, backend, spill_dir=spill_dir)
     try:
         tokenizer = ArtifactTokenizer.load(engine.manifest)
         ids = tokenizer.encode(prompt) if raw else tokenizer.chat_prompt([{"role": "user", "content": prompt}])
@@ -76,8 +76,9 @@ def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops,
 @click.option("--spill-dir", type=click.Path(path_type=Path), default=None,
               help="Where the session directory for spilled KV pages goes [default: system temp].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per turn: reply and stats.")
+@backend_option
 @sampling_options
-def chat(directory, system, policy, max_new_tokens, spill_dir, as_json, temperature, top_k, top_p,
+def chat(directory, system, policy, max_new_tokens, spill_dir, as_json, backend, temperature, top_k, top_p,
          repetition_penalty, seed) -> None:
     """Talk to an exported model; the conversation keeps its KV cache from turn to turn, without limit.
 
@@ -86,11 +87,10 @@ def chat(directory, system, policy, max_new_tokens, spill_dir, as_json, temperat
     """
     from edgekv.cli.chat import ChatLoop
     from edgekv.runtime.conversation import Conversation
-    from edgekv.runtime.engine import Engine
     from edgekv.runtime.sampling import SamplingConfig
     from edgekv.runtime.tokens import ArtifactTokenizer
 
-    engine = Engine.open(artifact_dir(directory), policy, spill_dir)
+    engine = open_engine(directory, policy, backend, spill_dir=spill_dir)
     try:
         tokenizer = ArtifactTokenizer.load(engine.manifest)
         sampling = SamplingConfig.from_generation_defaults(

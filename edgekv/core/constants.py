@@ -14,3 +14,7 @@ POLICIES = ("quest", "rerank", "streaming", "dense")
 
 # The model `edgekv export` uses when given none.
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# Where the graphs run (edgekv/targets): onnxruntime's CPU provider, or a vendor target's compiled graphs.
+BACKENDS = ("cpu", "qnn-htp", "openvino")
+TARGETS = ("qnn-htp", "openvino")  # what `edgekv compile --target` compiles for

@@ -16,7 +16,8 @@ from edgekv.core.profiles import Profile, profile_from_dict
 MANIFEST_NAME = "manifest.json"
 # Version of the artifact layout (manifest.json and the graph interface). Bump it whenever a
 # graph's inputs/outputs or the manifest's meaning change; loaders refuse other versions.
-ARTIFACT_FORMAT_VERSION = 1
+ARTIFACT_FORMAT_VERSION = 2  # 2: embedding and RoPE on the host, no input above 3-D
+COMPILED_SUBDIR = "compiled"  # graphs compiled by a vendor toolchain: compiled/<target>/ (edgekv/targets)
 ARTIFACTS_DIR = "artifacts"  # where exports go by default, relative to the working directory
 
 
@@ -40,10 +41,10 @@ class TensorSpec:
 class GraphEntry:
     name: str
     file: str  # relative to the artifact directory
-    kind: str  # embed | layer | head
-    layer: int  # the layer whose attention runs in it (-1 for embed)
+    kind: str  # qkv | layer | head
+    layer: int  # the layer whose attention runs in it (-1 for qkv)
     seq_len: int
-    budget: int  # KV slots the graph attends over (0 for embed)
+    budget: int  # KV slots the graph attends over (0 for qkv)
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     weights: tuple[str, ...]  # names of the shared weight tensors the graph uses
@@ -123,7 +124,9 @@ def load_verified(directory: Path | str) -> Manifest:
     manifest = read_manifest(directory)
     problems = verify_files(manifest)
     if problems:
+        parts = Path(problems[0]).parts
+        fix = (f"re-run `edgekv compile {manifest.directory} --target {parts[1]}`" if parts[0] == COMPILED_SUBDIR
+               else "re-run `edgekv export`")
         raise EdgekvError(f"artifact {manifest.directory} does not match its manifest: {problems[0]}"
-                          + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-                          + "; re-run `edgekv export`")
+                          + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") + f"; {fix}")
     return manifest

@@ -1,8 +1,9 @@
 """Device profiles: what a static-shape NPU accepts and what the host runtime may use.
 
 A profile is a TOML file with four tables ([kv], [graph], [runtime], [device]). The shipped ones live
-in `edgekv/device_profiles/`; a user passes a path to their own. Every key is required and checked:
-unknown keys, missing keys and bad values are errors that name the key and the expected form.
+in `edgekv/device_profiles/`; a user passes a path to their own. Every key is checked, and required
+unless it has a default (kv.layer_budgets, graph.mask_value, device.qnn_*, runtime.backend): unknown keys, missing keys and bad values
+are errors that name the key and the expected form.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from edgekv.core.constants import KV_DTYPES
+from edgekv.core.constants import BACKENDS, KV_DTYPES, MASK_VALUE
 from edgekv.core.errors import EdgekvError
 
 # int8: QDQ graphs calibrated on real activations (NPUs); int8-weight-only: onnxruntime's CPU MatMulNBits kernels
@@ -51,6 +52,14 @@ class Profile:
     call_overhead_us: float
     # [kv] optional: one decode budget per layer, as `edgekv calibrate` fits them (empty: from the above)
     layer_budgets: tuple[int, ...] = ()
+    # [graph] optional: the additive mask of KV slots a query must not see (some quantizers refuse -65504)
+    mask_value: float = MASK_VALUE
+    # [device] optional: the Hexagon HTP that `edgekv compile --target qnn-htp` compiles for (QNN's
+    # htp_arch and soc_model; the defaults are Snapdragon 8 Gen 3's)
+    qnn_htp_arch: int = 75
+    qnn_soc_model: int = 57
+    # [runtime] optional: the backend that runs the graphs when the artifact was compiled for it (else cpu)
+    backend: str = "cpu"
 
     def layer_budget(self, layer: int, prefill: bool) -> int:
         """Static KV budget (tokens) of one layer's graph."""
@@ -117,10 +126,18 @@ _SCHEMA: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
 
 
 # Optional keys and their defaults (checked like the others when present).
-_OPTIONAL: dict[tuple[str, str], Any] = {("kv", "layer_budgets"): ()}
+_OPTIONAL: dict[tuple[str, str], Any] = {("kv", "layer_budgets"): (), ("graph", "mask_value"): MASK_VALUE,
+                                         ("device", "qnn_htp_arch"): 75, ("device", "qnn_soc_model"): 57,
+                                         ("runtime", "backend"): "cpu"}
 _SCHEMA_OPTIONAL: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
     ("kv", "layer_budgets"): (lambda v: isinstance(v, list) and len(v) > 0 and all(_positive_int(x) for x in v),
                               "a non-empty list of positive integers, one decode budget per layer"),
+    # At most -50: exp of it must vanish beside a live slot's score, in float16 as in float32.
+    ("graph", "mask_value"): (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                              and MASK_VALUE <= v <= -50, f"a number from {MASK_VALUE:g} to -50"),
+    ("device", "qnn_htp_arch"): (_positive_int, "QNN's HTP architecture number, e.g. 75"),
+    ("device", "qnn_soc_model"): (_positive_int, "QNN's SoC model number, e.g. 57"),
+    ("runtime", "backend"): (_one_of(BACKENDS), f"one of {list(BACKENDS)}"),
 }
 
 
@@ -159,8 +176,9 @@ def profile_from_dict(data: dict[str, Any], origin: str) -> Profile:
     for key in ("allowed_ops", "execution_providers", "layer_budgets"):
         if key in flat:
             flat[key] = tuple(flat[key])
-    for key in ("int8_tops", "memory_bandwidth_gbps", "host_link_gbps", "call_overhead_us"):
-        flat[key] = float(flat[key])
+    for key in ("int8_tops", "memory_bandwidth_gbps", "host_link_gbps", "call_overhead_us", "mask_value"):
+        if key in flat:
+            flat[key] = float(flat[key])
     profile = Profile(**flat)
     _check_budgets(profile, origin)
     return profile

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekv.evaluation.projection import project_decode
+from edgekv.runtime.backend import BackendFactory, OnnxruntimeBackend
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S
 
@@ -53,9 +54,9 @@ def usable_context(context: int, policy: str, max_context: int) -> int | None:
     return max_context - DENSE_HEADROOM if context <= max_context else None
 
 
-def measure_policy(artifact: str, policy: str, contexts: list[int], steps: int,
-                   kv_dtype: str | None = None) -> list[dict]:
-    engine = Engine.open(artifact, policy, kv_dtype=kv_dtype)
+def measure_policy(artifact: str, policy: str, contexts: list[int], steps: int, kv_dtype: str | None = None,
+                   backend: BackendFactory = OnnxruntimeBackend.open) -> list[dict]:
+    engine = Engine.open(artifact, policy, kv_dtype=kv_dtype, backend=backend)
     rng = np.random.default_rng(0)
     rows = []
     try:
@@ -101,15 +102,15 @@ def measure_policy(artifact: str, policy: str, contexts: list[int], steps: int,
     return rows
 
 
-def run_bench(artifact: Path, policies: list[str], contexts: list[int], steps: int,
-              kv_dtype: str | None = None) -> list[dict]:
+def run_bench(artifact: Path, policies: list[str], contexts: list[int], steps: int, kv_dtype: str | None = None,
+              backend: BackendFactory = OnnxruntimeBackend.open) -> list[dict]:
     """Every policy in a fresh child process, one after the other."""
     rows = []
     spawn = multiprocessing.get_context("spawn")
     for policy in policies:
         print(f"{policy}: contexts {', '.join(map(str, contexts))}", file=sys.stderr, flush=True)
         with spawn.Pool(1) as pool:
-            rows += pool.apply(measure_policy, (str(artifact), policy, contexts, steps, kv_dtype))
+            rows += pool.apply(measure_policy, (str(artifact), policy, contexts, steps, kv_dtype, backend))
     return rows
 
 

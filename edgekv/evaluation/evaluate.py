@@ -18,6 +18,7 @@ import numpy as np
 from edgekv.core.errors import EdgekvError
 from edgekv.evaluation.metrics import mean_kl, perplexity, top1_agreement
 from edgekv.evaluation.tasks import ANSWER_TOKENS, task_prompt
+from edgekv.runtime.backend import BackendFactory, OnnxruntimeBackend
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.tokens import ArtifactTokenizer
@@ -33,6 +34,7 @@ class EvalPlan:
     budgets: list[int]
     policies: list[str]
     kv_dtype: str | None = None  # how pages are stored in the host and disk tiers (default: the profile's)
+    backend: BackendFactory = OnnxruntimeBackend.open  # what runs the artifact's graphs (a reference: the CPU)
 
 
 def _runs(plan: EvalPlan) -> list[tuple[str, int | None]]:
@@ -47,7 +49,7 @@ def _log(text: str) -> None:
 def run_retrieval(artifact: Path, task: str, plan: EvalPlan, seed: int = 0) -> Iterator[dict]:
     """One row per policy, budget, context and depth, as each is measured."""
     for policy, budget in _runs(plan):
-        engine = Engine.open(artifact, policy, budget=budget, kv_dtype=plan.kv_dtype)
+        engine = Engine.open(artifact, policy, budget=budget, kv_dtype=plan.kv_dtype, backend=plan.backend)
         try:
             tokenizer = ArtifactTokenizer.load(engine.manifest)
             for context in plan.contexts:
@@ -110,8 +112,8 @@ def teacher_forced_logits(engine: Engine, tokens: list[int], scored: int) -> np.
 
 
 def forced_logits(artifact: Path, policy: str, budget: int | None, tokens: list[int], scored: int,
-                  kv_dtype: str | None = None) -> np.ndarray:
-    engine = Engine.open(artifact, policy, budget=budget, kv_dtype=kv_dtype)
+                  kv_dtype: str | None = None, backend: BackendFactory = OnnxruntimeBackend.open) -> np.ndarray:
+    engine = Engine.open(artifact, policy, budget=budget, kv_dtype=kv_dtype, backend=backend)
     try:
         return teacher_forced_logits(engine, tokens, scored)
     finally:
@@ -134,7 +136,7 @@ def run_agreement(artifact: Path, text: list[int], plan: EvalPlan, scored: int,
         dense = None
         runs = _runs(plan) if reference else [("dense", None)] + [r for r in _runs(plan) if r[0] != "dense"]
         for policy, budget in runs:
-            logits = forced_logits(artifact, policy, budget, tokens, scored, plan.kv_dtype)
+            logits = forced_logits(artifact, policy, budget, tokens, scored, plan.kv_dtype, plan.backend)
             if reference is not None:
                 against = forced_logits(reference, policy, budget, tokens, scored)
             else:

@@ -49,7 +49,7 @@ def project_decode(manifest: Manifest, policy: str, transfer_bytes_per_token: fl
                    host_s_per_token: float) -> Projection:
     profile, model = manifest.profile, manifest.model
     graphs = manifest.variant("dense-decode" if policy == "dense" else "budget-decode")
-    kv_tokens = sum(g.budget for g in graphs if g.kind != "embed")  # over the layers
+    kv_tokens = sum(g.budget for g in graphs if g.kind != "qkv")  # over the layers
     kv_bytes = kv_tokens * 2 * model["kv_heads"] * model["head_dim"] * 4
     weights = weight_bytes(manifest)
     ops = 2 * weight_elements(manifest) + kv_tokens * 4 * model["q_heads"] * model["head_dim"]

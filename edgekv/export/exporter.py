@@ -7,8 +7,9 @@ Four variants of the L+1 graphs of a step are written (see modules.py for the gr
     dense-decode / dense-prefill     KV input of the model's full context: the classic static-NPU design
                                      that benchmarks compare against.
 
-Graphs that are identical across variants (the embedding graph) are written once; every weight is
-written once into the shared weight files (weights.py).
+Graphs that are identical across variants (the first q/k/v graph) are written once; every weight is
+written once into the shared weight files (weights.py), and so is the embedding table the host looks
+token embeddings up in (the LM head's own tensor when the model ties them).
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import ARTIFACT_FORMAT_VERSION, default_artifact_dir, read_manifest, write_manifest
 from edgekv.core.profiles import Profile, load_profile
 from edgekv.export.models import LoadedModel, load_model
-from edgekv.export.modules import EmbedQKV, LastLayerHead, LayerBoundary
+from edgekv.export.modules import FirstQKV, LastLayerHead, LayerBoundary
 from edgekv.export.weights import WeightWriter, parameter_digests
 
+# The host's embedding table (runtime/embedding.py): the model's own parameter name, which the LM head's
+# tensor also has when the embeddings are tied, so the weight files hold it once.
+EMBEDDING_WEIGHT = "model.embed_tokens.weight"
 VARIANTS = ("budget-decode", "budget-prefill", "dense-decode", "dense-prefill")
 GRAPHS_SUBDIR = "graphs"
 TOKENIZER_SUBDIR = "tokenizer"
@@ -41,15 +45,15 @@ TOKENIZER_SUBDIR = "tokenizer"
 
 @dataclass(frozen=True)
 class GraphPlan:
-    kind: str  # embed | layer | head
-    layer: int  # the layer whose attention runs in the graph (-1 for embed)
+    kind: str  # qkv | layer | head
+    layer: int  # the layer whose attention runs in the graph (-1 for qkv)
     seq_len: int
-    budget: int  # KV slots (0 for embed)
+    budget: int  # KV slots (0 for qkv)
 
     @property
     def name(self) -> str:
-        if self.kind == "embed":
-            return f"embed.s{self.seq_len}"
+        if self.kind == "qkv":
+            return f"qkv.s{self.seq_len}"
         if self.kind == "head":
             return f"head.s{self.seq_len}.b{self.budget}"
         return f"layer{self.layer:02d}.s{self.seq_len}.b{self.budget}"
@@ -74,7 +78,7 @@ def plan_variants(profile: Profile, layers: int, max_context: int) -> dict[str, 
         def budget(layer: int) -> int:
             return max_context if dense else profile.layer_budget(layer, prefill)
 
-        plans[variant] = ([GraphPlan("embed", -1, seq, 0)]
+        plans[variant] = ([GraphPlan("qkv", -1, seq, 0)]
                           + [GraphPlan("layer", layer, seq, budget(layer)) for layer in range(layers - 1)]
                           + [GraphPlan("head", layers - 1, seq, budget(layers - 1))])
     return plans
@@ -82,29 +86,28 @@ def plan_variants(profile: Profile, layers: int, max_context: int) -> dict[str, 
 
 def example_inputs(plan: GraphPlan, dims: dict[str, int]) -> dict[str, torch.Tensor]:
     """Inputs that fix every shape of the traced graph (values are irrelevant to the trace)."""
-    s, b = plan.seq_len, plan.budget
-    positions = torch.arange(s, dtype=torch.int64).reshape(1, s)
-    if plan.kind == "embed":
-        return {"input_ids": torch.zeros(1, s, dtype=torch.int64), "position_ids": positions}
+    s, b, d = plan.seq_len, plan.budget, dims["head_dim"]
+    rope = {"cos": torch.randn(s, d), "sin": torch.randn(s, d)}
+    if plan.kind == "qkv":
+        return {"hidden_in": torch.randn(s, dims["hidden"]), **rope}
     inputs = {
-        "hidden_in": torch.randn(1, s, dims["hidden"]),
-        "q_in": torch.randn(1, dims["q_heads"], s, dims["head_dim"]),
-        "k_sel": torch.randn(1, dims["kv_heads"], b, dims["head_dim"]),
-        "v_sel": torch.randn(1, dims["kv_heads"], b, dims["head_dim"]),
-        "mask": torch.zeros(1, 1, s, b),
+        "hidden_in": torch.randn(s, dims["hidden"]),
+        "q_in": torch.randn(dims["q_heads"], s, d),
+        "k_sel": torch.randn(dims["kv_heads"], b, d),
+        "v_sel": torch.randn(dims["kv_heads"], b, d),
+        "mask": torch.zeros(s, b),
     }
-    if plan.kind == "layer":
-        inputs["position_ids"] = positions
-    return inputs
+    return inputs | rope if plan.kind == "layer" else inputs
 
 
 def output_names(plan: GraphPlan) -> list[str]:
-    return ["logits"] if plan.kind == "head" else ["hidden_out", "q_out", "k_out", "v_out"]
+    return {"qkv": ["q_out", "k_out", "v_out"], "layer": ["hidden_out", "q_out", "k_out", "v_out"],
+            "head": ["logits"]}[plan.kind]
 
 
 def graph_module(model, plan: GraphPlan, head_weight_on_right: bool = False) -> torch.nn.Module:
-    if plan.kind == "embed":
-        return EmbedQKV(model)
+    if plan.kind == "qkv":
+        return FirstQKV(model)
     if plan.kind == "head":
         return LastLayerHead(model, head_weight_on_right)
     return LayerBoundary(model, plan.layer)
@@ -143,10 +146,18 @@ def generation_defaults(loaded: LoadedModel) -> dict:
             "repetition_penalty": config.repetition_penalty}
 
 
+def rope_record(model) -> dict:
+    """The rotary module's inverse frequencies and scaling, after the config's rope theta and scaling
+    (llama3, linear, yarn, ...): what the host computes cos/sin from (runtime/rope.py)."""
+    rotary = model.model.rotary_emb
+    return {"inv_freq": [float(f) for f in rotary.inv_freq.float().numpy()],
+            "attention_scaling": float(rotary.attention_scaling)}
+
+
 def model_record(loaded: LoadedModel) -> dict:
     config = loaded.model.config
     return {"name": loaded.source.name, "source": str(loaded.source.path), "source_sha256": loaded.source_sha256,
-            "architecture": loaded.architecture, **model_dims(config),
+            "architecture": loaded.architecture, **model_dims(config), "rope": rope_record(loaded.model),
             "rope_theta": float(config.rope_theta), "rope_scaling": getattr(config, "rope_scaling", None),
             "rms_norm_eps": float(config.rms_norm_eps), "tie_word_embeddings": bool(config.tie_word_embeddings),
             "sliding_window": getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True)
@@ -208,6 +219,7 @@ def write_float_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path,
         graphs[plan.name] = graph_record(plan, rel, proto, writer.save(proto, staging / rel))
     if step:
         step("done", len(unique), len(unique))
+    writer.add(EMBEDDING_WEIGHT, loaded.model.model.embed_tokens.weight.detach().numpy())
     writer.close()
 
     loaded.tokenizer.save_pretrained(staging / TOKENIZER_SUBDIR)
@@ -220,6 +232,7 @@ def write_float_artifact(loaded: LoadedModel, profile: Profile, out_dir: Path,
         "graphs": graphs,
         "variants": {variant: [plan.name for plan in plans] for variant, plans in variants.items()},
         "weights": writer.manifest_table(),
+        "embedding": {"weight": EMBEDDING_WEIGHT, "vocab_axis": 0, "scale": None},
         "tokenizer": {"dir": TOKENIZER_SUBDIR, "chat_template": loaded.tokenizer.chat_template},
         "generation": generation_defaults(loaded),
     }

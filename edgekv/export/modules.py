@@ -2,16 +2,20 @@
 
 A decoder of L layers becomes L+1 graphs per step (see docs/architecture.md, "Data flow"):
 
-    embed_qkv:   input_ids, position_ids                      -> hidden, q, k, v        (layer 0's q/k/v)
-    layer[l]:    hidden, q, k_sel, v_sel, mask, position_ids  -> hidden, q, k, v        (attn+MLP of l, q/k/v of l+1)
+    qkv:         hidden, cos, sin                             -> q, k, v                (layer 0's)
+    layer[l]:    hidden, q, k_sel, v_sel, mask, cos, sin      -> hidden, q, k, v        (attn+MLP of l, q/k/v of l+1)
     head:        hidden, q, k_sel, v_sel, mask                -> logits of the last row (attn+MLP of L-1)
 
-The host sits between the graphs: it appends the new k/v to its page store and gathers the selected
-pages into the fixed-size k_sel/v_sel with an additive mask. Every shape is fixed at trace time.
+The host sits around the graphs: it looks up the token embeddings (the first graph's hidden), computes
+RoPE's cos/sin for the step's positions in float64 (runtime/rope.py), appends each layer's new k/v to its
+pages and gathers the selected pages into the fixed-size k_sel/v_sel with an additive mask. So no graph
+holds a Gather over the vocabulary, position arithmetic, Cos or Sin, or an int64 input: NPU compilers run
+those on the CPU or, in float16, get RoPE wrong at long positions. Every shape is fixed at trace time,
+and no input has more than three dimensions (RKNN inserts an op before 4-D inputs of few channels).
 
-The modules call the Hugging Face model's own submodules (norms, projections, MLP, rotary embedding),
-so rope theta, rope scaling, eps, biases and activation are the model's own, never re-derived here.
-Hidden states are 2-D [S, H] inside the graphs so every projection is a plain matrix product.
+Shapes: hidden [S, H]; q [Hq, S, D]; k, v [Hkv, S, D]; k_sel, v_sel [Hkv, B, D]; mask [S, B]; cos, sin
+[S, D]. The modules call the Hugging Face model's own submodules (norms, projections, MLP), so eps,
+biases and activation are the model's own; the rotary frequencies are recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -27,35 +31,21 @@ def _dims(model) -> tuple[int, int, int]:
     return cfg.num_attention_heads, cfg.num_key_value_heads, head_dim
 
 
-def project_qkv(model, layer_index: int, hidden: torch.Tensor, position_ids: torch.Tensor):
-    """Pre-attention norm, q/k/v projections and RoPE at absolute positions, for one layer.
+def project_qkv(model, layer_index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Pre-attention norm, q/k/v projections and RoPE (cos/sin given), for one layer.
 
-    hidden [S, H] -> q [1, Hq, S, D], k and v [1, Hkv, S, D]; q and k are post-RoPE.
+    hidden [S, H], cos and sin [S, D] -> q [Hq, S, D], k and v [Hkv, S, D]; q and k are post-RoPE.
     """
     n_q, n_kv, head_dim = _dims(model)
     layer = model.model.layers[layer_index]
     seq = hidden.shape[0]
     x = layer.input_layernorm(hidden)
     attn = layer.self_attn
-    q = attn.q_proj(x).reshape(seq, n_q, head_dim).transpose(0, 1).unsqueeze(0)
-    k = attn.k_proj(x).reshape(seq, n_kv, head_dim).transpose(0, 1).unsqueeze(0)
-    v = attn.v_proj(x).reshape(seq, n_kv, head_dim).transpose(0, 1).unsqueeze(0)
-    cos, sin = rope_tables(model, position_ids)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q = attn.q_proj(x).reshape(seq, n_q, head_dim).transpose(0, 1)
+    k = attn.k_proj(x).reshape(seq, n_kv, head_dim).transpose(0, 1)
+    v = attn.v_proj(x).reshape(seq, n_kv, head_dim).transpose(0, 1)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=0)
     return q, k, v
-
-
-def rope_tables(model, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [1, S, D] at absolute positions from the model's own inverse frequencies.
-
-    inv_freq and attention_scaling come from the model's rotary module, which applied the config's
-    rope theta and scaling (llama3, linear, yarn, ...). Same products as transformers' own forward, but
-    written without its batch expand, which the tracer turns into Expand/Where/Equal shape arithmetic.
-    """
-    rotary = model.model.rotary_emb
-    freqs = position_ids.reshape(-1, 1).float() * rotary.inv_freq.float().reshape(1, -1)
-    angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(0)
-    return angles.cos() * rotary.attention_scaling, angles.sin() * rotary.attention_scaling
 
 
 def attend_and_mlp(model, layer_index: int, hidden: torch.Tensor, q: torch.Tensor, k_sel: torch.Tensor,
@@ -68,29 +58,27 @@ def attend_and_mlp(model, layer_index: int, hidden: torch.Tensor, q: torch.Tenso
     """
     n_q, n_kv, head_dim = _dims(model)
     layer = model.model.layers[layer_index]
-    seq, budget, groups = hidden.shape[0], k_sel.shape[2], n_q // n_kv
+    seq, budget, groups = hidden.shape[0], k_sel.shape[1], n_q // n_kv
     attn = layer.self_attn
     qg = q.reshape(n_kv, groups * seq, head_dim) * attn.scaling
-    scores = torch.matmul(qg, k_sel.reshape(n_kv, budget, head_dim).transpose(1, 2))
+    scores = torch.matmul(qg, k_sel.transpose(1, 2))
     scores = scores.reshape(n_kv, groups, seq, budget) + mask.reshape(1, 1, seq, budget)
     probs = torch.softmax(scores, dim=-1).reshape(n_kv, groups * seq, budget)
-    out = torch.matmul(probs, v_sel.reshape(n_kv, budget, head_dim))
+    out = torch.matmul(probs, v_sel)
     out = out.reshape(n_q, seq, head_dim).transpose(0, 1).reshape(seq, n_q * head_dim)
     hidden = hidden + attn.o_proj(out)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
-class EmbedQKV(nn.Module):
-    """input_ids [1, S], position_ids [1, S] -> hidden [1, S, H] and layer 0's q, k, v."""
+class FirstQKV(nn.Module):
+    """The embedded rows hidden [S, H] (looked up on the host), cos, sin -> layer 0's q, k, v."""
 
     def __init__(self, model):
         super().__init__()
         self.lm = model
 
-    def forward(self, input_ids, position_ids):
-        hidden = self.lm.model.embed_tokens(input_ids.reshape(-1))
-        q, k, v = project_qkv(self.lm, 0, hidden, position_ids)
-        return hidden.unsqueeze(0), q, k, v
+    def forward(self, hidden_in, cos, sin):
+        return project_qkv(self.lm, 0, hidden_in, cos, sin)
 
 
 class LayerBoundary(nn.Module):
@@ -101,17 +89,17 @@ class LayerBoundary(nn.Module):
         self.lm = model
         self.layer_index = layer_index
 
-    def forward(self, hidden_in, q_in, k_sel, v_sel, mask, position_ids):
-        hidden = attend_and_mlp(self.lm, self.layer_index, hidden_in[0], q_in, k_sel, v_sel, mask)
-        q, k, v = project_qkv(self.lm, self.layer_index + 1, hidden, position_ids)
-        return hidden.unsqueeze(0), q, k, v
+    def forward(self, hidden_in, q_in, k_sel, v_sel, mask, cos, sin):
+        hidden = attend_and_mlp(self.lm, self.layer_index, hidden_in, q_in, k_sel, v_sel, mask)
+        q, k, v = project_qkv(self.lm, self.layer_index + 1, hidden, cos, sin)
+        return hidden, q, k, v
 
 
 class LastLayerHead(nn.Module):
     """Attention and MLP of the last layer, final norm and LM head on the last row -> logits [1, 1, V].
 
     By default the LM head multiplies the weight as stored ([V, H] @ h^T) so that with tied embeddings the
-    graph uses the very tensor the embedding graph gathers from, and the artifact stores it once.
+    graph uses the very tensor the host looks embeddings up in, and the artifact stores it once.
     `weight_on_right` computes h @ W^T instead, the form every other projection has: quantizers give a
     constant right-hand operand per-output-channel INT8 weights (the INT8 artifact then stores the tied
     matrix twice, once per layout, at a quarter of its float size each).
@@ -124,7 +112,7 @@ class LastLayerHead(nn.Module):
 
     def forward(self, hidden_in, q_in, k_sel, v_sel, mask):
         last = len(self.lm.model.layers) - 1
-        hidden = attend_and_mlp(self.lm, last, hidden_in[0], q_in, k_sel, v_sel, mask)
+        hidden = attend_and_mlp(self.lm, last, hidden_in, q_in, k_sel, v_sel, mask)
         final = self.lm.model.norm(hidden[-1:])
         if self.weight_on_right:
             logits = torch.matmul(final, self.lm.lm_head.weight.transpose(0, 1))

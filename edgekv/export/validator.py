@@ -2,7 +2,8 @@
 
 Every violation is collected (not just the first), each naming the file and what is wrong: a file
 whose sha256 differs, a symbolic or unknown dimension, an operator outside the profile's list, a
-tensor above the profile's size limit, a graph whose inputs differ from the manifest's record.
+tensor above the profile's size limit, a graph whose inputs differ from the manifest's record or are
+not floats of at most three dimensions.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def _nbytes(shape: list[int], elem_type: int) -> int:
 # opsets below 21 (what onnxruntime's CPU and QNN providers run) and its CPU weight-only MatMulNBits.
 # onnx's shape inference does not know this domain.
 CONTRIB_DOMAIN = "com.microsoft"
+MAX_INPUT_RANK = 3
 CONTRIB_QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -124,9 +126,15 @@ def _check_graph(manifest: Manifest, graph: GraphEntry, profile: Profile, report
         want = [(t.name, t.shape) for t in recorded]
         if have != want:
             report.violations.append(f"{where}: {kind} {have} differ from the manifest's {want}")
-    if graph.kind != "embed":
+    for spec in graph.inputs:
+        # What NPU toolchains take whole (modules.py): RKNN inserts an op before 4-D inputs of few channels,
+        # and every toolchain here runs int64 arithmetic on the CPU.
+        if len(spec.shape) > MAX_INPUT_RANK or spec.dtype not in ("float32", "float16"):
+            report.violations.append(f"{where}: input {spec.name} is {spec.dtype} {list(spec.shape)}; graph inputs "
+                                     f"must be float32 or float16 of at most {MAX_INPUT_RANK} dimensions (re-export it)")
+    if graph.kind != "qkv":
         k_sel = next((t for t in graph.inputs if t.name == "k_sel"), None)
-        if k_sel is None or k_sel.shape[2] != graph.budget:
+        if k_sel is None or k_sel.shape[1] != graph.budget:
             report.violations.append(f"{where}: k_sel does not hold the recorded budget of {graph.budget} tokens")
 
 
@@ -137,7 +145,7 @@ def _check_budgets(manifest: Manifest, profile: Profile, report: ValidationRepor
         for graph in manifest.variant(variant):
             if graph.seq_len != seq:
                 report.violations.append(f"{graph.file}: {graph.seq_len} tokens per call, the profile says {seq}")
-            if graph.kind != "embed" and graph.budget != profile.layer_budget(graph.layer, prefill):
+            if graph.kind != "qkv" and graph.budget != profile.layer_budget(graph.layer, prefill):
                 report.violations.append(f"{graph.file}: budget {graph.budget}, the profile gives layer "
                                          f"{graph.layer} {profile.layer_budget(graph.layer, prefill)}")
 

@@ -100,6 +100,15 @@ class WeightWriter:
         self.entries[name] = entry
         return entry
 
+    def add(self, name: str, array: np.ndarray) -> None:
+        """A tensor the host reads (no graph holds it), written once like the graphs' weights: when a graph
+        already wrote the same bytes under this name it is not written again."""
+        tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        data = tensor.raw_data
+        entry = self.entries.get(name) or self._append(name, tensor, data, _digest(data))
+        if entry.sha256 != _digest(data):
+            raise ValueError(f"two different tensors are both named {name}")
+
     def externalize(self, graph_model: onnx.ModelProto) -> None:
         """Rename large initializers to canonical names and point them at the shared files."""
         renames: dict[str, str] = {}

@@ -17,6 +17,7 @@ creation, and without them dequantizes the whole matrix at every call. QDQ artif
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
@@ -69,6 +70,10 @@ class OnnxruntimeBackend:
     providers: list[str]
     threads: int = 0  # 0: onnxruntime's default (one per core)
     fold_qdq_weights: bool = True  # QDQ graphs on the CPU provider: weights dequantized once (below)
+    # A vendor target's compiled form of each graph (edgekv/targets), opened instead of the artifact's own,
+    # and what adds the target's execution provider to each session's options.
+    graph_files: dict[str, Path] | None = None
+    configure: Callable[[ort.SessionOptions], None] | None = None
     sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
     values: dict[int, ort.OrtValue] = field(default_factory=dict)  # id(buffer) -> its OrtValue, one per buffer
 
@@ -95,10 +100,13 @@ class OnnxruntimeBackend:
             # The host works between every two graph calls; onnxruntime's worker threads would otherwise
             # spin after each call and take the cores from page selection and gathering.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            for name in graph.weights:
+            if self.configure is not None:
+                self.configure(options)
+            for name in graph.weights if self.graph_files is None else ():
                 options.add_initializer(name, self.weights[name])
-            found = self.sessions[graph.name] = ort.InferenceSession(
-                str(self.manifest.directory / graph.file), options, providers=self.providers)
+            path = self.manifest.directory / graph.file if self.graph_files is None else self.graph_files[graph.name]
+            found = self.sessions[graph.name] = ort.InferenceSession(str(path), options,
+                                                                     providers=self.providers or None)
         return found
 
     def _value(self, array: np.ndarray) -> ort.OrtValue:

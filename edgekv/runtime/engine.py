@@ -2,7 +2,8 @@
 
 A model of L layers runs as L+1 graph calls per step (S tokens at positions p..p+S-1):
 
-    graph  embed (or layer l-1's graph) -> q, k_new, v_new of layer l
+    host   the tokens' embeddings (embedding.py) and RoPE's cos/sin at p..p+S-1 (rope.py)
+    graph  qkv (or layer l-1's graph) -> q, k_new, v_new of layer l
     host   cache.append(l, k_new, v_new); cache.prepare(l, q)     (kv_cache.py: fill l's k_sel, v_sel, mask)
     graph  attention + MLP of layer l, and q/k/v of layer l+1 (or the LM head)
 
@@ -27,8 +28,10 @@ from edgekv.core.constants import KV_DTYPES, POLICIES
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import GraphEntry, Manifest, load_verified
 from edgekv.runtime.backend import BackendFactory, GraphBackend, OnnxruntimeBackend
+from edgekv.runtime.embedding import Embedding
 from edgekv.runtime.kv_cache import KVCache, LayerInputs, StaticCache
 from edgekv.runtime.paged_cache import PagedCache
+from edgekv.runtime.rope import Rope
 from edgekv.runtime.sampling import Sampler
 from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S, GenerationStats, HostTimers
 from edgekv.runtime.tiers import TieredPool
@@ -42,7 +45,8 @@ class BoundStep:
 
     graphs: list[GraphEntry]
     runs: list[Callable[[], None]]  # per graph: run it on its bound buffers
-    buffers: dict[str, np.ndarray]  # input_ids, position_ids, hidden0/1, q0/1, k_new, v_new, logits
+    # ids and positions (the host's), cos, sin, hidden0/1, q0/1, k_new, v_new, logits
+    buffers: dict[str, np.ndarray]
     layer_kv: list[LayerInputs]  # per layer graph: its k_sel, v_sel and mask (the cache's)
     inputs: list[dict[str, np.ndarray]]  # per graph: its input name -> the bound buffer
 
@@ -57,32 +61,35 @@ def _spec(graph: GraphEntry, name: str):
 
 def bind_step(backend: GraphBackend, graphs: list[GraphEntry], layer_kv: list[LayerInputs]) -> BoundStep:
     """Allocate the step's buffers and bind every graph of a variant to them (and to the cache's KV inputs).
-    Graph l writes hidden and q into buffers (l + 1) % 2, which graph l + 1 reads."""
+    The host writes the embedded rows into hidden0; graph i writes hidden and q into buffers i % 2, which
+    graph i + 1 reads."""
     def zeros(graph: GraphEntry, name: str) -> np.ndarray:
         spec = _spec(graph, name)
         return np.zeros(spec.shape, dtype=spec.dtype)
 
-    embed, head = graphs[0], graphs[-1]
-    buffers = {"input_ids": zeros(embed, "input_ids"), "position_ids": zeros(embed, "position_ids"),
-               "hidden0": zeros(embed, "hidden_out"), "hidden1": zeros(embed, "hidden_out"),
-               "q0": zeros(embed, "q_out"), "q1": zeros(embed, "q_out"),
-               "k_new": zeros(embed, "k_out"), "v_new": zeros(embed, "v_out"), "logits": zeros(head, "logits")}
+    qkv, head = graphs[0], graphs[-1]
+    seq = qkv.seq_len
+    buffers = {"ids": np.zeros(seq, np.int64), "positions": np.zeros(seq, np.int64),
+               "cos": zeros(qkv, "cos"), "sin": zeros(qkv, "sin"),
+               "hidden0": zeros(qkv, "hidden_in"), "hidden1": zeros(qkv, "hidden_in"),
+               "q0": zeros(qkv, "q_out"), "q1": zeros(qkv, "q_out"),
+               "k_new": zeros(qkv, "k_out"), "v_new": zeros(qkv, "v_out"), "logits": zeros(head, "logits")}
+    rope = {"cos": buffers["cos"], "sin": buffers["sin"]}
     runs, graph_inputs = [], []
     for index, graph in enumerate(graphs):
-        if graph.kind == "embed":
-            inputs = {"input_ids": buffers["input_ids"], "position_ids": buffers["position_ids"]}
+        out = index % 2
+        new_qkv = {"q_out": buffers[f"q{out}"], "k_out": buffers["k_new"], "v_out": buffers["v_new"]}
+        if graph.kind == "qkv":
+            inputs, outputs = {"hidden_in": buffers["hidden0"], **rope}, new_qkv
         else:
             layer = index - 1
-            inputs = dict(zip(("k_sel", "v_sel", "mask"), layer_kv[layer]))
-            inputs |= {"hidden_in": buffers[f"hidden{layer % 2}"], "q_in": buffers[f"q{layer % 2}"]}
+            inputs = {"hidden_in": buffers[f"hidden{layer % 2}"], "q_in": buffers[f"q{layer % 2}"],
+                      **dict(zip(("k_sel", "v_sel", "mask"), layer_kv[layer]))}
             if graph.kind == "layer":
-                inputs["position_ids"] = buffers["position_ids"]
-        if graph.kind == "head":
-            outputs = {"logits": buffers["logits"]}
-        else:
-            out = index % 2
-            outputs = {"hidden_out": buffers[f"hidden{out}"], "q_out": buffers[f"q{out}"],
-                       "k_out": buffers["k_new"], "v_out": buffers["v_new"]}
+                inputs |= rope
+                outputs = {"hidden_out": buffers[f"hidden{out}"], **new_qkv}
+            else:
+                outputs = {"logits": buffers["logits"]}
         runs.append(backend.bind(graph, inputs, outputs))
         graph_inputs.append(inputs)
     return BoundStep(graphs, runs, buffers, layer_kv, graph_inputs)
@@ -94,6 +101,8 @@ class Engine:
 
     manifest: Manifest
     policy: str
+    embedding: Embedding
+    rope: Rope
     backend: GraphBackend
     cache: KVCache
     prefill_step: BoundStep
@@ -138,18 +147,21 @@ class Engine:
         session_dir = make_session_dir(spill_dir)
         timers = HostTimers()
         if policy == "dense":
-            cache: KVCache = StaticCache(model["kv_heads"], model["head_dim"], model["max_context"], timers)
+            cache: KVCache = StaticCache(model["kv_heads"], model["head_dim"], model["max_context"], timers,
+                                         profile.mask_value)
         else:
             pool = TieredPool(model["layers"], model["kv_heads"], model["head_dim"], profile.page_size,
                               device_kv_bytes or profile.device_kv_bytes, host_kv_bytes or profile.host_kv_bytes,
                               session_dir / KV_SPILL_FILE, kv_dtype or profile.kv_dtype)
-            cache = PagedCache(policy, pool, [b // profile.page_size for b in layer_budgets], scale, timers)
+            cache = PagedCache(policy, pool, [b // profile.page_size for b in layer_budgets], scale, timers,
+                               mask_value=profile.mask_value)
         runner = backend(manifest, threads)
         steps = []
         for kind in ("prefill", "decode"):
             graphs = manifest.variant(f"{cache.family}-{kind}")
             steps.append(bind_step(runner, graphs, cache.inputs(graphs, decoding=kind == "decode")))
-        return cls(manifest, policy, runner, cache, *steps, session_dir, timers)
+        return cls(manifest, policy, Embedding.open(manifest), Rope.from_manifest(model), runner, cache, *steps,
+                   session_dir, timers)
 
     def reset(self) -> None:
         """Empty the KV cache (a new conversation); the graphs and their bound buffers stay."""
@@ -181,19 +193,21 @@ class Engine:
         seq, n, start = step.seq_len, len(tokens), len(self.tokens)
         pad = seq - n  # left padding: the last real token sits on the last row, the one the head returns
         b = step.buffers
-        b["position_ids"][0, :pad] = 0
-        b["position_ids"][0, pad:] = np.arange(start, start + n)
-        self.cache.begin(step is self.decode_step, start, b["position_ids"][0], pad)
+        b["positions"][:pad] = 0
+        b["positions"][pad:] = np.arange(start, start + n)
+        self.cache.begin(step is self.decode_step, start, b["positions"], pad)
         if start + n > self.manifest.model["max_context"] and not self.warned_context:
             warnings.warn(f"context passes the model's trained context of {self.manifest.model['max_context']} "
                           "tokens; quality may degrade", stacklevel=3)
             self.warned_context = True
-        b["input_ids"][0, :pad] = 0
-        b["input_ids"][0, pad:] = tokens
+        b["ids"][:pad] = 0
+        b["ids"][pad:] = tokens
+        self.embedding.lookup(b["ids"], b["hidden0"])
+        self.rope.fill(b["positions"], b["cos"], b["sin"])
         self._run(step, 0)
         for layer in range(len(step.layer_kv)):
-            self.cache.append(layer, b["k_new"][0, :, pad:], b["v_new"][0, :, pad:])
-            self.cache.prepare(layer, b[f"q{layer % 2}"][0, :, pad:])
+            self.cache.append(layer, b["k_new"][:, pad:], b["v_new"][:, pad:])
+            self.cache.prepare(layer, b[f"q{layer % 2}"][:, pad:])
             self._run(step, layer + 1)
         self.tokens.extend(tokens)
         return b["logits"][0, -1].copy()  # the buffer is overwritten by the next step

@@ -63,12 +63,13 @@ class KVCache(Protocol):
     def close(self) -> None: ...
 
 
-def fill_mask(mask: np.ndarray, positions: np.ndarray, length: int, row_positions: np.ndarray, pad: int) -> None:
+def fill_mask(mask: np.ndarray, positions: np.ndarray, length: int, row_positions: np.ndarray, pad: int,
+              mask_value: float) -> None:
     """Additive mask [S, B]: slot j is visible to row r iff it holds a token (position positions[j] below
-    `length`) at or before r's position; padding rows see nothing."""
+    `length`) at or before r's position; padding rows see nothing (mask_value: the profile's)."""
     visible = (positions[None, :] <= row_positions[:, None]) & (positions[None, :] < length)
-    mask[:] = np.where(visible, 0.0, MASK_VALUE)
-    mask[:pad] = MASK_VALUE
+    mask[:] = np.where(visible, 0.0, mask_value)
+    mask[:pad] = mask_value
 
 
 @dataclass
@@ -80,6 +81,7 @@ class StaticCache:
     head_dim: int
     capacity: int  # tokens: the dense graphs' budget (the model's trained context)
     timers: HostTimers
+    mask_value: float = MASK_VALUE
     family = "dense"
 
     def __post_init__(self) -> None:
@@ -90,10 +92,10 @@ class StaticCache:
         self.start = 0
 
     def inputs(self, graphs: list[GraphEntry], decoding: bool) -> list[LayerInputs]:
-        shape = (1, self.kv_heads, self.capacity, self.head_dim)
+        shape = (self.kv_heads, self.capacity, self.head_dim)
         while len(self.caches) < len(graphs) - 1:
             self.caches.append((np.zeros(shape, np.float32), np.zeros(shape, np.float32)))
-        self.masks[decoding] = np.zeros((1, 1, graphs[0].seq_len, self.capacity), np.float32)
+        self.masks[decoding] = np.zeros((graphs[0].seq_len, self.capacity), np.float32)
         return [(k, v, self.masks[decoding]) for k, v in self.caches]
 
     def begin(self, decoding: bool, start: int, row_positions: np.ndarray, pad: int) -> None:
@@ -103,20 +105,20 @@ class StaticCache:
                               "use --policy quest for longer contexts")
         started = time.perf_counter()
         self.start, self.length = start, start + n
-        fill_mask(self.masks[decoding][0, 0], self.slot_positions, start + n, row_positions, pad)
+        fill_mask(self.masks[decoding], self.slot_positions, start + n, row_positions, pad, self.mask_value)
         self.timers.gather_s += time.perf_counter() - started
 
     def append(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
         started = time.perf_counter()
         k_cache, v_cache = self.caches[layer]
-        k_cache[0, :, self.start:self.length], v_cache[0, :, self.start:self.length] = keys, values
+        k_cache[:, self.start:self.length], v_cache[:, self.start:self.length] = keys, values
         self.timers.gather_s += time.perf_counter() - started
 
     def prepare(self, layer: int, q: np.ndarray) -> None:
         """Nothing to choose: the graphs read the whole buffer."""
 
     def snapshot(self) -> KV:
-        return [(k[0, :, :self.length].copy(), v[0, :, :self.length].copy()) for k, v in self.caches]
+        return [(k[:, :self.length].copy(), v[:, :self.length].copy()) for k, v in self.caches]
 
     def restore(self, kv: KV) -> None:
         tokens = kv[0][0].shape[1]
@@ -124,7 +126,7 @@ class StaticCache:
             raise EdgekvError(f"the saved conversation has {tokens} tokens, more than the dense baseline's "
                               f"static {self.capacity}; load it with --policy quest")
         for (k_cache, v_cache), (keys, values) in zip(self.caches, kv):
-            k_cache[0, :, :tokens], v_cache[0, :, :tokens] = keys, values
+            k_cache[:, :tokens], v_cache[:, :tokens] = keys, values
         self.length = tokens
 
     def reset(self) -> None:

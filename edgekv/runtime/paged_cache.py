@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgekv.core.constants import MASK_VALUE
 from edgekv.core.manifest import GraphEntry
 from edgekv.runtime.budget import BudgetBuffer
 from edgekv.runtime.kernels.bounds import write_rows
@@ -93,6 +94,7 @@ class PagedCache:
     budget_scale: float  # the share of each prefill graph's budget that selection may fill
     timers: HostTimers
     reselect: Reselect | None = None
+    mask_value: float = MASK_VALUE
     family = "budget"
     layers: list[LayerPages] = field(init=False)
     buffers: dict[bool, list[tuple[int, BudgetBuffer, np.ndarray]]] = field(default_factory=dict)
@@ -122,7 +124,7 @@ class PagedCache:
                 masks[graph.budget] = np.zeros(spec["mask"].shape, np.float32)
             if decoding or graph.budget not in newest:
                 k, v = (np.zeros(spec[name].shape, np.float32) for name in ("k_sel", "v_sel"))
-                newest[graph.budget] = (BudgetBuffer.over(k[0], v[0], self.page_size), (k, v, masks[graph.budget]))
+                newest[graph.budget] = (BudgetBuffer.over(k, v, self.page_size), (k, v, masks[graph.budget]))
             buffer, bound = newest[graph.budget]
             entries.append((graph.budget, buffer, masks[graph.budget]))
             inputs.append(bound)
@@ -154,7 +156,8 @@ class PagedCache:
             buffer.clear()
         buffer.update(self.pool, layer, selection)
         if self.masked.get(budget) != limit:  # one fill serves every layer of that budget and page limit
-            fill_mask(mask[0, 0], buffer.positions(selection), pages.length, self.row_positions, self.pad)
+            fill_mask(mask, buffer.positions(selection), pages.length, self.row_positions, self.pad,
+                      self.mask_value)
             self.masked[budget] = limit
         self.timers.select_s += selected - started
         self.timers.gather_s += time.perf_counter() - selected

@@ -1,0 +1,37 @@
+"""The vendor targets by name: what `edgekv compile --target` compiles with, and what `--backend` runs on.
+
+A backend other than `cpu` runs the graphs its target compiled (`edgekv compile`); the host runtime
+(pages, selection, tiers) is the same for all.
+"""
+
+from __future__ import annotations
+
+from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import Manifest
+from edgekv.runtime.backend import BackendFactory, OnnxruntimeBackend
+from edgekv.targets import openvino, qnn
+
+COMPILERS = {qnn.NAME: qnn.compile_graph, openvino.NAME: openvino.compile_graph}
+BACKENDS: dict[str, BackendFactory] = {"cpu": OnnxruntimeBackend.open, qnn.NAME: qnn.open_backend,
+                                       openvino.NAME: openvino.OpenvinoBackend.open}
+
+
+def compiler(target: str):
+    if target not in COMPILERS:
+        raise EdgekvError(f"unknown target '{target}'; choose one of: {', '.join(COMPILERS)}")
+    return COMPILERS[target]
+
+
+def backend_name(name: str | None, manifest: Manifest) -> str:
+    """The named backend, or by default the profile's (runtime.backend) when the artifact was compiled for
+    it, else onnxruntime's CPU provider (`cpu`)."""
+    if name is None:
+        preferred = manifest.profile.backend
+        name = preferred if preferred in manifest.data.get("compiled", {}) else "cpu"
+    if name not in BACKENDS:
+        raise EdgekvError(f"unknown backend '{name}'; choose one of: {', '.join(BACKENDS)}")
+    return name
+
+
+def backend_for(name: str | None, manifest: Manifest) -> BackendFactory:
+    return BACKENDS[backend_name(name, manifest)]

@@ -1,0 +1,163 @@
+"""Vendor targets: `edgekv compile` with the toolchains that install from the registry (QNN's HTP simulator
+through onnxruntime-qnn, OpenVINO's CPU plugin), their backends against onnxruntime's CPU provider, and
+the errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import error_line, run_edgekv
+from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import load_verified
+from edgekv.runtime.engine import Engine
+from edgekv.targets.common import require
+from edgekv.targets.registry import BACKENDS
+
+PROMPT = list(np.random.default_rng(5).integers(3, 300, 90))  # a prefill chunk and a left-padded one
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_artifacts, tmp_path_factory):
+    """The tiny Llama artifact compiled for every target, through the CLI. QNN in float16: in float32 the
+    simulator fails to finalize the tiny model's 64-token graphs (QNN_COMMON_ERROR_MEM_ALLOC), not the
+    default model's (test_htp_runs_the_default_models_graphs_in_float32)."""
+    artifact = tmp_path_factory.mktemp("compiled") / "llama"
+    shutil.copytree(tiny_artifacts["llama"], artifact)
+    outputs = {}
+    for target, precision in (("openvino", "float32"), ("qnn-htp", "float16")):
+        result = run_edgekv("compile", str(artifact), "--target", target, "--precision", precision, check=True)
+        outputs[target] = result.stdout
+    return artifact, outputs
+
+
+def greedy_logits(artifact, backend: str) -> np.ndarray:
+    engine = Engine.open(artifact, "quest", backend=BACKENDS[backend])
+    try:
+        logits = [engine.prefill(PROMPT)]
+        for _ in range(STEPS):
+            logits.append(engine.decode(int(np.argmax(logits[-1]))))
+        return np.stack(logits)
+    finally:
+        engine.close()
+
+
+def test_compile_records_every_graph_with_its_placement(compiled):
+    artifact, outputs = compiled
+    manifest = load_verified(artifact)  # the compiled files' sha256 are in the manifest and hold
+    for target in ("openvino", "qnn-htp"):
+        record = manifest.data["compiled"][target]
+        assert set(record["graphs"]) == set(manifest.graphs)
+        for graph in record["graphs"].values():
+            assert graph["files"] and all(f in manifest.data["files"] for f in graph["files"])
+            assert not [key for key in graph["placement"] if key.endswith("@cpu")]  # everything on the device
+        assert f"compiled {len(manifest.graphs)} graphs for {target}" in outputs[target]
+
+
+@pytest.mark.parametrize("backend, tolerance", [("openvino", 1e-4), ("qnn-htp", 2e-2)])  # float32, float16
+def test_backend_gives_the_cpu_providers_tokens(compiled, backend, tolerance):
+    artifact, _ = compiled
+    cpu, other = greedy_logits(artifact, "cpu"), greedy_logits(artifact, backend)
+    assert (cpu.argmax(-1) == other.argmax(-1)).all()
+    assert np.abs(cpu - other).max() < tolerance
+
+
+def test_a_modified_compiled_file_is_refused_naming_compile(compiled, tmp_path):
+    artifact, _ = compiled
+    copy = tmp_path / "artifact"
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    victim = copy / manifest["compiled"]["openvino"]["graphs"]["qkv.s1"]["files"][1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    line = error_line(run_edgekv("generate", str(copy), "--prompt", "Hi", "--max-new-tokens", "1"))
+    assert "compiled/openvino/qkv.s1.bin: sha256 differs" in line and f"edgekv compile {copy} --target openvino" in line
+
+
+def test_a_backend_without_its_compile_names_the_command(tiny_artifacts):
+    line = error_line(run_edgekv("generate", str(tiny_artifacts["llama"]), "--prompt", "Hi", "--backend", "openvino"))
+    assert "no graphs compiled for openvino" in line and "--target openvino" in line
+
+
+def test_a_missing_toolchain_names_its_install_command():
+    with pytest.raises(EdgekvError, match=r"not installed; install it with `pip install 'edgekv\[x\]'`"):
+        require("edgekv_no_such_toolchain", "pip install 'edgekv[x]'")
+
+
+def test_an_unknown_target_lists_the_targets(tiny_artifacts):
+    result = run_edgekv("compile", str(tiny_artifacts["llama"]), "--target", "tpu")
+    assert result.returncode != 0 and "'qnn-htp', 'openvino'" in result.stderr
+
+
+@pytest.mark.parametrize("position", [8192, 16384, 32768])
+def test_htp_in_float16_rotates_long_positions_as_float32_does(default_artifact, position):
+    """RoPE's cos/sin come from the host: the HTP simulator running a graph in float16 keeps q and k at
+    long positions within 2e-2 of onnxruntime's float32 (in-graph RoPE was off by 6.7 at 5000)."""
+    import onnxruntime as ort
+
+    from edgekv.runtime.backend import OnnxruntimeBackend
+    from edgekv.runtime.rope import Rope
+    from edgekv.targets.qnn import add_htp
+
+    manifest = load_verified(default_artifact)
+    cpu = OnnxruntimeBackend.open(manifest)
+    rng = np.random.default_rng(position)
+    for name in ("qkv.s1", "layer05.s1.b512"):
+        graph = manifest.graphs[name]
+        feeds = {spec.name: rng.standard_normal(spec.shape).astype(np.float32) for spec in graph.inputs}
+        if "mask" in feeds:
+            feeds["mask"] = np.where(rng.random(feeds["mask"].shape) < 0.6, 0.0, -65504.0).astype(np.float32)
+        Rope.from_manifest(manifest.model).fill(np.array([position]), feeds["cos"], feeds["sin"])
+        options = ort.SessionOptions()
+        add_htp(options, manifest, "float16")
+        htp = ort.InferenceSession(str(default_artifact / graph.file), options)
+        names = ["q_out", "k_out"]
+        for want, got in zip(cpu.session(graph).run(names, feeds), htp.run(names, feeds)):
+            assert np.abs(want - got).max() < 2e-2, (name, position)
+
+
+FLOAT32_HTP_CHECK = """
+import sys
+import numpy as np
+import onnxruntime as ort
+from edgekv.core.manifest import load_verified
+from edgekv.runtime.backend import OnnxruntimeBackend
+from edgekv.targets.qnn import add_htp
+
+manifest = load_verified(sys.argv[1])
+cpu = OnnxruntimeBackend.open(manifest)
+rng = np.random.default_rng(0)
+for name in ("qkv.s64", "layer05.s1.b512", "head.s1.b512"):
+    graph = manifest.graphs[name]
+    feeds = {spec.name: rng.standard_normal(spec.shape).astype(np.float32) for spec in graph.inputs}
+    options = ort.SessionOptions()
+    add_htp(options, manifest, "float32")
+    htp = ort.InferenceSession(str(manifest.directory / graph.file), options)
+    print(name, max(float(np.abs(a - b).max()) for a, b in zip(cpu.session(graph).run(None, feeds), htp.run(None, feeds))))
+"""
+
+
+def test_htp_runs_the_default_models_graphs_in_float32(default_artifact):
+    """The float32 HTP simulator, whole graphs (no CPU fallback), against onnxruntime's CPU provider. In a
+    process of its own: the HTP keeps the first session's precision, and other tests run it in float16."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", FLOAT32_HTP_CHECK, str(default_artifact)], capture_output=True,
+                            text=True, check=True)
+    differences = dict(line.split() for line in result.stdout.splitlines() if line.startswith(("qkv", "layer", "head")))
+    assert len(differences) == 3 and all(float(d) < 1e-4 for d in differences.values()), differences
+
+
+def test_one_process_runs_one_htp_precision(default_artifact):
+    import onnxruntime as ort
+
+    from edgekv.targets.qnn import add_htp
+
+    manifest = load_verified(default_artifact)
+    add_htp(ort.SessionOptions(), manifest, "float16")
+    with pytest.raises(EdgekvError, match="already runs the QNN HTP in float16"):
+        add_htp(ort.SessionOptions(), manifest, "float32")
