@@ -122,18 +122,19 @@ def compile_command(directory: Path, target: str, precision: str) -> None:
             bar.update(task, description=f"compiling {name}", completed=i, total=n)
 
         compiled = compile_artifact(directory, target, compile_graph, precision, step)
-    table = Table(title=f"{directory} compiled for {target} ({next(iter(compiled.values())).device}, {precision})")
-    for column in ("graph", "operators on the accelerator", "on the CPU", "MiB"):
+    device = next(iter(compiled.values())).device
+    table = Table(title=f"{directory} compiled for {target} ({device}, {precision})")
+    for column in ("graph", f"operators on {device}", "falling back to the host CPU", "MiB"):
         table.add_column(column)
     for name, graph in compiled.items():
-        on_device = sum(n for key, n in graph.placement.items() if key.endswith("@accelerator"))
-        cpu = ", ".join(f"{op} x{n}" for op, n in graph.cpu_operators.items()) or "-"
+        on_device = sum(n for key, n in graph.placement.items() if key.endswith("@device"))
+        cpu = ", ".join(f"{op} x{n}" for op, n in graph.host_operators.items()) or "-"
         size = sum(f.stat().st_size for f in graph.files)
         table.add_row(name, str(on_device), cpu, f"{size / 2**20:.1f}")
     out.print(table)
-    fallbacks = {name for name, graph in compiled.items() if graph.cpu_operators}
+    fallbacks = {name for name, graph in compiled.items() if graph.host_operators}
     out.print(f"compiled {len(compiled)} graphs for {target}; "
-              + (f"{len(fallbacks)} run operators on the CPU" if fallbacks else "every operator on the accelerator"))
+              + (f"{len(fallbacks)} run operators on the host CPU" if fallbacks else f"every operator on {device}"))
 
 
 def print_summary(manifest, report) -> None:

@@ -21,12 +21,12 @@ from edgekv.core.manifest import COMPILED_SUBDIR, GraphEntry, Manifest, read_man
 @dataclass
 class CompiledGraph:
     files: list[Path]  # what the target runs, the first being the one it opens
-    placement: dict[str, int]  # "<operator>@accelerator" or "<operator>@cpu" -> how many
+    placement: dict[str, int]  # "<operator>@device" or "<operator>@host" -> how many
     device: str  # where it was compiled for
 
     @property
-    def cpu_operators(self) -> dict[str, int]:
-        return {key.split("@")[0]: n for key, n in self.placement.items() if key.endswith("@cpu")}
+    def host_operators(self) -> dict[str, int]:
+        return {key.split("@")[0]: n for key, n in self.placement.items() if key.endswith("@host")}
 
 
 def require(module: str, install: str):

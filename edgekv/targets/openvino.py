@@ -45,7 +45,7 @@ def compile_graph(manifest: Manifest, graph: GraphEntry, out_dir: Path, precisio
     operators = [op for op in model.get_ordered_ops() if op.get_type_name() not in ("Parameter", "Result", "Constant")]
     placement: dict[str, int] = {}
     for op in operators:
-        where = "accelerator" if op.get_friendly_name() in supported else "cpu"
+        where = "device" if op.get_friendly_name() in supported else "host"
         key = f"{op.get_type_name()}@{where}"
         placement[key] = placement.get(key, 0) + 1
     return CompiledGraph([xml, xml.with_suffix(".bin")], placement, target)

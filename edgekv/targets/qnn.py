@@ -10,6 +10,7 @@ points to the QNN context binary (.bin) holding the graph and its weights.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from edgekv.core.errors import EdgekvError
@@ -68,11 +69,13 @@ def compile_graph(manifest: Manifest, graph: GraphEntry, out_dir: Path, precisio
     except Exception as e:  # onnxruntime raises its own Fail/RuntimeException types
         raise EdgekvError(f"QNN HTP could not compile {graph.file}: {str(e).strip().splitlines()[0]}") from None
     files = [model_path] + sorted(p for p in out_dir.glob(f"{graph.name}_*.bin"))
-    nodes = onnx.load(str(manifest.directory / graph.file), load_external_data=False).graph.node
-    placement: dict[str, int] = {}
-    for node in nodes:
-        key = f"{node.op_type}@accelerator"
-        placement[key] = placement.get(key, 0) + 1
+    # What the HTP took is inside the EPContext nodes; any other node of the compiled model runs on the host.
+    compiled = onnx.load(str(model_path), load_external_data=False).graph.node
+    on_host = Counter(node.op_type for node in compiled if node.op_type != "EPContext")
+    source = Counter(node.op_type for node in onnx.load(str(manifest.directory / graph.file),
+                                                         load_external_data=False).graph.node)
+    placement = {f"{op}@device": n - on_host[op] for op, n in source.items() if n > on_host[op]}
+    placement |= {f"{op}@host": n for op, n in on_host.items()}
     profile = manifest.profile
     device = "HTP" if precision == "float32" else f"HTP v{profile.qnn_htp_arch} (SoC {profile.qnn_soc_model})"
     return CompiledGraph(files, placement, device)

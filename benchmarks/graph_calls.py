@@ -1,0 +1,70 @@
+"""Time per graph call on each backend an artifact was compiled for, through the engine's own seam.
+
+Usage: .venv/bin/python benchmarks/graph_calls.py [ARTIFACT] [--backends cpu,openvino,qnn-htp] [--runs 10]
+       [--json PATH]
+Each backend runs in a process of its own (QNN's HTP keeps one precision per process). Every graph is
+bound to buffers of random inputs once, as the engine binds them, then run `--runs` times after one
+warm-up run; prints the median milliseconds per call, and a decode step's worth (L+1 calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+
+GRAPHS = ("qkv.s1", "layer05.s1.b512", "head.s1.b512", "qkv.s64", "layer05.s64.b1024", "head.s64.b1024")
+
+
+def time_backend(artifact: str, backend: str, runs: int) -> dict[str, float]:
+    from edgekv.core.manifest import load_verified
+    from edgekv.targets.registry import BACKENDS
+
+    manifest = load_verified(artifact)
+    runner = BACKENDS[backend](manifest, 0)
+    rng = np.random.default_rng(0)
+    medians = {}
+    for name in GRAPHS:
+        graph = manifest.graphs[name]
+        inputs = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in graph.inputs}
+        outputs = {s.name: np.zeros(s.shape, s.dtype) for s in graph.outputs}
+        run = runner.bind(graph, inputs, outputs)
+        run()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        medians[name] = 1e3 * float(np.median(times))
+    return medians
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("artifact", nargs="?", default="artifacts/smollm2-135m-instruct-npu-small")
+    parser.add_argument("--backends", default="cpu,openvino,qnn-htp")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    spawn = multiprocessing.get_context("spawn")
+    results = {}
+    for backend in args.backends.split(","):
+        with spawn.Pool(1) as pool:
+            results[backend] = pool.apply(time_backend, (args.artifact, backend, args.runs))
+        print(f"{backend}: " + ", ".join(f"{g} {ms:.2f} ms" for g, ms in results[backend].items()), flush=True)
+    from edgekv.core.manifest import read_manifest
+
+    layers = read_manifest(args.artifact).model["layers"]  # a decode step: qkv, layers - 1 layer graphs, the head
+    for backend, ms in results.items():
+        step = ms["qkv.s1"] + (layers - 1) * ms["layer05.s1.b512"] + ms["head.s1.b512"]
+        print(f"{backend}: a decode step's graph calls about {step:.1f} ms")
+    if args.json:
+        args.json.write_text(json.dumps({"artifact": args.artifact, "runs": args.runs, "median_ms": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
