@@ -1,10 +1,15 @@
 """Time per graph call on each backend an artifact was compiled for, through the engine's own seam.
 
-Usage: .venv/bin/python benchmarks/graph_calls.py [ARTIFACT] [--backends cpu,openvino,qnn-htp] [--runs 10]
-       [--json PATH]
+Usage: .venv/bin/python benchmarks/graph_calls.py [ARTIFACT] [--backends cpu,openvino,qnn-htp,rknn]
+       [--runs 10] [--json PATH]
 Each backend runs in a process of its own (QNN's HTP keeps one precision per process). Every graph is
 bound to buffers of random inputs once, as the engine binds them, then run `--runs` times after one
 warm-up run; prints the median milliseconds per call, and a decode step's worth (L+1 calls).
+
+Then, for each target, the profile's device projection of a quest decode step (evaluation/projection.py)
+with that target's per-call overhead: a published figure where there is one (Hexagon: about 160 us per
+graph execute, chraac/llama.cpp#34), else the profile's. A projection, not a measurement; the host's
+selection and gathering are not in it (`edgekv bench` measures them).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+PUBLISHED_CALL_OVERHEAD_US = {"qnn-htp": 160.0}  # per graph execute on the device; others: the profile's
 GRAPHS = ("qkv.s1", "layer05.s1.b512", "head.s1.b512", "qkv.s64", "layer05.s64.b1024", "head.s64.b1024")
 
 
@@ -46,7 +52,7 @@ def time_backend(artifact: str, backend: str, runs: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("artifact", nargs="?", default="artifacts/smollm2-135m-instruct-npu-small")
-    parser.add_argument("--backends", default="cpu,openvino,qnn-htp")
+    parser.add_argument("--backends", default="cpu,openvino,qnn-htp,rknn")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -57,13 +63,25 @@ def main() -> None:
             results[backend] = pool.apply(time_backend, (args.artifact, backend, args.runs))
         print(f"{backend}: " + ", ".join(f"{g} {ms:.2f} ms" for g, ms in results[backend].items()), flush=True)
     from edgekv.core.manifest import read_manifest
+    from edgekv.evaluation.projection import project_decode
 
-    layers = read_manifest(args.artifact).model["layers"]  # a decode step: qkv, layers - 1 layer graphs, the head
+    manifest = read_manifest(args.artifact)
+    layers = manifest.model["layers"]  # a decode step: qkv, layers - 1 layer graphs, the head
+    steps = {}
     for backend, ms in results.items():
-        step = ms["qkv.s1"] + (layers - 1) * ms["layer05.s1.b512"] + ms["head.s1.b512"]
-        print(f"{backend}: a decode step's graph calls about {step:.1f} ms")
+        steps[backend] = ms["qkv.s1"] + (layers - 1) * ms["layer05.s1.b512"] + ms["head.s1.b512"]
+        print(f"{backend}: a decode step's graph calls {steps[backend]:.1f} ms here")
+    projections = {}
+    for backend in results:
+        overhead = PUBLISHED_CALL_OVERHEAD_US.get(backend, manifest.profile.call_overhead_us)
+        projections[backend] = {"call_overhead_us": overhead,
+                                **project_decode(manifest, "quest", 0.0, 0.0, overhead).to_dict()}
+        p = projections[backend]
+        print(f"{backend}: projected on {manifest.profile.name} at {overhead:g} us per call: {p['step_ms']:.1f} ms a "
+              f"step, {p['tok_s']:.1f} tok/s ({p['reading_speed_ratio']:.1f}x reading speed; a projection)")
     if args.json:
-        args.json.write_text(json.dumps({"artifact": args.artifact, "runs": args.runs, "median_ms": results}, indent=1))
+        args.json.write_text(json.dumps({"artifact": args.artifact, "runs": args.runs, "median_ms": results,
+                                         "decode_step_ms": steps, "projected": projections}, indent=1))
 
 
 if __name__ == "__main__":

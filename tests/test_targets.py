@@ -1,6 +1,6 @@
 """Vendor targets: `edgekv compile` with the toolchains that install from the registry (QNN's HTP simulator
-through onnxruntime-qnn, OpenVINO's CPU plugin), their backends against onnxruntime's CPU provider, and
-the errors."""
+through onnxruntime-qnn, OpenVINO's CPU plugin, rknn-toolkit2's simulator in its own environment, which
+scripts/setup.sh makes), their backends against onnxruntime's CPU provider, and the errors."""
 
 import json
 import shutil
@@ -13,7 +13,8 @@ from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import load_verified
 from edgekv.runtime.engine import Engine
 from edgekv.targets.common import require
-from edgekv.targets.registry import BACKENDS
+from edgekv.core import constants
+from edgekv.targets.registry import BACKENDS, COMPILERS
 
 PROMPT = list(np.random.default_rng(5).integers(3, 300, 90))  # a prefill chunk and a left-padded one
 STEPS = 6
@@ -27,7 +28,7 @@ def compiled(tiny_artifacts, tmp_path_factory):
     artifact = tmp_path_factory.mktemp("compiled") / "llama"
     shutil.copytree(tiny_artifacts["llama"], artifact)
     outputs = {}
-    for target, precision in (("openvino", "float32"), ("qnn-htp", "float16")):
+    for target, precision in (("openvino", "float32"), ("qnn-htp", "float16"), ("rknn-rk3588", "float16")):
         result = run_edgekv("compile", str(artifact), "--target", target, "--precision", precision, check=True)
         outputs[target] = result.stdout
     return artifact, outputs
@@ -47,16 +48,18 @@ def greedy_logits(artifact, backend: str) -> np.ndarray:
 def test_compile_records_every_graph_with_its_placement(compiled):
     artifact, outputs = compiled
     manifest = load_verified(artifact)  # the compiled files' sha256 are in the manifest and hold
-    for target in ("openvino", "qnn-htp"):
+    for target in ("openvino", "qnn-htp", "rknn-rk3588"):
         record = manifest.data["compiled"][target]
         assert set(record["graphs"]) == set(manifest.graphs)
         for graph in record["graphs"].values():
             assert graph["files"] and all(f in manifest.data["files"] for f in graph["files"])
-            assert not [key for key in graph["placement"] if key.endswith("@host")]  # everything on the device
+            assert graph["placement"]
+            if target != "rknn-rk3588":  # RKNN runs a Reshape of the attention output on the CPU
+                assert not [key for key in graph["placement"] if key.endswith("@host")]  # everything on the device
         assert f"compiled {len(manifest.graphs)} graphs for {target}" in outputs[target]
 
 
-@pytest.mark.parametrize("backend, tolerance", [("openvino", 1e-4), ("qnn-htp", 2e-2)])  # float32, float16
+@pytest.mark.parametrize("backend, tolerance", [("openvino", 1e-4), ("qnn-htp", 2e-2), ("rknn", 2e-2)])
 def test_backend_gives_the_cpu_providers_tokens(compiled, backend, tolerance):
     artifact, _ = compiled
     cpu, other = greedy_logits(artifact, "cpu"), greedy_logits(artifact, backend)
@@ -77,6 +80,45 @@ def test_a_modified_compiled_file_is_refused_naming_compile(compiled, tmp_path):
     assert "compiled/openvino/qkv.s1.bin: sha256 differs" in line and f"edgekv compile {copy} --target openvino" in line
 
 
+def test_rknn_refuses_float32_naming_float16(tiny_artifacts):
+    line = error_line(run_edgekv("compile", str(tiny_artifacts["llama"]), "--target", "rknn-rk3588",
+                                 "--precision", "float32"))
+    assert "float16 only" in line and "--precision float16" in line
+
+
+def test_rknn_without_its_environment_names_install_rknn(tiny_artifacts, tmp_path):
+    result = run_edgekv("compile", str(tiny_artifacts["llama"]), "--target", "rknn-rk3588",
+                        env={"EDGEKV_RKNN_PYTHON": str(tmp_path / "none" / "python")})
+    assert "rknn-toolkit2 toolchain is not installed" in error_line(result) and "edgekv install-rknn" in result.stderr
+
+
+@pytest.mark.parametrize("target", ["openvino", "qnn-htp", "rknn-rk3588"])
+def test_a_graph_the_toolchain_rejects_is_named_with_its_message(tiny_artifacts, tmp_path, target):
+    """A graph with an operator no toolchain has (a custom domain's): the error names the graph's file and
+    carries the toolchain's own message."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgekv.core.manifest import GraphEntry, TensorSpec
+    from edgekv.targets.registry import PRECISIONS, compiler
+
+    node = helper.make_node("NoSuchOp", ["x"], ["y"], domain="edgekv.test")
+    x, y = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in "xy")
+    model = helper.make_model(helper.make_graph([node], "bad", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgekv.test", 1)])
+    (tmp_path / "graphs").mkdir()
+    onnx.save(model, tmp_path / "graphs" / "bad.onnx")
+    manifest = load_verified(tiny_artifacts["llama"])
+    manifest = type(manifest)(tmp_path, manifest.data)
+    spec = TensorSpec("x", (1, 4), "float32")
+    graph = GraphEntry("bad", "graphs/bad.onnx", "layer", 0, 1, 0, (spec,), (TensorSpec("y", (1, 4), "float32"),), ())
+    with compiler(target) as compile_graph, pytest.raises(EdgekvError) as failure:
+        compile_graph(manifest, graph, tmp_path, PRECISIONS[target])
+    message = str(failure.value)
+    assert " could not " in message and "graphs/bad.onnx: " in message, message
+    assert len(message.split("graphs/bad.onnx: ", 1)[1]) > 10, message  # the toolchain's own words follow
+
+
 def test_a_backend_without_its_compile_names_the_command(tiny_artifacts):
     line = error_line(run_edgekv("generate", str(tiny_artifacts["llama"]), "--prompt", "Hi", "--backend", "openvino"))
     assert "no graphs compiled for openvino" in line and "--target openvino" in line
@@ -85,6 +127,12 @@ def test_a_backend_without_its_compile_names_the_command(tiny_artifacts):
 def test_a_missing_toolchain_names_its_install_command():
     with pytest.raises(EdgekvError, match=r"not installed; install it with `pip install 'edgekv\[x\]'`"):
         require("edgekv_no_such_toolchain", "pip install 'edgekv[x]'")
+
+
+def test_the_core_names_the_registrys_targets_and_backends():
+    # The core's names (profiles and CLI choices check against them) and the registry must not drift apart.
+    assert constants.TARGETS == tuple(COMPILERS)
+    assert constants.BACKENDS == tuple(BACKENDS)
 
 
 def test_an_unknown_target_lists_the_targets(tiny_artifacts):
@@ -117,6 +165,32 @@ def test_htp_in_float16_rotates_long_positions_as_float32_does(default_artifact,
         names = ["q_out", "k_out"]
         for want, got in zip(cpu.session(graph).run(names, feeds), htp.run(names, feeds)):
             assert np.abs(want - got).max() < 2e-2, (name, position)
+
+
+@pytest.mark.parametrize("position", [8192, 16384, 32768])
+def test_rknn_in_float16_rotates_long_positions_as_float32_does(default_artifact, position, tmp_path):
+    """The same on rknn-toolkit2's simulator (in-graph RoPE was off by 4.5 at position 5000)."""
+    from edgekv.runtime.backend import OnnxruntimeBackend
+    from edgekv.runtime.rope import Rope
+    from edgekv.targets.rknn import RknnBackend, Worker
+
+    manifest = load_verified(default_artifact)
+    cpu = OnnxruntimeBackend.open(manifest)
+    rknn = RknnBackend(manifest, Worker.start(), {}, tmp_path)
+    rng = np.random.default_rng(position)
+    try:
+        graph = manifest.graphs["qkv.s1"]
+        feeds = {spec.name: rng.standard_normal(spec.shape).astype(np.float32) for spec in graph.inputs}
+        Rope.from_manifest(manifest.model).fill(np.array([position]), feeds["cos"], feeds["sin"])
+        want = {spec.name: np.zeros(spec.shape, np.float32) for spec in graph.outputs}
+        got = {name: np.zeros_like(array) for name, array in want.items()}
+        cpu.bind(graph, feeds, want)()
+        rknn.files[graph.name] = [tmp_path / "unused.rknn"]  # a board loads it; the simulator builds the graph
+        rknn.bind(graph, feeds, got)()
+        for name in ("q_out", "k_out"):
+            assert np.abs(want[name] - got[name]).max() < 2e-2, (name, position)
+    finally:
+        rknn.close()
 
 
 FLOAT32_HTP_CHECK = """

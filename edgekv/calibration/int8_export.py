@@ -101,8 +101,6 @@ def quantize_artifact(float_dir: Path, out_dir: Path, weight_dtype: str = "int8"
     staging.rename(out_dir)
 
 
-
-
 def write_embedding(source: Manifest, weight_dtype: str, writer: WeightWriter) -> dict:
     """The host's embedding table in the quantized artifact, and its manifest record: the float32 rows for
     weight-only graphs; for QDQ graphs the 16-bit [H, V] matrix with a scale per entry, which the LM head

@@ -103,19 +103,22 @@ def validate(directory: Path, profile_spec: str | None) -> None:
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--target", required=True, type=click.Choice(list(TARGETS)),
               help="qnn-htp: QNN EPContext models for the Hexagon HTP (onnxruntime-qnn; its simulator here); "
-                   "openvino: OpenVINO IR for Intel NPUs (the CPU plugin here).")
-@click.option("--precision", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+                   "openvino: OpenVINO IR for Intel NPUs (the CPU plugin here); rknn-rk3588: .rknn models "
+                   "for the RK3588 NPU (rknn-toolkit2, in its own environment: `edgekv install-rknn`).")
+@click.option("--precision", type=click.Choice(["float32", "float16"]), default=None,
               help="What the device computes in: float16 is how NPUs run fastest (QNN: the profile's HTP "
-                   "architecture and SoC), float32 the exact reference.")
-def compile_command(directory: Path, target: str, precision: str) -> None:
+                   "architecture and SoC; RKNN: the only one), float32 the exact reference. "
+                   "Default: float16 for rknn-rk3588, float32 otherwise.")
+def compile_command(directory: Path, target: str, precision: str | None) -> None:
     """Compile every graph of an artifact with the vendor's toolchain; record the compiled files in the manifest."""
     from edgekv.targets.common import compile_artifact
-    from edgekv.targets.registry import compiler
+    from edgekv.targets.registry import PRECISIONS, compiler
 
-    compile_graph = compiler(target)
+    precision = precision or PRECISIONS[target]
     read_manifest(directory)  # a clear error for a directory that is no artifact, before the progress bar
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as bar:
+    with compiler(target) as compile_graph, Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task(f"compiling for {target}", total=None)
 
         def step(name: str, i: int, n: int) -> None:
@@ -160,3 +163,14 @@ def print_violations(report) -> None:
         console.print(f"  {violation}", highlight=False)
 
 
+@click.command("install-rknn")
+@click.option("--path", type=click.Path(path_type=Path), default=None,
+              help="Where to make the environment (default: ~/.cache/edgekv/rknn-toolkit2).")
+def install_rknn(path: Path | None) -> None:
+    """Make rknn-toolkit2's own Python environment (its pins cannot share edgekv's), from the package registry."""
+    from edgekv.targets import rknn
+
+    path = path or rknn.default_environment()
+    python = rknn.install_environment(path, console.print)
+    out.print(f"rknn-toolkit2 is installed in {path}"
+              + ("" if path == rknn.default_environment() else f"; set {rknn.PYTHON_VARIABLE}={python} to use it"))

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from edgekv.cli.artifacts import compile_command, export, profiles, validate
+from edgekv.cli.artifacts import compile_command, export, install_rknn, profiles, validate
 from edgekv.cli.common import console
 from edgekv.cli.measure import bench, calibrate, evaluate
 from edgekv.cli.run import chat, generate
@@ -20,7 +20,7 @@ def cli() -> None:
     """edgekv: unbounded-context LLMs on static-shape NPUs."""
 
 
-for command in (profiles, export, validate, compile_command, generate, chat, bench, calibrate, evaluate):
+for command in (profiles, export, validate, compile_command, install_rknn, generate, chat, bench, calibrate, evaluate):
     cli.add_command(command)
 
 

@@ -16,5 +16,5 @@ POLICIES = ("quest", "rerank", "streaming", "dense")
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # Where the graphs run (edgekv/targets): onnxruntime's CPU provider, or a vendor target's compiled graphs.
-BACKENDS = ("cpu", "qnn-htp", "openvino")
-TARGETS = ("qnn-htp", "openvino")  # what `edgekv compile --target` compiles for
+BACKENDS = ("cpu", "qnn-htp", "openvino", "rknn")
+TARGETS = ("qnn-htp", "openvino", "rknn-rk3588")  # what `edgekv compile --target` compiles for

@@ -2,15 +2,15 @@
 
 A profile is a TOML file with four tables ([kv], [graph], [runtime], [device]). The shipped ones live
 in `edgekv/device_profiles/`; a user passes a path to their own. Every key is checked, and required
-unless it has a default (kv.layer_budgets, graph.mask_value, device.qnn_*, runtime.backend): unknown keys, missing keys and bad values
-are errors that name the key and the expected form.
+unless it has a default (kv.layer_budgets, graph.mask_value, device.qnn_*, runtime.backend): unknown
+keys, missing keys and bad values are errors that name the key and the expected form.
 """
 
 from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -125,10 +125,7 @@ _SCHEMA: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
 }
 
 
-# Optional keys and their defaults (checked like the others when present).
-_OPTIONAL: dict[tuple[str, str], Any] = {("kv", "layer_budgets"): (), ("graph", "mask_value"): MASK_VALUE,
-                                         ("device", "qnn_htp_arch"): 75, ("device", "qnn_soc_model"): 57,
-                                         ("runtime", "backend"): "cpu"}
+# Optional keys (checked like the others when present; their defaults are the dataclass's).
 _SCHEMA_OPTIONAL: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
     ("kv", "layer_budgets"): (lambda v: isinstance(v, list) and len(v) > 0 and all(_positive_int(x) for x in v),
                               "a non-empty list of positive integers, one decode budget per layer"),
@@ -139,6 +136,10 @@ _SCHEMA_OPTIONAL: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
     ("device", "qnn_soc_model"): (_positive_int, "QNN's SoC model number, e.g. 57"),
     ("runtime", "backend"): (_one_of(BACKENDS), f"one of {list(BACKENDS)}"),
 }
+# (table, key) -> default, from the Profile dataclass, so a default is written once
+_OPTIONAL: dict[tuple[str, str], Any] = {
+    (table, f.name): f.default for f in fields(Profile) if f.default is not MISSING
+    for table, key in _SCHEMA_OPTIONAL if key == f.name}
 
 
 def _key_name(table: str, key: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,16 +137,22 @@ def run_agreement(artifact: Path, text: list[int], plan: EvalPlan, scored: int,
         dense = None
         runs = _runs(plan) if reference else [("dense", None)] + [r for r in _runs(plan) if r[0] != "dense"]
         for policy, budget in runs:
+            start = time.perf_counter()
             logits = forced_logits(artifact, policy, budget, tokens, scored, plan.kv_dtype, plan.backend)
+            seconds, reference_seconds = time.perf_counter() - start, None
             if reference is not None:
+                start = time.perf_counter()
                 against = forced_logits(reference, policy, budget, tokens, scored)
+                reference_seconds = time.perf_counter() - start
             else:
                 dense = logits if dense is None else dense
                 against = dense
             row = {"task": "agreement", "policy": policy, "budget": budget, "context": context, "scored_tokens": scored,
                    "reference": str(reference) if reference else "dense",
                    "top1_agreement": top1_agreement(logits, against), "mean_kl": mean_kl(logits, against),
-                   "perplexity": perplexity(logits, targets)}
+                   "perplexity": perplexity(logits, targets),
+                   # wall time of each run (open, prefill, decode): the backend's against the reference's (CPU)
+                   "seconds": round(seconds, 2), "reference_seconds": reference_seconds and round(reference_seconds, 2)}
             _log(f"  agreement {policy:<9} budget {budget or 'full':>5} context {context:>6}: top-1 "
                  f"{row['top1_agreement']:.3f}, KL {row['mean_kl']:.4f}, perplexity {row['perplexity']:.2f}")
             yield row

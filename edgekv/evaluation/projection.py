@@ -46,7 +46,8 @@ def weight_elements(manifest: Manifest) -> int:
 
 
 def project_decode(manifest: Manifest, policy: str, transfer_bytes_per_token: float,
-                   host_s_per_token: float) -> Projection:
+                   host_s_per_token: float, call_overhead_us: float | None = None) -> Projection:
+    """`call_overhead_us`: a target's own per-call figure instead of the profile's."""
     profile, model = manifest.profile, manifest.model
     graphs = manifest.variant("dense-decode" if policy == "dense" else "budget-decode")
     kv_tokens = sum(g.budget for g in graphs if g.kind != "qkv")  # over the layers
@@ -56,7 +57,7 @@ def project_decode(manifest: Manifest, policy: str, transfer_bytes_per_token: fl
     memory_ms = (weights + kv_bytes) / (profile.memory_bandwidth_gbps * 1e9) * 1e3
     compute_ms = ops / (profile.int8_tops * 1e12) * 1e3
     transfer_ms = transfer_bytes_per_token / (profile.host_link_gbps * 1e9) * 1e3
-    calls_ms = len(graphs) * profile.call_overhead_us / 1e3
+    calls_ms = len(graphs) * (profile.call_overhead_us if call_overhead_us is None else call_overhead_us) / 1e3
     host_ms = host_s_per_token * 1e3
     step_ms = max(memory_ms, compute_ms) + transfer_ms + calls_ms + host_ms
     tok_s = 1e3 / step_ms

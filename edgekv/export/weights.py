@@ -104,10 +104,14 @@ class WeightWriter:
         """A tensor the host reads (no graph holds it), written once like the graphs' weights: when a graph
         already wrote the same bytes under this name it is not written again."""
         tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
-        data = tensor.raw_data
-        entry = self.entries.get(name) or self._append(name, tensor, data, _digest(data))
-        if entry.sha256 != _digest(data):
+        self._entry(name, tensor, tensor.raw_data, _digest(tensor.raw_data))
+
+    def _entry(self, name: str, tensor: onnx.TensorProto, data: bytes, digest: str) -> WeightEntry:
+        """The stored entry of these bytes (of this sha256) under this name, written on first use."""
+        entry = self.entries.get(name) or self._append(name, tensor, data, digest)
+        if entry.sha256 != digest:  # one name must mean one tensor in every graph that uses it
             raise ValueError(f"two different tensors are both named {name}")
+        return entry
 
     def externalize(self, graph_model: onnx.ModelProto) -> None:
         """Rename large initializers to canonical names and point them at the shared files."""
@@ -118,9 +122,7 @@ class WeightWriter:
                 continue
             digest = _digest(data)
             name = self._canonical_name(tensor.name, digest)
-            entry = self.entries.get(name) or self._append(name, tensor, data, digest)
-            if entry.sha256 != digest:  # one name must mean one tensor in every graph that uses it
-                raise ValueError(f"two different tensors are both named {name}")
+            entry = self._entry(name, tensor, data, digest)
             renames[tensor.name] = name
             tensor.name = name
             for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):

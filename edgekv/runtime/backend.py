@@ -35,6 +35,10 @@ class GraphBackend(Protocol):
         """A call that runs `graph` on the current contents of `inputs` and writes `outputs` in place."""
         ...
 
+    def close(self) -> None:
+        """Release the sessions (and any toolchain process); no bound call runs after it."""
+        ...
+
 
 BackendFactory = Callable[[Manifest, int], GraphBackend]  # (manifest, threads) -> backend
 
@@ -123,3 +127,7 @@ class OnnxruntimeBackend:
         for name, array in outputs.items():
             binding.bind_ortvalue_output(name, self._value(array))
         return lambda: session.run_with_iobinding(binding)
+
+    def close(self) -> None:
+        self.sessions.clear()
+        self.values.clear()

@@ -280,8 +280,9 @@ class Engine:
         return tokens, stats
 
     def close(self) -> None:
-        """Remove the session directory and its spill file."""
+        """Remove the session directory and its spill file; release the backend."""
         self.cache.close()
+        self.backend.close()
         shutil.rmtree(self.session_dir, ignore_errors=True)
 
 

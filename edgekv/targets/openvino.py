@@ -8,7 +8,7 @@ precision (float32 by default: on CPUs with bfloat16 units the CPU plugin's defa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -57,22 +57,22 @@ class OpenvinoBackend:
     (OpenVINO tensors that share the numpy memory: bound once, no copies)."""
 
     manifest: Manifest
+    core: object  # openvino.Core
+    device: str
+    files: dict[str, list[Path]]  # graph name -> its compiled files, checked against the manifest
     threads: int = 0
-    core: object = None
-    device: str = "CPU"
-    requests: dict[str, object] = field(default_factory=dict)
 
     @classmethod
     def open(cls, manifest: Manifest, threads: int = 0) -> "OpenvinoBackend":
         ov = _openvino()
         core = ov.Core()
-        compiled_files(manifest, NAME)  # a clear error before anything runs when nothing was compiled
-        return cls(manifest, threads, core, device(core))
+        # A clear error before anything runs when nothing was compiled or a file changed.
+        return cls(manifest, core, device(core), compiled_files(manifest, NAME), threads)
 
     def bind(self, graph: GraphEntry, inputs: dict[str, np.ndarray],
              outputs: dict[str, np.ndarray]) -> Callable[[], None]:
         ov = _openvino()
-        xml = compiled_files(self.manifest, NAME)[graph.name][0]
+        xml = self.files[graph.name][0]
         precision = self.manifest.data["compiled"][NAME]["precision"]
         config = {"INFERENCE_PRECISION_HINT": "f32" if precision == "float32" else "f16"}
         if self.threads:
@@ -80,5 +80,7 @@ class OpenvinoBackend:
         request = self.core.compile_model(self.core.read_model(str(xml)), self.device, config).create_infer_request()
         for name, array in (inputs | outputs).items():
             request.set_tensor(name, ov.Tensor(array, shared_memory=True))
-        self.requests[graph.name] = request
-        return request.infer
+        return request.infer  # the bound method keeps the request alive
+
+    def close(self) -> None:
+        """Nothing to release here: each infer request lives as long as the engine's bound call."""
