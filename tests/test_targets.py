@@ -92,15 +92,17 @@ def test_rknn_without_its_environment_names_install_rknn(tiny_artifacts, tmp_pat
     assert "rknn-toolkit2 toolchain is not installed" in error_line(result) and "edgekv install-rknn" in result.stderr
 
 
-@pytest.mark.parametrize("target", ["openvino", "qnn-htp", "rknn-rk3588"])
-def test_a_graph_the_toolchain_rejects_is_named_with_its_message(tiny_artifacts, tmp_path, target):
+# float16 on the HTP: the suite's processes run it in float16 (one precision per process)
+@pytest.mark.parametrize("target, precision", [("openvino", "float32"), ("qnn-htp", "float16"),
+                                               ("rknn-rk3588", "float16")])
+def test_a_graph_the_toolchain_rejects_is_named_with_its_message(tiny_artifacts, tmp_path, target, precision):
     """A graph with an operator no toolchain has (a custom domain's): the error names the graph's file and
     carries the toolchain's own message."""
     import onnx
     from onnx import TensorProto, helper
 
     from edgekv.core.manifest import GraphEntry, TensorSpec
-    from edgekv.targets.registry import PRECISIONS, compiler
+    from edgekv.targets.registry import compiler
 
     node = helper.make_node("NoSuchOp", ["x"], ["y"], domain="edgekv.test")
     x, y = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in "xy")
@@ -113,7 +115,7 @@ def test_a_graph_the_toolchain_rejects_is_named_with_its_message(tiny_artifacts,
     spec = TensorSpec("x", (1, 4), "float32")
     graph = GraphEntry("bad", "graphs/bad.onnx", "layer", 0, 1, 0, (spec,), (TensorSpec("y", (1, 4), "float32"),), ())
     with compiler(target) as compile_graph, pytest.raises(EdgekvError) as failure:
-        compile_graph(manifest, graph, tmp_path, PRECISIONS[target])
+        compile_graph(manifest, graph, tmp_path, precision)
     message = str(failure.value)
     assert " could not " in message and "graphs/bad.onnx: " in message, message
     assert len(message.split("graphs/bad.onnx: ", 1)[1]) > 10, message  # the toolchain's own words follow
@@ -167,28 +169,31 @@ def test_htp_in_float16_rotates_long_positions_as_float32_does(default_artifact,
             assert np.abs(want - got).max() < 2e-2, (name, position)
 
 
-@pytest.mark.parametrize("position", [8192, 16384, 32768])
-def test_rknn_in_float16_rotates_long_positions_as_float32_does(default_artifact, position, tmp_path):
-    """The same on rknn-toolkit2's simulator (in-graph RoPE was off by 4.5 at position 5000)."""
+def test_rknn_in_float16_rotates_long_positions_as_float32_does(default_artifact, tmp_path):
+    """The same on rknn-toolkit2's simulator (in-graph RoPE was off by 4.5 at position 5000): one graph
+    build, run at each position."""
     from edgekv.runtime.backend import OnnxruntimeBackend
     from edgekv.runtime.rope import Rope
     from edgekv.targets.rknn import RknnBackend, Worker
 
     manifest = load_verified(default_artifact)
-    cpu = OnnxruntimeBackend.open(manifest)
-    rknn = RknnBackend(manifest, Worker.start(), {}, tmp_path)
-    rng = np.random.default_rng(position)
+    graph = manifest.graphs["qkv.s1"]
+    rng = np.random.default_rng(3)
+    feeds = {spec.name: rng.standard_normal(spec.shape).astype(np.float32) for spec in graph.inputs}
+    want = {spec.name: np.zeros(spec.shape, np.float32) for spec in graph.outputs}
+    got = {name: np.zeros_like(array) for name, array in want.items()}
+    cpu = OnnxruntimeBackend.open(manifest)  # kept: its sessions read the weights it holds
+    cpu_run = cpu.bind(graph, feeds, want)
+    # A board loads the .rknn file; the simulator builds the graph from its ONNX file.
+    rknn = RknnBackend(manifest, Worker.start(), {graph.name: [tmp_path / "unused.rknn"]}, tmp_path)
     try:
-        graph = manifest.graphs["qkv.s1"]
-        feeds = {spec.name: rng.standard_normal(spec.shape).astype(np.float32) for spec in graph.inputs}
-        Rope.from_manifest(manifest.model).fill(np.array([position]), feeds["cos"], feeds["sin"])
-        want = {spec.name: np.zeros(spec.shape, np.float32) for spec in graph.outputs}
-        got = {name: np.zeros_like(array) for name, array in want.items()}
-        cpu.bind(graph, feeds, want)()
-        rknn.files[graph.name] = [tmp_path / "unused.rknn"]  # a board loads it; the simulator builds the graph
-        rknn.bind(graph, feeds, got)()
-        for name in ("q_out", "k_out"):
-            assert np.abs(want[name] - got[name]).max() < 2e-2, (name, position)
+        rknn_run = rknn.bind(graph, feeds, got)
+        for position in (8192, 16384, 32768):
+            Rope.from_manifest(manifest.model).fill(np.array([position]), feeds["cos"], feeds["sin"])
+            cpu_run()
+            rknn_run()
+            for name in ("q_out", "k_out"):
+                assert np.abs(want[name] - got[name]).max() < 2e-2, (name, position)
     finally:
         rknn.close()
 

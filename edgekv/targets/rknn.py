@@ -89,18 +89,20 @@ class Worker:
 
     process: subprocess.Popen
     replies: object  # the read end of the reply pipe
-    log: Path
+    log: Path  # in the worker's own working directory, removed on close
 
     @classmethod
     def start(cls) -> "Worker":
         python = toolkit_python()
         read_fd, write_fd = os.pipe()
-        log = Path(tempfile.mkstemp(prefix="edgekv-rknn-", suffix=".log")[1])
+        # Its own working directory: the toolkit writes check*.onnx files into the current one at every build.
+        directory = Path(tempfile.mkdtemp(prefix="edgekv-rknn-"))
+        log = directory / "worker.log"
         with open(log, "wb") as log_file:
             # -I: the script's folder must not be on the path (this module's name would hide the toolkit's).
             process = subprocess.Popen([str(python), "-I", str(Path(__file__).with_name("rknn_worker.py")), str(write_fd)],
                                        stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT,
-                                       text=True, pass_fds=(write_fd,))
+                                       text=True, pass_fds=(write_fd,), cwd=directory)
         os.close(write_fd)
         return cls(process, os.fdopen(read_fd), log)
 
@@ -119,7 +121,7 @@ class Worker:
             self.process.stdin.close()
             self.process.wait(timeout=60)
         self.replies.close()
-        self.log.unlink(missing_ok=True)
+        shutil.rmtree(self.log.parent, ignore_errors=True)
 
 
 @contextmanager

@@ -52,7 +52,7 @@ def _build(onnx: str, platform: str):
     log during the build."""
     from rknn.api import RKNN
 
-    fd, name = tempfile.mkstemp(prefix="rknn-build-", suffix=".log")
+    fd, name = tempfile.mkstemp(prefix="rknn-build-", suffix=".log", dir=".")  # the worker's own directory
     saved = [os.dup(1), os.dup(2)]
     sys.stdout.flush()
     sys.stderr.flush()
