@@ -94,3 +94,26 @@ def test_the_static_cache_refuses_a_context_past_its_size(tiny_artifacts):
             engine.prefill([5] * 600)
     finally:
         engine.close()
+
+
+def test_a_bound_call_outlives_its_backend(tiny_artifacts):
+    """The sessions read weights the backend holds: a call bound on a backend nothing else keeps must still
+    compute what one on a kept backend does."""
+    import gc
+
+    from edgekv.core.manifest import load_verified
+
+    manifest = load_verified(tiny_artifacts["llama"])
+    graph = manifest.graphs[manifest.variant("budget-decode")[1].name]
+    rng = np.random.default_rng(0)
+    feeds = {spec.name: rng.standard_normal(spec.shape).astype(np.float32) for spec in graph.inputs}
+    want = {spec.name: np.zeros(spec.shape, np.float32) for spec in graph.outputs}
+    got = {name: np.zeros_like(array) for name, array in want.items()}
+    kept = OnnxruntimeBackend.open(manifest)
+    kept.bind(graph, feeds, want)()
+    run = OnnxruntimeBackend.open(manifest).bind(graph, feeds, got)
+    gc.collect()
+    _ = [np.ones(1 << 20) for _ in range(20)]  # reuse the memory a freed weight array would have held
+    run()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])

@@ -126,7 +126,11 @@ class OnnxruntimeBackend:
             binding.bind_ortvalue_input(name, self._value(array))
         for name, array in outputs.items():
             binding.bind_ortvalue_output(name, self._value(array))
-        return lambda: session.run_with_iobinding(binding)
+        def run(weights: dict[str, ort.OrtValue] = self.weights) -> None:
+            # The default argument keeps the weights the session reads alive with the call, even when
+            # nothing else holds the backend any more.
+            session.run_with_iobinding(binding)
+        return run
 
     def close(self) -> None:
         self.sessions.clear()
