@@ -34,18 +34,21 @@ def time_backend(artifact: str, backend: str, runs: int) -> dict[str, float]:
     runner = BACKENDS[backend](manifest, 0)
     rng = np.random.default_rng(0)
     medians = {}
-    for name in GRAPHS:
-        graph = manifest.graphs[name]
-        inputs = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in graph.inputs}
-        outputs = {s.name: np.zeros(s.shape, s.dtype) for s in graph.outputs}
-        run = runner.bind(graph, inputs, outputs)
-        run()
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
+    try:
+        for name in GRAPHS:
+            graph = manifest.graphs[name]
+            inputs = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in graph.inputs}
+            outputs = {s.name: np.zeros(s.shape, s.dtype) for s in graph.outputs}
+            run = runner.bind(graph, inputs, outputs)
             run()
-            times.append(time.perf_counter() - start)
-        medians[name] = 1e3 * float(np.median(times))
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            medians[name] = 1e3 * float(np.median(times))
+    finally:
+        runner.close()  # RKNN's worker process and its shared tensor files
     return medians
 
 

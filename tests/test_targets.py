@@ -182,8 +182,7 @@ def test_rknn_in_float16_rotates_long_positions_as_float32_does(default_artifact
     feeds = {spec.name: rng.standard_normal(spec.shape).astype(np.float32) for spec in graph.inputs}
     want = {spec.name: np.zeros(spec.shape, np.float32) for spec in graph.outputs}
     got = {name: np.zeros_like(array) for name, array in want.items()}
-    cpu = OnnxruntimeBackend.open(manifest)  # kept: its sessions read the weights it holds
-    cpu_run = cpu.bind(graph, feeds, want)
+    cpu_run = OnnxruntimeBackend.open(manifest).bind(graph, feeds, want)
     # A board loads the .rknn file; the simulator builds the graph from its ONNX file.
     rknn = RknnBackend(manifest, Worker.start(), {graph.name: [tmp_path / "unused.rknn"]}, tmp_path)
     try:

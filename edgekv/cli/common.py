@@ -51,7 +51,8 @@ def backend_option(command):
     """--backend, shared by the commands that run a model."""
     return click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
                         help="cpu: onnxruntime's CPU provider; qnn-htp, openvino, rknn: the graphs `edgekv compile` "
-                             "made for that target [default: the profile's runtime.backend if compiled, else cpu].")(command)
+                             "made for that target [default: the profile's runtime.backend if compiled, "
+                             "else cpu].")(command)
 
 
 def open_engine(directory: Path | None, policy: str, backend: str | None, **options):

@@ -54,7 +54,8 @@ def compile_artifact(artifact: Path, target: str, compile_graph: CompileGraph, p
                      step: Callable[[str, int, int], None] | None = None) -> dict[str, CompiledGraph]:
     """Compile every graph of the artifact with the target's toolchain into compiled/<target>/, to run in
     `precision` (float32 or float16), and record them in the manifest. A graph the toolchain rejects stops
-    the compile, naming the graph; the target's earlier compile, if any, stays as it was until every graph compiled (the new one is staged)."""
+    the compile, naming the graph; the target's earlier compile, if any, stays as it was until every graph
+    compiled (the new one is staged)."""
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     out_dir = artifact / COMPILED_SUBDIR / target

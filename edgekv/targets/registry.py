@@ -21,7 +21,8 @@ COMPILERS: dict[str, Callable[[], AbstractContextManager[CompileGraph]]] = {
     rknn.NAME: rknn.compiler}
 PRECISIONS = {qnn.NAME: "float32", openvino.NAME: "float32", rknn.NAME: "float16"}  # each target's default
 BACKENDS: dict[str, BackendFactory] = {"cpu": OnnxruntimeBackend.open, qnn.NAME: qnn.open_backend,
-                                       openvino.NAME: openvino.OpenvinoBackend.open, rknn.BACKEND: rknn.RknnBackend.open}
+                                       openvino.NAME: openvino.OpenvinoBackend.open,
+                                       rknn.BACKEND: rknn.RknnBackend.open}
 TARGET_OF = {qnn.NAME: qnn.NAME, openvino.NAME: openvino.NAME, rknn.BACKEND: rknn.NAME}  # backend -> its target
 
 

@@ -68,8 +68,8 @@ def install_environment(path: Path, say: Callable[[str], None]) -> Path:
         say(f"{TOOLKIT} is already installed")
         return python
     venv.create(path, with_pip=True, clear=True)
-    steps = [("the toolkit's dependencies", list(REQUIREMENTS), []), ("torch and rknn-toolkit2", list(NO_DEPS),
-                                                                      ["--no-deps"])]
+    steps = [("the toolkit's dependencies", list(REQUIREMENTS), []),
+             ("torch and rknn-toolkit2", list(NO_DEPS), ["--no-deps"])]
     for what, packages, flags in steps:
         say(f"installing {what} ...")
         result = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *flags, *packages],
@@ -100,9 +100,10 @@ class Worker:
         log = directory / "worker.log"
         with open(log, "wb") as log_file:
             # -I: the script's folder must not be on the path (this module's name would hide the toolkit's).
-            process = subprocess.Popen([str(python), "-I", str(Path(__file__).with_name("rknn_worker.py")), str(write_fd)],
-                                       stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT,
-                                       text=True, pass_fds=(write_fd,), cwd=directory)
+            script = Path(__file__).with_name("rknn_worker.py")
+            process = subprocess.Popen([str(python), "-I", str(script), str(write_fd)], stdin=subprocess.PIPE,
+                                       stdout=log_file, stderr=subprocess.STDOUT, text=True,
+                                       pass_fds=(write_fd,), cwd=directory)
         os.close(write_fd)
         return cls(process, os.fdopen(read_fd), log)
 
@@ -144,14 +145,13 @@ def compiler() -> Iterator[CompileGraph]:
         worker.close()
 
 
-def _shared(directory: Path, graph: str, specs, arrays: dict[str, np.ndarray]) -> tuple[list[dict], list[np.ndarray]]:
-    """A memory-mapped file per tensor (in graph order) and the host's view of each."""
+def _shared(directory: Path, graph: str, specs) -> tuple[list[dict], list[np.ndarray]]:
+    """A memory-mapped file per tensor spec (in graph order) and the host's view of each."""
     described, views = [], []
     for spec in specs:
         path = directory / f"{graph}.{spec.name}"
-        view = np.memmap(path, dtype=np.float32, mode="w+", shape=arrays[spec.name].shape)
-        described.append({"file": str(path), "dtype": "float32", "shape": list(view.shape)})
-        views.append(view)
+        views.append(np.memmap(path, dtype=spec.dtype, mode="w+", shape=tuple(spec.shape)))
+        described.append({"file": str(path), "dtype": spec.dtype, "shape": list(spec.shape)})
     return described, views
 
 
@@ -168,14 +168,15 @@ class RknnBackend:
     @classmethod
     def open(cls, manifest: Manifest, threads: int = 0) -> "RknnBackend":
         files = compiled_files(manifest, NAME)  # a clear error before the worker starts when nothing was compiled
+        worker = Worker.start()  # first: a missing toolchain then leaves no directory behind
         shm = Path("/dev/shm")
         directory = Path(tempfile.mkdtemp(prefix="edgekv-rknn-", dir=shm if shm.is_dir() else None))
-        return cls(manifest, Worker.start(), files, directory)
+        return cls(manifest, worker, files, directory)
 
     def bind(self, graph: GraphEntry, inputs: dict[str, np.ndarray],
              outputs: dict[str, np.ndarray]) -> Callable[[], None]:
-        in_specs, in_views = _shared(self.directory, graph.name, graph.inputs, inputs)
-        out_specs, out_views = _shared(self.directory, graph.name, graph.outputs, outputs)
+        in_specs, in_views = _shared(self.directory, graph.name, graph.inputs)
+        out_specs, out_views = _shared(self.directory, graph.name, graph.outputs)
         reply = self.worker.request(op="open", name=graph.name, onnx=str(self.manifest.directory / graph.file),
                                     rknn=str(self.files[graph.name][0]), platform=PLATFORM,
                                     inputs=in_specs, outputs=out_specs)
@@ -198,4 +199,3 @@ class RknnBackend:
     def close(self) -> None:
         self.worker.close()
         shutil.rmtree(self.directory, ignore_errors=True)
-

@@ -2,8 +2,9 @@
 numpy, onnx, onnxruntime and torch versions edgekv cannot share). It imports nothing of edgekv: only the
 standard library, numpy and rknn.
 
-Protocol: one JSON object per line on stdin, one reply per line on the pipe whose descriptor edgekv passes as the argument; the
-toolchain's own logging goes to stdout/stderr, which edgekv sends to a log file. Tensors never cross
+Protocol: one JSON object per line on stdin, one reply per line on the pipe whose descriptor edgekv
+passes as the argument; the toolchain's own logging goes to stdout/stderr, which edgekv sends to a log
+file. Tensors never cross
 the pipe: each bound graph's inputs and outputs are memory-mapped files both processes open.
 
 Requests: build (an ONNX graph into a .rknn file, with the placement of its operators), open (a graph
