@@ -23,7 +23,13 @@ from pathlib import Path
 import numpy as np
 
 PUBLISHED_CALL_OVERHEAD_US = {"qnn-htp": 160.0}  # per graph execute on the device; others: the profile's
-GRAPHS = ("qkv.s1", "layer05.s1.b512", "head.s1.b512", "qkv.s64", "layer05.s64.b1024", "head.s64.b1024")
+LAYER = 5  # the layer graph timed: its attention and MLP, and the next layer's q/k/v
+
+
+def timed_graphs(manifest) -> dict[str, list[str]]:
+    """Per budget variant, the qkv graph, one layer graph and the head: what a decode step is made of."""
+    return {variant: [graphs[0].name, graphs[1 + LAYER].name, graphs[-1].name]
+            for variant in ("budget-decode", "budget-prefill") for graphs in [manifest.variant(variant)]}
 
 
 def time_backend(artifact: str, backend: str, runs: int) -> dict[str, float]:
@@ -35,7 +41,7 @@ def time_backend(artifact: str, backend: str, runs: int) -> dict[str, float]:
     rng = np.random.default_rng(0)
     medians = {}
     try:
-        for name in GRAPHS:
+        for name in sum(timed_graphs(manifest).values(), []):
             graph = manifest.graphs[name]
             inputs = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in graph.inputs}
             outputs = {s.name: np.zeros(s.shape, s.dtype) for s in graph.outputs}
@@ -70,9 +76,10 @@ def main() -> None:
 
     manifest = read_manifest(args.artifact)
     layers = manifest.model["layers"]  # a decode step: qkv, layers - 1 layer graphs, the head
+    qkv, layer, head = timed_graphs(manifest)["budget-decode"]
     steps = {}
     for backend, ms in results.items():
-        steps[backend] = ms["qkv.s1"] + (layers - 1) * ms["layer05.s1.b512"] + ms["head.s1.b512"]
+        steps[backend] = ms[qkv] + (layers - 1) * ms[layer] + ms[head]
         print(f"{backend}: a decode step's graph calls {steps[backend]:.1f} ms here")
     projections = {}
     for backend in results:

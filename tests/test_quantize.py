@@ -179,3 +179,43 @@ def test_calibrated_ranges_are_widened_except_massive_ones():
     assert (lowest, highest) == (-3.0 * ACTIVATION_RANGE_MARGIN, 5.0 * ACTIVATION_RANGE_MARGIN)
     lowest, highest = (float(v) for v in widened.data["down_proj_input"].range_value)
     assert (lowest, highest) == (-10.0, MASSIVE_ACTIVATION_RANGE)  # a massive range keeps its resolution
+
+
+@pytest.fixture(scope="module")
+def tiny_float16(tiny_model_dirs, tmp_path_factory):
+    from edgekv.calibration.int8_export import export_for_profile
+
+    out = tmp_path_factory.mktemp("tiny-float16") / "llama-float16"
+    return export_for_profile(str(tiny_model_dirs["llama"]), "npu-small", out, progress=lambda _: None,
+                              quantize="float16").directory
+
+
+def test_float16_weights_are_half_the_bytes_and_the_embedding_is_the_heads(tiny_float16, tiny_artifacts):
+    manifest, float_manifest = load_verified(tiny_float16), load_verified(tiny_artifacts["llama"])
+    assert manifest.profile.weight_dtype == "float16" and validate_artifact(manifest).ok
+    assert {entry["dtype"] for entry in manifest.data["weights"].values()} == {"float16"}
+    assert weight_bytes(manifest) <= 0.51 * weight_bytes(float_manifest)
+    table = manifest.data["embedding"]["weight"]
+    head = next(e for e in manifest.graphs.values() if e.kind == "head")
+    assert table in head.weights  # the tied LM head multiplies the table the host looks rows up in
+    ids = np.arange(64, dtype=np.int64) * 5 % manifest.model["vocab"]
+    got, want = (np.zeros((64, manifest.model["hidden"]), np.float32) for _ in range(2))
+    Embedding.open(manifest).lookup(ids, got)
+    Embedding.open(float_manifest).lookup(ids, want)
+    assert np.array_equal(got, want.astype(np.float16).astype(np.float32))
+
+
+def test_float16_weights_give_the_float32_tokens(tiny_float16, tiny_artifacts):
+    prompt = list(range(3, 90))
+    logits = {}
+    for name, artifact in (("float16", tiny_float16), ("float32", tiny_artifacts["llama"])):
+        engine = Engine.open(artifact, "quest")
+        try:
+            steps = [engine.prefill(prompt)]
+            for _ in range(6):
+                steps.append(engine.decode(int(np.argmax(steps[-1]))))
+        finally:
+            engine.close()
+        logits[name] = np.stack(steps)
+    assert (logits["float16"].argmax(-1) == logits["float32"].argmax(-1)).all()
+    assert np.abs(logits["float16"] - logits["float32"]).max() < 1e-2 * np.abs(logits["float32"]).max()

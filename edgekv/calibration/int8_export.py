@@ -1,6 +1,6 @@
-"""What `edgekv export` runs: float32 graphs (export/exporter.py), and INT8 artifacts quantized from them:
-QDQ graphs calibrated on real activations for NPUs (quantize.py), or weight-only MatMulNBits graphs for
-CPUs (weight_only.py)."""
+"""What `edgekv export` runs: float32 graphs (export/exporter.py), and the artifacts converted from them:
+float16 weights (float16_weights.py), INT8 QDQ graphs calibrated on real activations for NPUs
+(quantize.py), or weight-only MatMulNBits graphs for CPUs (weight_only.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgekv.calibration.float16_weights import FLOAT16_SUFFIX, convert_float16_weights
 from edgekv.calibration.prompts import read_text_tokens
 from edgekv.calibration.quantize import CALIBRATION_TOKENS, QDQ_OPS, quantize_qdq, vocabulary_int16
 from edgekv.calibration.weight_only import WEIGHT_ONLY_OPS, quantize_weight_only
@@ -49,7 +50,9 @@ def export_for_profile(model_spec: str, profile_spec: str, out_dir: Path | None 
     out_dir = Path(out_dir) if out_dir else default_artifact_dir(loaded.source.name, profile.name, weight_dtype)
     float_dir = out_dir.with_name(out_dir.name + ".float32.partial")
     try:
-        write_float_artifact(loaded, profile, float_dir, step, head_weight_on_right=True)
+        # float16 weights keep the LM head on the embedding table itself (stored once); the quantizers
+        # need it as the right-hand operand.
+        write_float_artifact(loaded, profile, float_dir, step, head_weight_on_right=weight_dtype != "float16")
         del loaded  # calibration runs the float32 graphs; the torch model is no longer needed
         quantize_artifact(float_dir, out_dir, weight_dtype, calibration_text, progress)
     finally:
@@ -59,11 +62,11 @@ def export_for_profile(model_spec: str, profile_spec: str, out_dir: Path | None 
 
 def check_profile_allows(profile: Profile, weight_dtype: str) -> None:
     """The operators the quantized graphs add must be in the profile's list."""
-    needed = QDQ_OPS if weight_dtype == "int8" else WEIGHT_ONLY_OPS
+    needed = {"int8": QDQ_OPS, "int8-weight-only": WEIGHT_ONLY_OPS, "float16": ("Cast",)}[weight_dtype]
     missing = [op for op in needed if op not in profile.allowed_ops]
     if missing:
-        hint = ("export float32" if weight_dtype == "int8" else
-                "use a CPU profile such as `cpu`, or --quantize int8 for QDQ graphs")
+        hint = ("use a CPU profile such as `cpu`, or --quantize int8 for QDQ graphs"
+                if weight_dtype == "int8-weight-only" else "export float32")
         raise EdgekvError(f"profile {profile.name} does not allow {', '.join(missing)}, which {weight_dtype} graphs "
                           f"need; add them to its [graph] allowed_ops or {hint}")
 
@@ -85,6 +88,8 @@ def quantize_artifact(float_dir: Path, out_dir: Path, weight_dtype: str = "int8"
     writer = WeightWriter(staging / "graphs", None)
     if weight_dtype == "int8":
         graphs, quantization = quantize_qdq(source, float_dir, staging, writer, text_file, progress)
+    elif weight_dtype == "float16":
+        graphs, quantization = convert_float16_weights(source, float_dir, staging, writer, progress)
     else:
         graphs, quantization = quantize_weight_only(source, float_dir, staging, writer, progress)
     embedding = write_embedding(source, weight_dtype, writer)
@@ -102,11 +107,15 @@ def quantize_artifact(float_dir: Path, out_dir: Path, weight_dtype: str = "int8"
 
 
 def write_embedding(source: Manifest, weight_dtype: str, writer: WeightWriter) -> dict:
-    """The host's embedding table in the quantized artifact, and its manifest record: the float32 rows for
-    weight-only graphs; for QDQ graphs the 16-bit [H, V] matrix with a scale per entry, which the LM head
+    """The host's embedding table in the converted artifact, and its manifest record: the float32 rows for
+    weight-only graphs; float16 rows for float16 weights (the tied LM head's very tensor); for QDQ graphs the 16-bit [H, V] matrix with a scale per entry, which the LM head
     multiplies too when the embeddings are tied (the same name and bytes: stored once)."""
     record = source.data["embedding"]
     table = np.array(mapped_weight(source, record["weight"]))
+    if weight_dtype == "float16":
+        name = record["weight"] + FLOAT16_SUFFIX
+        writer.add(name, table.astype(np.float16))
+        return {**record, "weight": name}
     if weight_dtype != "int8":
         writer.add(record["weight"], table)
         return record

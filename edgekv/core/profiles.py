@@ -18,8 +18,9 @@ from typing import Any, Callable
 from edgekv.core.constants import BACKENDS, KV_DTYPES, MASK_VALUE
 from edgekv.core.errors import EdgekvError
 
-# int8: QDQ graphs calibrated on real activations (NPUs); int8-weight-only: onnxruntime's CPU MatMulNBits kernels
-SUPPORTED_WEIGHT_DTYPES = ("float32", "int8", "int8-weight-only")
+# float16: weights stored in float16, computed in float32 (what RKNN and the HTP hold); int8: QDQ graphs
+# calibrated on real activations (NPUs); int8-weight-only: onnxruntime's CPU MatMulNBits kernels
+SUPPORTED_WEIGHT_DTYPES = ("float32", "float16", "int8", "int8-weight-only")
 QUANTIZED_WEIGHT_DTYPES = tuple(d for d in SUPPORTED_WEIGHT_DTYPES if d != "float32")
 SUPPORTED_KV_DTYPES = KV_DTYPES  # how pages are stored in the host and disk tiers (runtime/page_format.py)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import importlib
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import COMPILED_SUBDIR, GraphEntry, Manifest, read_manifest, verify_files, write_manifest
@@ -44,6 +45,28 @@ def compiled_files(manifest: Manifest, target: str) -> dict[str, list[Path]]:
         raise EdgekvError(f"{manifest.directory} has no graphs compiled for {target}; run "
                           f"`edgekv compile {manifest.directory} --target {target}`")
     return {name: [manifest.directory / f for f in entry["files"]] for name, entry in record["graphs"].items()}
+
+
+@contextmanager
+def rewritten_graph(manifest: Manifest, graph: GraphEntry, tag: str,
+                    rewrite: Callable[["onnx.ModelProto", Path], object] | None) -> Iterator[tuple[Path, "onnx.ModelProto"]]:
+    """The graph's ONNX file for a toolchain, with its model: rewritten by rewrite(model, graph_dir) into a
+    file beside the original (its weights stay external, at paths relative to that directory) that is
+    removed afterwards; the original when rewrite is None."""
+    import onnx  # here: running a compiled artifact does not need onnx
+
+    original = manifest.directory / graph.file
+    model = onnx.load(str(original), load_external_data=False)
+    if rewrite is None:
+        yield original, model
+        return
+    rewrite(model, original.parent)
+    path = original.with_name(f".{original.stem}.{tag}.onnx")
+    onnx.save(model, str(path))
+    try:
+        yield path, model
+    finally:
+        path.unlink(missing_ok=True)
 
 
 CompileGraph = Callable[[Manifest, GraphEntry, Path, str], CompiledGraph]  # (manifest, graph, out_dir, precision)

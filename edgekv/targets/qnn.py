@@ -16,7 +16,7 @@ from pathlib import Path
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import GraphEntry, Manifest
 from edgekv.runtime.backend import OnnxruntimeBackend
-from edgekv.targets.common import CompiledGraph, compiled_files, require
+from edgekv.targets.common import CompiledGraph, compiled_files, require, rewritten_graph
 
 INSTALL = "pip install 'edgekv[qnn]'"
 NAME = "qnn-htp"
@@ -53,27 +53,32 @@ def add_htp(options, manifest: Manifest, precision: str) -> None:
 
 
 def compile_graph(manifest: Manifest, graph: GraphEntry, out_dir: Path, precision: str) -> CompiledGraph:
-    """The graph's EPContext model and context binary, every node placed on the HTP."""
-    import onnx  # here, not at the top: running a compiled artifact does not need it
+    """The graph's EPContext model and context binary, every node placed on the HTP. In float16 its
+    RMSNorms are rewritten first so that massive activations do not overflow them (float16_norm.py)."""
+    import onnx  # here, not at the top: running a compiled artifact does not need onnx
     import onnxruntime as ort
+
+    from edgekv.targets.float16_norm import rewrite_rms_norms
 
     options = ort.SessionOptions()
     add_htp(options, manifest, precision)
     model_path = out_dir / f"{graph.name}_ctx.onnx"
-    try:
-        # onnxruntime's own graph optimizations first, as a session does (the compiler's default skips them):
-        # without them QNN fails to finalize even the first q/k/v graph (QNN_COMMON_ERROR_MEM_ALLOC).
-        ort.ModelCompiler(options, str(manifest.directory / graph.file), embed_compiled_data_into_model=False,
-                          graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                          ).compile_to_file(str(model_path))
-    except Exception as e:  # onnxruntime raises its own Fail/RuntimeException types
-        raise EdgekvError(f"QNN HTP could not compile {graph.file}: {str(e).strip().splitlines()[0]}") from None
+    hidden = manifest.model["hidden"]
+    rewrite = (lambda model, _: rewrite_rms_norms(model, hidden)) if precision == "float16" else None
+    with rewritten_graph(manifest, graph, "float16-norm", rewrite) as (source_path, proto):
+        try:
+            # onnxruntime's own graph optimizations first, as a session does (the compiler's default skips
+            # them): without them QNN fails to finalize even the first q/k/v graph (QNN_COMMON_ERROR_MEM_ALLOC).
+            ort.ModelCompiler(options, str(source_path), embed_compiled_data_into_model=False,
+                              graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                              ).compile_to_file(str(model_path))
+        except Exception as e:  # onnxruntime raises its own Fail/RuntimeException types
+            raise EdgekvError(f"QNN HTP could not compile {graph.file}: {str(e).strip().splitlines()[0]}") from None
     files = [model_path] + sorted(p for p in out_dir.glob(f"{graph.name}_*.bin"))
     # What the HTP took is inside the EPContext nodes; any other node of the compiled model runs on the host.
     compiled = onnx.load(str(model_path), load_external_data=False).graph.node
     on_host = Counter(node.op_type for node in compiled if node.op_type != "EPContext")
-    source = Counter(node.op_type for node in onnx.load(str(manifest.directory / graph.file),
-                                                         load_external_data=False).graph.node)
+    source = Counter(node.op_type for node in proto.graph.node)
     placement = {f"{op}@device": n - on_host[op] for op, n in source.items() if n > on_host[op]}
     placement |= {f"{op}@host": n for op, n in on_host.items()}
     profile = manifest.profile

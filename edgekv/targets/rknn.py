@@ -24,7 +24,7 @@ import numpy as np
 
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import GraphEntry, Manifest
-from edgekv.targets.common import CompiledGraph, CompileGraph, compiled_files
+from edgekv.targets.common import CompiledGraph, CompileGraph, compiled_files, rewritten_graph
 
 NAME = "rknn-rk3588"
 BACKEND = "rknn"
@@ -125,6 +125,15 @@ class Worker:
         shutil.rmtree(self.log.parent, ignore_errors=True)
 
 
+def rknn_graph(manifest: Manifest, graph: GraphEntry):
+    """The graph as RKNN builds it: the output projection per head, so no Reshape runs on its CPU."""
+    from edgekv.targets.per_head_output import rewrite_output_projections
+
+    model = manifest.model
+    return rewritten_graph(manifest, graph, "per-head-output", lambda proto, base: rewrite_output_projections(
+        proto, base, model["q_heads"], model["head_dim"]))
+
+
 @contextmanager
 def compiler() -> Iterator[CompileGraph]:
     """A compile_graph that builds every graph in one toolchain process."""
@@ -135,8 +144,9 @@ def compiler() -> Iterator[CompileGraph]:
                 raise EdgekvError(f"RKNN runs non-quantized graphs in float16 only; run `edgekv compile "
                                   f"{manifest.directory} --target {NAME} --precision float16`")
             out = out_dir / f"{graph.name}.rknn"
-            reply = worker.request(op="build", onnx=str(manifest.directory / graph.file), rknn=str(out),
-                                   platform=PLATFORM)
+            with rknn_graph(manifest, graph) as (onnx_path, _):
+                reply = worker.request(op="build", onnx=str(onnx_path.resolve()), rknn=str(out.resolve()),
+                                       platform=PLATFORM)
             if not reply["ok"]:
                 raise EdgekvError(f"RKNN could not compile {graph.file}: {reply['error']}")
             return CompiledGraph([out], reply["placement"], f"{PLATFORM.upper()} NPU")
@@ -177,9 +187,10 @@ class RknnBackend:
              outputs: dict[str, np.ndarray]) -> Callable[[], None]:
         in_specs, in_views = _shared(self.directory, graph.name, graph.inputs)
         out_specs, out_views = _shared(self.directory, graph.name, graph.outputs)
-        reply = self.worker.request(op="open", name=graph.name, onnx=str(self.manifest.directory / graph.file),
-                                    rknn=str(self.files[graph.name][0]), platform=PLATFORM,
-                                    inputs=in_specs, outputs=out_specs)
+        with rknn_graph(self.manifest, graph) as (onnx_path, _):  # the simulator builds it from ONNX
+            reply = self.worker.request(op="open", name=graph.name, onnx=str(onnx_path.resolve()),
+                                        rknn=str(self.files[graph.name][0]), platform=PLATFORM,
+                                        inputs=in_specs, outputs=out_specs)
         if not reply["ok"]:
             raise EdgekvError(f"RKNN could not load {graph.name}: {reply['error']}")
         pairs_in = [(view, inputs[spec.name]) for view, spec in zip(in_views, graph.inputs)]
