@@ -9,7 +9,9 @@ their sha256 with every other file's, so a compiled file that no longer matches 
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +53,8 @@ def compiled_files(manifest: Manifest, target: str) -> dict[str, list[Path]]:
 def rewritten_graph(manifest: Manifest, graph: GraphEntry, tag: str,
                     rewrite: Callable[["onnx.ModelProto", Path], object] | None) -> Iterator[tuple[Path, "onnx.ModelProto"]]:
     """The graph's ONNX file for a toolchain, with its model: rewritten by rewrite(model, graph_dir) into a
-    file beside the original (its weights stay external, at paths relative to that directory) that is
-    removed afterwards; the original when rewrite is None."""
+    file of its own beside the original (its weights stay external, at paths relative to that directory)
+    that is removed afterwards; the original when rewrite is None."""
     import onnx  # here: running a compiled artifact does not need onnx
 
     original = manifest.directory / graph.file
@@ -61,9 +63,11 @@ def rewritten_graph(manifest: Manifest, graph: GraphEntry, tag: str,
         yield original, model
         return
     rewrite(model, original.parent)
-    path = original.with_name(f".{original.stem}.{tag}.onnx")
-    onnx.save(model, str(path))
+    handle, name = tempfile.mkstemp(prefix=f".{original.stem}.", suffix=f".{tag}.onnx", dir=original.parent)
+    os.close(handle)
+    path = Path(name)
     try:
+        onnx.save(model, name)
         yield path, model
     finally:
         path.unlink(missing_ok=True)

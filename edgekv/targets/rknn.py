@@ -18,7 +18,7 @@ import venv
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import numpy as np
 
@@ -125,7 +125,7 @@ class Worker:
         shutil.rmtree(self.log.parent, ignore_errors=True)
 
 
-def rknn_graph(manifest: Manifest, graph: GraphEntry):
+def rknn_graph(manifest: Manifest, graph: GraphEntry) -> ContextManager[tuple[Path, "onnx.ModelProto"]]:
     """The graph as RKNN builds it: the output projection per head, so no Reshape runs on its CPU."""
     from edgekv.targets.per_head_output import rewrite_output_projections
 
