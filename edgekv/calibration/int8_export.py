@@ -108,8 +108,9 @@ def quantize_artifact(float_dir: Path, out_dir: Path, weight_dtype: str = "int8"
 
 def write_embedding(source: Manifest, weight_dtype: str, writer: WeightWriter) -> dict:
     """The host's embedding table in the converted artifact, and its manifest record: the float32 rows for
-    weight-only graphs; float16 rows for float16 weights (the tied LM head's very tensor); for QDQ graphs the 16-bit [H, V] matrix with a scale per entry, which the LM head
-    multiplies too when the embeddings are tied (the same name and bytes: stored once)."""
+    weight-only graphs; float16 rows for float16 weights (the tied LM head's very tensor); for QDQ graphs
+    the 16-bit [H, V] matrix with a scale per entry, which the LM head multiplies too when the embeddings
+    are tied (the same name and bytes: stored once)."""
     record = source.data["embedding"]
     table = np.array(mapped_weight(source, record["weight"]))
     if weight_dtype == "float16":

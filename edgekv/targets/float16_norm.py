@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-FLOAT16_MAX = 65504.0
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 def row_divisor_scale(hidden: int) -> float:
@@ -57,7 +57,6 @@ def rewrite_rms_norms(model: onnx.ModelProto, hidden: int) -> int:
     k = row_divisor_scale(hidden)
     new_nodes: dict[int, list[onnx.NodeProto]] = {}  # index of a norm's Pow -> the nodes placed before it
     unused: set[str] = set()  # eps constants only the rewritten Adds read
-    count = 0
     for index, power in enumerate(graph.node):
         exponent = _constant(graph, power.input[1]) if power.op_type == "Pow" else None
         if exponent is None or exponent.size != 1 or float(exponent) != 2.0:
@@ -95,11 +94,10 @@ def rewrite_rms_norms(model: onnx.ModelProto, hidden: int) -> int:
         if len(consumers[eps_name]) == 1:
             unused.add(eps_name)
         mul.input[list(mul.input).index(x)] = f"{p}/y"
-        count += 1
     ordered = []
     for index, node in enumerate(graph.node):
         if not (node.op_type == "Constant" and node.output[0] in unused):
             ordered += new_nodes.get(index, []) + [node]
     del graph.node[:]
     graph.node.extend(ordered)
-    return count
+    return len(new_nodes)
