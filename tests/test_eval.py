@@ -76,14 +76,18 @@ def test_a_smaller_budget_masks_the_rest_and_is_exact_while_the_context_fits(tin
 def test_eval_end_to_end_on_a_tiny_model(tiny_artifacts, tmp_path):
     artifact = str(tiny_artifacts["llama"])
     result = run_edgekv("eval", artifact, "--task", "retrieve-number", "--contexts", "256", "--depths", "0.5",
-                        "--budgets", "48,512", "--policies", "quest,dense", "--json", str(tmp_path / "r.json"),
-                        "--plot", str(tmp_path / "r.png"))
+                        "--budgets", "48,512", "--policies", "quest,dense", "--positions", "absolute,clamped",
+                        "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     rows = report["rows"]
     assert report["complete"]
-    assert [(r["policy"], r["budget"]) for r in rows] == [("quest", 48), ("quest", 512), ("dense", None)]
+    assert [(r["policy"], r["budget"], r["positions"]) for r in rows] == [
+        ("quest", 48, "absolute"), ("quest", 48, "clamped"), ("quest", 512, "absolute"), ("quest", 512, "clamped"),
+        ("dense", None, "absolute")]
     assert all(len(r["answer"]) == 10 and isinstance(r["correct"], bool) for r in rows)
+    # 256 tokens are inside the tiny model's trained 512: the clamped scheme keeps every position
+    assert rows[0]["reply"] == rows[1]["reply"] and rows[2]["reply"] == rows[3]["reply"]
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
     text = tmp_path / "text.txt"
@@ -102,6 +106,8 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_artifacts, tmp_path):
     (["--task", "agreement", "--contexts", "300", "--text", "/nonexistent.txt"], "text file /nonexistent.txt does not exist"),
     (["--task", "passkey", "--depths", "0.5,2"], "--depths must lie between 0 and 1"),
     (["--task", "passkey", "--contexts", "9000"], "the dense baseline stops at 512 tokens"),
+    (["--task", "passkey", "--positions", "absolute,relative"],
+     "unknown position scheme 'relative' in --positions; choose from: absolute, clamped"),
 ])
 def test_eval_bad_input(tiny_artifacts, args, message):
     result = run_edgekv("eval", str(tiny_artifacts["llama"]), *args)

@@ -41,6 +41,7 @@ def test_user_profile_file_loads(tmp_path):
     ("decode_budget = 512", 'decode_budget = "512"', "key 'kv.decode_budget' must be a positive integer"),
     ('kv_dtype = "float32"', 'kv_dtype = "float13"', "key 'kv.kv_dtype' must be one of"),
     ("int8_tops = 6.0", "int8_tops = -1", "key 'device.int8_tops' must be a positive number"),
+    ("[runtime]", '[runtime]\npositions = "relative"', "key 'runtime.positions' must be one of"),
     ("[runtime]", "[runtim]", "unknown key 'runtim'"),
 ])
 def test_bad_profile_keys_are_named(tmp_path, old, new, message):

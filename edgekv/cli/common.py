@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from edgekv.core.constants import BACKENDS, DEFAULT_MODEL, POLICIES
+from edgekv.core.constants import BACKENDS, DEFAULT_MODEL, POLICIES, POSITION_SCHEMES
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import default_artifact_dir, read_manifest
 
@@ -71,6 +71,26 @@ def parse_policies(text: str) -> list[str]:
     if unknown:
         raise EdgekvError(f"unknown policy '{unknown[0]}' in --policies; choose from: {', '.join(POLICIES)}")
     return policies
+
+
+POSITIONS_HELP = ("Where the paged cache's keys sit for the queries: absolute (each at its own position) or clamped "
+                  "(pages past the trained context at one position inside it) [default: the profile's].")
+
+
+def positions_option(command):
+    """--positions, one scheme, for the commands that run one engine."""
+    return click.option("--positions", type=click.Choice(list(POSITION_SCHEMES)), default=None,
+                        help=POSITIONS_HELP)(command)
+
+
+def parse_positions(text: str | None, default: str) -> tuple[str, ...]:
+    """--positions of eval: known position schemes, comma-separated (none given: the profile's)."""
+    schemes = tuple(text.split(",")) if text else (default,)
+    unknown = [s for s in schemes if s not in POSITION_SCHEMES]
+    if unknown:
+        raise EdgekvError(f"unknown position scheme '{unknown[0]}' in --positions; choose from: "
+                          f"{', '.join(POSITION_SCHEMES)}")
+    return schemes
 
 
 def int_list(text: str, option: str) -> list[int]:

@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekv.cli.artifacts import print_violations
-from edgekv.cli.common import artifact_dir, backend_option, int_list, out, parse_policies
+from edgekv.cli.common import (POSITIONS_HELP, artifact_dir, backend_option, int_list, out, parse_policies,
+                               parse_positions, positions_option)
 from edgekv.core.constants import KV_DTYPES
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import load_verified, read_manifest
@@ -28,8 +29,9 @@ from edgekv.core.profiles import QUANTIZED_WEIGHT_DTYPES
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the rows as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="PNG of decode tokens/s against context, with human reading speed.")
+@positions_option
 @backend_option
-def bench(directory, contexts, policies, steps, kv_dtype, json_path, plot_path, backend) -> None:
+def bench(directory, contexts, policies, steps, kv_dtype, json_path, plot_path, positions, backend) -> None:
     """Decode and prefill speed per policy and context, measured here and projected on the profile's device."""
     import json
 
@@ -43,7 +45,8 @@ def bench(directory, contexts, policies, steps, kv_dtype, json_path, plot_path, 
     policy_names = parse_policies(policies)
     if steps < 1:
         raise EdgekvError("--steps must be at least 1")
-    rows = run_bench(artifact, policy_names, context_list, steps, kv_dtype, BACKENDS[backend])
+    positions = positions or manifest.profile.positions
+    rows = run_bench(artifact, policy_names, context_list, steps, kv_dtype, BACKENDS[backend], positions)
     device = manifest.profile.name
     table = Table(title=f"edgekv bench: {manifest.model['name']} on this machine ({backend} backend), and projected "
                         f"on {device}")
@@ -60,7 +63,8 @@ def bench(directory, contexts, policies, steps, kv_dtype, json_path, plot_path, 
     (out if out.is_terminal else Console(width=200)).print(table)
     if json_path:
         json_path.write_text(json.dumps({"artifact": str(artifact), "profile": device, "backend": backend, "steps": steps,
-                                         "kv_dtype": kv_dtype or manifest.profile.kv_dtype, "rows": rows}, indent=1))
+                                         "kv_dtype": kv_dtype or manifest.profile.kv_dtype, "positions": positions,
+                                         "rows": rows}, indent=1))
     if plot_path:
         plot_bench(rows, plot_path, f"{manifest.model['name']}, {device} budgets (dashed: projected on {device})")
 
@@ -155,9 +159,11 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="PNG of accuracy (or agreement) against budget.")
+@click.option("--positions", default=None,
+              help="Position schemes, comma-separated: absolute, clamped (as in generate) [default: the profile's].")
 @backend_option
 def evaluate(directory, task, contexts, depths, budgets, policies, text_file, scored_tokens, kv_dtype,
-             reference_dir, json_path, plot_path, backend) -> None:
+             reference_dir, json_path, plot_path, positions, backend) -> None:
     """Long-context accuracy per context, depth and budget; or agreement of each policy with dense."""
     from edgekv.evaluation.evaluate import (EvalPlan, plot_eval, record_rows, run_agreement, run_retrieval,
                                             self_written_text)
@@ -176,7 +182,7 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
         raise EdgekvError("--depths must lie between 0 and 1")
     plan = EvalPlan(int_list(contexts, "--contexts"), depth_list,
                     int_list(budgets, "--budgets") if budgets else [manifest.profile.decode_budget], policy_names,
-                    kv_dtype, BACKENDS[backend])
+                    kv_dtype, BACKENDS[backend], parse_positions(positions, manifest.profile.positions))
     header = {"artifact": str(artifact), "task": task, "kv_dtype": kv_dtype or manifest.profile.kv_dtype,
               "backend": backend}
     if "dense" in policy_names and max(plan.contexts) > manifest.model["max_context"]:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.common import POLICY_HELP, backend_option, console, open_engine, sampling_options
+from edgekv.cli.common import (POLICY_HELP, backend_option, console, open_engine, positions_option,
+                               sampling_options)
 from edgekv.core.constants import POLICIES
 from edgekv.core.errors import EdgekvError
 
@@ -23,10 +24,11 @@ from edgekv.core.errors import EdgekvError
 @click.option("--spill-dir", type=click.Path(path_type=Path), default=None,
               help="Where the session directory for spilled KV pages goes [default: system temp].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token_ids, stats.")
+@positions_option
 @backend_option
 @sampling_options
-def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops, spill_dir, as_json, backend,
-             temperature, top_k, top_p, repetition_penalty, seed) -> None:
+def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops, spill_dir, as_json, positions,
+             backend, temperature, top_k, top_p, repetition_penalty, seed) -> None:
     """Generate a reply through the static graphs with the paged KV cache."""
     import json
 
@@ -41,7 +43,7 @@ def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops,
         prompt = prompt_file.read_text()
     if not prompt.strip():
         raise EdgekvError("empty prompt: give some text with --prompt or --prompt-file")
-    engine = open_engine(directory, policy, backend, spill_dir=spill_dir)
+    engine = open_engine(directory, policy, backend, spill_dir=spill_dir, positions=positions)
     try:
         tokenizer = ArtifactTokenizer.load(engine.manifest)
         ids = tokenizer.encode(prompt) if raw else tokenizer.chat_prompt([{"role": "user", "content": prompt}])
@@ -76,10 +78,11 @@ def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops,
 @click.option("--spill-dir", type=click.Path(path_type=Path), default=None,
               help="Where the session directory for spilled KV pages goes [default: system temp].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per turn: reply and stats.")
+@positions_option
 @backend_option
 @sampling_options
-def chat(directory, system, policy, max_new_tokens, spill_dir, as_json, backend, temperature, top_k, top_p,
-         repetition_penalty, seed) -> None:
+def chat(directory, system, policy, max_new_tokens, spill_dir, as_json, positions, backend, temperature, top_k,
+         top_p, repetition_penalty, seed) -> None:
     """Talk to an exported model; the conversation keeps its KV cache from turn to turn, without limit.
 
     On a terminal: an interactive chat (/help lists the commands). Otherwise each input line is one
@@ -90,7 +93,7 @@ def chat(directory, system, policy, max_new_tokens, spill_dir, as_json, backend,
     from edgekv.runtime.sampling import SamplingConfig
     from edgekv.runtime.tokens import ArtifactTokenizer
 
-    engine = open_engine(directory, policy, backend, spill_dir=spill_dir)
+    engine = open_engine(directory, policy, backend, spill_dir=spill_dir, positions=positions)
     try:
         tokenizer = ArtifactTokenizer.load(engine.manifest)
         sampling = SamplingConfig.from_generation_defaults(

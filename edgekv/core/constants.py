@@ -12,6 +12,10 @@ KV_DTYPES = ("float32", "int8")
 # Selection policies of the paged cache, and `dense`, the static full-context cache of the classic design.
 POLICIES = ("quest", "rerank", "streaming", "dense")
 
+# Where the paged cache's keys sit for the step's queries (runtime/positions.py): each at its own position,
+# or the far pages clamped to one position inside the model's trained context.
+POSITION_SCHEMES = ("absolute", "clamped")
+
 # The model `edgekv export` uses when given none.
 DEFAULT_MODEL = "smollm2-135m-instruct"
 

@@ -2,7 +2,8 @@
 
 A profile is a TOML file with four tables ([kv], [graph], [runtime], [device]). The shipped ones live
 in `edgekv/device_profiles/`; a user passes a path to their own. Every key is checked, and required
-unless it has a default (kv.layer_budgets, graph.mask_value, device.qnn_*, runtime.backend): unknown
+unless it has a default (kv.layer_budgets, graph.mask_value, device.qnn_*, runtime.backend,
+runtime.positions): unknown
 keys, missing keys and bad values are errors that name the key and the expected form.
 """
 
@@ -15,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from edgekv.core.constants import BACKENDS, KV_DTYPES, MASK_VALUE
+from edgekv.core.constants import BACKENDS, KV_DTYPES, MASK_VALUE, POSITION_SCHEMES
 from edgekv.core.errors import EdgekvError
 
 # float16: weights stored in float16, computed in float32 (what RKNN and the HTP hold); int8: QDQ graphs
@@ -61,6 +62,8 @@ class Profile:
     qnn_soc_model: int = 57
     # [runtime] optional: the backend that runs the graphs when the artifact was compiled for it (else cpu)
     backend: str = "cpu"
+    # [runtime] optional: where the paged cache's keys sit for the queries (runtime/positions.py)
+    positions: str = "absolute"
 
     def layer_budget(self, layer: int, prefill: bool) -> int:
         """Static KV budget (tokens) of one layer's graph."""
@@ -136,6 +139,7 @@ _SCHEMA_OPTIONAL: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
     ("device", "qnn_htp_arch"): (_positive_int, "QNN's HTP architecture number, e.g. 75"),
     ("device", "qnn_soc_model"): (_positive_int, "QNN's SoC model number, e.g. 57"),
     ("runtime", "backend"): (_one_of(BACKENDS), f"one of {list(BACKENDS)}"),
+    ("runtime", "positions"): (_one_of(POSITION_SCHEMES), f"one of {list(POSITION_SCHEMES)}"),
 }
 # (table, key) -> default, from the Profile dataclass, so a default is written once
 _OPTIONAL: dict[tuple[str, str], Any] = {

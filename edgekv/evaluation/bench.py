@@ -55,8 +55,8 @@ def usable_context(context: int, policy: str, max_context: int) -> int | None:
 
 
 def measure_policy(artifact: str, policy: str, contexts: list[int], steps: int, kv_dtype: str | None = None,
-                   backend: BackendFactory = OnnxruntimeBackend.open) -> list[dict]:
-    engine = Engine.open(artifact, policy, kv_dtype=kv_dtype, backend=backend)
+                   backend: BackendFactory = OnnxruntimeBackend.open, positions: str | None = None) -> list[dict]:
+    engine = Engine.open(artifact, policy, kv_dtype=kv_dtype, positions=positions, backend=backend)
     rng = np.random.default_rng(0)
     rows = []
     try:
@@ -103,14 +103,14 @@ def measure_policy(artifact: str, policy: str, contexts: list[int], steps: int, 
 
 
 def run_bench(artifact: Path, policies: list[str], contexts: list[int], steps: int, kv_dtype: str | None = None,
-              backend: BackendFactory = OnnxruntimeBackend.open) -> list[dict]:
+              backend: BackendFactory = OnnxruntimeBackend.open, positions: str | None = None) -> list[dict]:
     """Every policy in a fresh child process, one after the other."""
     rows = []
     spawn = multiprocessing.get_context("spawn")
     for policy in policies:
         print(f"{policy}: contexts {', '.join(map(str, contexts))}", file=sys.stderr, flush=True)
         with spawn.Pool(1) as pool:
-            rows += pool.apply(measure_policy, (str(artifact), policy, contexts, steps, kv_dtype, backend))
+            rows += pool.apply(measure_policy, (str(artifact), policy, contexts, steps, kv_dtype, backend, positions))
     return rows
 
 

@@ -36,11 +36,14 @@ class EvalPlan:
     policies: list[str]
     kv_dtype: str | None = None  # how pages are stored in the host and disk tiers (default: the profile's)
     backend: BackendFactory = OnnxruntimeBackend.open  # what runs the artifact's graphs (a reference: the CPU)
+    positions: tuple[str, ...] = ("absolute",)  # the paged cache's position schemes (runtime/positions.py)
 
 
-def _runs(plan: EvalPlan) -> list[tuple[str, int | None]]:
-    """(policy, budget) pairs: every budget for the selecting policies, one run for dense."""
-    return [(p, None) if p == "dense" else (p, b) for p in plan.policies for b in (plan.budgets if p != "dense" else [0])]
+def _runs(plan: EvalPlan) -> list[tuple[str, int | None, str]]:
+    """(policy, budget, position scheme): every budget and scheme for the selecting policies, one run for
+    dense (absolute positions in its static cache)."""
+    return [("dense", None, "absolute") if p == "dense" else (p, b, s) for p in plan.policies
+            for b in (plan.budgets if p != "dense" else [0]) for s in (plan.positions if p != "dense" else ["absolute"])]
 
 
 def _log(text: str) -> None:
@@ -49,8 +52,9 @@ def _log(text: str) -> None:
 
 def run_retrieval(artifact: Path, task: str, plan: EvalPlan, seed: int = 0) -> Iterator[dict]:
     """One row per policy, budget, context and depth, as each is measured."""
-    for policy, budget in _runs(plan):
-        engine = Engine.open(artifact, policy, budget=budget, kv_dtype=plan.kv_dtype, backend=plan.backend)
+    for policy, budget, positions in _runs(plan):
+        engine = Engine.open(artifact, policy, budget=budget, kv_dtype=plan.kv_dtype, positions=positions,
+                             backend=plan.backend)
         try:
             tokenizer = ArtifactTokenizer.load(engine.manifest)
             for context in plan.contexts:
@@ -59,10 +63,11 @@ def run_retrieval(artifact: Path, task: str, plan: EvalPlan, seed: int = 0) -> I
                     prompt = task_prompt(task, tokenizer.encode, context, depth, seed + i)
                     reply = tokenizer.decode(list(engine.generate(prompt.tokens, ANSWER_TOKENS[task],
                                                                   Sampler(SamplingConfig()), eos_ids=set())))
-                    row = {"task": task, "policy": policy, "budget": budget, "context": len(prompt.tokens),
+                    row = {"task": task, "policy": policy, "positions": positions, "budget": budget,
+                           "context": len(prompt.tokens),
                            "requested_context": context, "depth": depth, "answer": prompt.answer,
                            "reply": reply, "correct": prompt.answer in reply}
-                    _log(f"  {task} {policy:<9} budget {budget or 'full':>5} context {len(prompt.tokens):>6} "
+                    _log(f"  {task} {policy:<9} {positions:<8} budget {budget or 'full':>5} context {len(prompt.tokens):>6} "
                          f"depth {depth:4.0%}: {'right' if row['correct'] else 'wrong'} {reply!r}")
                     yield row
         finally:
@@ -113,8 +118,9 @@ def teacher_forced_logits(engine: Engine, tokens: list[int], scored: int) -> np.
 
 
 def forced_logits(artifact: Path, policy: str, budget: int | None, tokens: list[int], scored: int,
-                  kv_dtype: str | None = None, backend: BackendFactory = OnnxruntimeBackend.open) -> np.ndarray:
-    engine = Engine.open(artifact, policy, budget=budget, kv_dtype=kv_dtype, backend=backend)
+                  kv_dtype: str | None = None, backend: BackendFactory = OnnxruntimeBackend.open,
+                  positions: str | None = None) -> np.ndarray:
+    engine = Engine.open(artifact, policy, budget=budget, kv_dtype=kv_dtype, positions=positions, backend=backend)
     try:
         return teacher_forced_logits(engine, tokens, scored)
     finally:
@@ -135,25 +141,26 @@ def run_agreement(artifact: Path, text: list[int], plan: EvalPlan, scored: int,
         tokens = text[:context]
         targets = np.array(tokens[len(tokens) - scored:])  # logits[i] predicts tokens[len - scored + i]
         dense = None
-        runs = _runs(plan) if reference else [("dense", None)] + [r for r in _runs(plan) if r[0] != "dense"]
-        for policy, budget in runs:
+        runs = _runs(plan) if reference else [("dense", None, "absolute")] + [r for r in _runs(plan) if r[0] != "dense"]
+        for policy, budget, positions in runs:
             start = time.perf_counter()
-            logits = forced_logits(artifact, policy, budget, tokens, scored, plan.kv_dtype, plan.backend)
+            logits = forced_logits(artifact, policy, budget, tokens, scored, plan.kv_dtype, plan.backend, positions)
             seconds, reference_seconds = time.perf_counter() - start, None
             if reference is not None:
                 start = time.perf_counter()
-                against = forced_logits(reference, policy, budget, tokens, scored)
+                against = forced_logits(reference, policy, budget, tokens, scored, positions=positions)
                 reference_seconds = time.perf_counter() - start
             else:
                 dense = logits if dense is None else dense
                 against = dense
-            row = {"task": "agreement", "policy": policy, "budget": budget, "context": context, "scored_tokens": scored,
+            row = {"task": "agreement", "policy": policy, "positions": positions, "budget": budget, "context": context,
+                   "scored_tokens": scored,
                    "reference": str(reference) if reference else "dense",
                    "top1_agreement": top1_agreement(logits, against), "mean_kl": mean_kl(logits, against),
                    "perplexity": perplexity(logits, targets),
                    # wall time of each run (open, prefill, decode): the backend's against the reference's (CPU)
                    "seconds": round(seconds, 2), "reference_seconds": reference_seconds and round(reference_seconds, 2)}
-            _log(f"  agreement {policy:<9} budget {budget or 'full':>5} context {context:>6}: top-1 "
+            _log(f"  agreement {policy:<9} {positions:<8} budget {budget or 'full':>5} context {context:>6}: top-1 "
                  f"{row['top1_agreement']:.3f}, KL {row['mean_kl']:.4f}, perplexity {row['perplexity']:.2f}")
             yield row
 
@@ -166,13 +173,14 @@ def plot_eval(rows: list[dict], path: Path, title: str) -> None:
 
     metric = "top1_agreement" if rows and rows[0]["task"] == "agreement" else "correct"
     fig, ax = plt.subplots(figsize=(8, 5))
-    for policy in dict.fromkeys(r["policy"] for r in rows):
+    for policy, positions in dict.fromkeys((r["policy"], r["positions"]) for r in rows):
         for context in dict.fromkeys(r.get("requested_context", r["context"]) for r in rows):
-            mine = [r for r in rows if r["policy"] == policy and r.get("requested_context", r["context"]) == context]
+            mine = [r for r in rows if (r["policy"], r["positions"]) == (policy, positions)
+                    and r.get("requested_context", r["context"]) == context]
             budgets = sorted({r["budget"] for r in mine if r["budget"] is not None})
             if budgets:
                 ys = [np.mean([float(r[metric]) for r in mine if r["budget"] == b]) for b in budgets]
-                ax.plot(budgets, ys, "o-", label=f"{policy}, {context} tokens")
+                ax.plot(budgets, ys, "o-", label=f"{policy} ({positions}), {context} tokens")
             else:  # dense: one level across the budgets
                 ax.axhline(np.mean([float(r[metric]) for r in mine]), linestyle="--", alpha=0.7,
                            label=f"dense, {context} tokens")

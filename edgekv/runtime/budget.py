@@ -15,6 +15,10 @@ Attention does not care about the order of its keys (they carry their positions 
 permuted layout is still exact. New middle pages take the lowest free slots, and the selection has the
 same number of middle pages for every head: middle slots 1..m are therefore the filled ones for every
 head and every layer of one budget, and one mask [S, B] serves them all.
+
+Under the clamped position scheme (positions.py) the far pages' keys are rotated in their slots to the
+far position (place_far); each slot-page records the position its keys were rotated to, so a resident
+far page is rotated again only when the far position moves.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgekv.runtime.kernels.pages import EMPTY, assign_slots
+from edgekv.runtime.positions import FarPages
+from edgekv.runtime.rope import Rope
 from edgekv.runtime.selection import Selection
 from edgekv.runtime.tiers import TieredPool
 
 FAR_FUTURE = np.iinfo(np.int64).max  # the position given to empty slots: never visible
+OWN_POSITIONS = -1  # a slot-page whose keys are at their own positions, as the pool stores them
 
 
 @dataclass
@@ -39,11 +46,14 @@ class BudgetBuffer:
     holds_sink: bool = False  # slot-page 0 holds the sink page (full, so it never changes)
     pages_k: np.ndarray = field(init=False)  # k and v as [kv_heads, B/page_size, page_size, head_dim]
     pages_v: np.ndarray = field(init=False)
+    # [kv_heads, B/page_size]: the position each slot-page's keys were rotated to, or OWN_POSITIONS
+    rotated_to: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         heads, budget, head_dim = self.k.shape
         self.pages_k = self.k.reshape(heads, budget // self.page_size, self.page_size, head_dim)
         self.pages_v = self.v.reshape(self.pages_k.shape)
+        self.rotated_to = np.full(self.pages_k.shape[:2], OWN_POSITIONS, np.int64)
 
     @classmethod
     def over(cls, k: np.ndarray, v: np.ndarray, page_size: int) -> "BudgetBuffer":
@@ -54,6 +64,7 @@ class BudgetBuffer:
         """Forget the resident pages (the cache they came from was replaced, or another layer comes next)."""
         self.table[:] = EMPTY
         self.holds_sink = False
+        self.rotated_to[:] = OWN_POSITIONS
 
     def update(self, pool: TieredPool, layer: int, selection: Selection) -> None:
         """Make the buffer hold `selection`: copy in the middle pages it does not hold yet, the sink once, and
@@ -74,6 +85,22 @@ class BudgetBuffer:
             self.holds_sink = True
         pages, page_heads, slots = (np.concatenate(part) for part in zip(*copies))
         pool.copy(layer, pages, page_heads, self.pages_k, self.pages_v, slots)
+        self.rotated_to[page_heads, slots] = OWN_POSITIONS
+
+    def place_far(self, far: FarPages, rope: Rope) -> None:
+        """Rotate the keys of the resident far pages (the sink and middle pages before far.pages) to
+        far.position, from their own positions or from an earlier far position."""
+        sink = np.full((self.table.shape[0], 1), 0 if self.holds_sink else EMPTY, np.int64)
+        held = np.concatenate([sink, self.table], axis=1)  # [kv_heads, slot-pages but the last]: page or EMPTY
+        heads, slots = np.nonzero((held != EMPTY) & (held < far.pages)
+                                  & (self.rotated_to[:, :held.shape[1]] != far.position))
+        if len(heads) == 0:
+            return
+        own = held[heads, slots][:, None] * self.page_size + np.arange(self.page_size)
+        before = self.rotated_to[heads, slots][:, None]
+        shifts = far.position - np.where(before == OWN_POSITIONS, own, before)
+        self.pages_k[heads, slots] = rope.rotate(self.pages_k[heads, slots], shifts)
+        self.rotated_to[heads, slots] = far.position
 
     def positions(self, selection: Selection) -> np.ndarray:
         """Position of the token in each slot [B] while the buffer holds `selection`; middle pages, wholly in

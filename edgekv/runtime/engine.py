@@ -15,7 +15,6 @@ allocated once and bound once: a step only writes into them and runs.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,20 +23,19 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from edgekv.core.constants import KV_DTYPES, POLICIES
+from edgekv.core.constants import KV_DTYPES, POLICIES, POSITION_SCHEMES
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import GraphEntry, Manifest, load_verified
 from edgekv.runtime.backend import BackendFactory, GraphBackend, OnnxruntimeBackend
 from edgekv.runtime.embedding import Embedding
+from edgekv.runtime.host_arena import KV_SPILL_FILE, make_session_dir
 from edgekv.runtime.kv_cache import KVCache, LayerInputs, StaticCache
 from edgekv.runtime.paged_cache import PagedCache
+from edgekv.runtime.positions import ClampedPositions
 from edgekv.runtime.rope import Rope
 from edgekv.runtime.sampling import Sampler
 from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S, GenerationStats, HostTimers
 from edgekv.runtime.tiers import TieredPool
-
-KV_SPILL_FILE = "kv-spill.bin"
-
 
 @dataclass
 class BoundStep:
@@ -109,6 +107,7 @@ class Engine:
     decode_step: BoundStep
     session_dir: Path
     timers: HostTimers
+    positions: str = "absolute"  # the position scheme (positions.py); the static cache's are absolute
     tokens: list[int] = field(default_factory=list)  # tokens whose K/V are in the cache
     warned_context: bool = False
     # Called with each graph and its bound inputs just before it runs (INT8 calibration records them).
@@ -118,19 +117,24 @@ class Engine:
     def open(cls, artifact: Path | str, policy: str = "quest", spill_dir: Path | str | None = None,
              threads: int = 0, host_kv_bytes: int | None = None, device_kv_bytes: int | None = None,
              budget: int | None = None, layer_budgets: list[int] | None = None,
-             kv_dtype: str | None = None, backend: BackendFactory = OnnxruntimeBackend.open) -> "Engine":
+             kv_dtype: str | None = None, positions: str | None = None,
+             backend: BackendFactory = OnnxruntimeBackend.open) -> "Engine":
         """`budget`: a decode budget (tokens) up to the graphs' own, for evaluating smaller budgets: every
         layer's budget scales with it (the dense layers keep their factor, prefill its ratio) and the
         graph's unused KV slots are masked, which computes exactly what a smaller graph would.
         `layer_budgets`: instead, one decode budget per layer, each up to its graph's (calibration).
         `kv_dtype`: how pages are stored in the host and disk tiers, instead of the profile's.
+        `positions`: the position scheme of the paged cache (positions.py), instead of the profile's.
         `backend`: makes the backend that runs the graphs (onnxruntime by default)."""
         if policy not in POLICIES:
             raise EdgekvError(f"unknown policy '{policy}'; choose one of: {', '.join(POLICIES)}")
         if kv_dtype is not None and kv_dtype not in KV_DTYPES:
             raise EdgekvError(f"unknown KV dtype '{kv_dtype}'; choose one of: {', '.join(KV_DTYPES)}")
+        if positions is not None and positions not in POSITION_SCHEMES:
+            raise EdgekvError(f"unknown position scheme '{positions}'; choose one of: {', '.join(POSITION_SCHEMES)}")
         manifest = load_verified(artifact)
         profile, model = manifest.profile, manifest.model
+        positions = positions or profile.positions
         # The smallest budget whose scaled prefill budget still holds a chunk's pages and the sink.
         smallest = -(-(profile.prefill_chunk + 2 * profile.page_size) * profile.decode_budget // profile.prefill_budget)
         if budget is not None and not smallest <= budget <= profile.decode_budget:
@@ -146,6 +150,7 @@ class Engine:
                               f"graph's budget ({graph_budgets})")
         session_dir = make_session_dir(spill_dir)
         timers = HostTimers()
+        rope = Rope.from_manifest(model)
         if policy == "dense":
             cache: KVCache = StaticCache(model["kv_heads"], model["head_dim"], model["max_context"], timers,
                                          profile.mask_value)
@@ -153,15 +158,17 @@ class Engine:
             pool = TieredPool(model["layers"], model["kv_heads"], model["head_dim"], profile.page_size,
                               device_kv_bytes or profile.device_kv_bytes, host_kv_bytes or profile.host_kv_bytes,
                               session_dir / KV_SPILL_FILE, kv_dtype or profile.kv_dtype)
+            clamped = (ClampedPositions.for_model(model["max_context"], profile.prefill_chunk)
+                       if positions == "clamped" else None)
             cache = PagedCache(policy, pool, [b // profile.page_size for b in layer_budgets], scale, timers,
-                               mask_value=profile.mask_value)
+                               mask_value=profile.mask_value, clamped=clamped, rope=rope)
         runner = backend(manifest, threads)
         steps = []
         for kind in ("prefill", "decode"):
             graphs = manifest.variant(f"{cache.family}-{kind}")
             steps.append(bind_step(runner, graphs, cache.inputs(graphs, decoding=kind == "decode")))
-        return cls(manifest, policy, Embedding.open(manifest), Rope.from_manifest(model), runner, cache, *steps,
-                   session_dir, timers)
+        return cls(manifest, policy, Embedding.open(manifest), rope, runner, cache, *steps, session_dir, timers,
+                   positions="absolute" if policy == "dense" else positions)
 
     def reset(self) -> None:
         """Empty the KV cache (a new conversation); the graphs and their bound buffers stay."""
@@ -196,7 +203,7 @@ class Engine:
         b["positions"][:pad] = 0
         b["positions"][pad:] = np.arange(start, start + n)
         self.cache.begin(step is self.decode_step, start, b["positions"], pad)
-        if start + n > self.manifest.model["max_context"] and not self.warned_context:
+        if start + n > self.manifest.model["max_context"] and self.positions == "absolute" and not self.warned_context:
             warnings.warn(f"context passes the model's trained context of {self.manifest.model['max_context']} "
                           "tokens; quality may degrade", stacklevel=3)
             self.warned_context = True
@@ -285,13 +292,3 @@ class Engine:
         self.backend.close()
         shutil.rmtree(self.session_dir, ignore_errors=True)
 
-
-def make_session_dir(spill_dir: Path | str | None) -> Path:
-    """A fresh directory for the session's spill file, under spill_dir (default: the system temp dir)."""
-    parent = Path(spill_dir) if spill_dir else Path(tempfile.gettempdir())
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix="edgekv-session-", dir=parent))
-    except OSError as e:
-        raise EdgekvError(f"cannot write the spill directory {parent} ({e.strerror}); pass a writable "
-                          "--spill-dir") from None

@@ -6,11 +6,15 @@ RAM and the spill file hold the same records, so spilling a page and reading it 
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from edgekv.core.errors import EdgekvError
 from edgekv.runtime.page_format import PageFormat
+
+KV_SPILL_FILE = "kv-spill.bin"  # in a session's directory (make_session_dir)
 
 
 class HostArena:
@@ -77,3 +81,14 @@ class SpillFile:
     def close(self) -> None:
         self.array = None
         self.path.unlink(missing_ok=True)
+
+
+def make_session_dir(spill_dir: Path | str | None) -> Path:
+    """A fresh directory for the session's spill file, under spill_dir (default: the system temp dir)."""
+    parent = Path(spill_dir) if spill_dir else Path(tempfile.gettempdir())
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="edgekv-session-", dir=parent))
+    except OSError as e:
+        raise EdgekvError(f"cannot write the spill directory {parent} ({e.strerror}); pass a writable "
+                          "--spill-dir") from None

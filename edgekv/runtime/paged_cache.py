@@ -22,24 +22,29 @@ import numpy as np
 from edgekv.core.constants import MASK_VALUE
 from edgekv.core.manifest import GraphEntry
 from edgekv.runtime.budget import BudgetBuffer
-from edgekv.runtime.kernels.bounds import write_rows
+from edgekv.runtime.kernels.bounds import widen_bounds, write_rows
 from edgekv.runtime.kv_cache import KV, CacheUsage, LayerInputs, fill_mask
 from edgekv.runtime.page_bounds import PageBounds
-from edgekv.runtime.selection import Selection, select_pages
+from edgekv.runtime.positions import ClampedPositions, FarPages
+from edgekv.runtime.rope import Rope
+from edgekv.runtime.selection import FarView, Selection, select_pages
 from edgekv.runtime.stats import HostTimers
 from edgekv.runtime.tiers import LayerKeys, TieredPool
 
 
 class LayerPages:
     """One layer's handle on the pool: how many tokens it holds, their pages' bounds, and its writes and
-    reads. Page i holds the tokens at positions i*page_size .. (i+1)*page_size-1."""
+    reads. Page i holds the tokens at positions i*page_size .. (i+1)*page_size-1. Given a Rope (the
+    clamped position scheme), it also keeps the bounds of the keys before RoPE (`unrotated`)."""
 
-    def __init__(self, layer: int, pool: TieredPool):
+    def __init__(self, layer: int, pool: TieredPool, rope: Rope | None = None):
         self.layer = layer
         self.pool = pool
         self.page_size = pool.page_size
         self.length = 0  # tokens stored
         self.metadata = PageBounds(pool.kv_heads, pool.head_dim)
+        self.rope = rope
+        self.unrotated = PageBounds(pool.kv_heads, pool.head_dim) if rope is not None else None
 
     @property
     def n_pages(self) -> int:
@@ -48,6 +53,8 @@ class LayerPages:
     def append(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Append n tokens: keys and values [kv_heads, n, head_dim], post-RoPE."""
         n, p = keys.shape[1], self.page_size
+        if self.unrotated is not None:
+            unrotated = self.rope.rotate(keys, -np.arange(self.length, self.length + n))
         written = 0
         while written < n:
             page, offset = divmod(self.length, p)
@@ -58,9 +65,15 @@ class LayerPages:
             page_k, page_v = self.pool.writable(self.layer, page)
             write_rows(page_k, page_v, offset, keys[:, written:written + take], values[:, written:written + take],
                        self.metadata.open)
+            if self.unrotated is not None:
+                if offset == 0:
+                    self.unrotated.add_page(page)
+                widen_bounds(self.unrotated.open, offset, unrotated[:, written:written + take])
             if offset + take == p:
                 self.pool.seal(self.layer, page)
                 self.metadata.seal(page)
+                if self.unrotated is not None:
+                    self.unrotated.seal(page)
             self.length += take
             written += take
 
@@ -81,6 +94,24 @@ class LayerPages:
         return keys, values
 
 
+@dataclass
+class FarKeys:
+    """A layer's keys as a step's queries see them under the clamped scheme: the far pages' rotated from
+    their own positions to the far position (rerank reads them)."""
+
+    keys: LayerKeys
+    far: FarPages
+    rope: Rope
+
+    def read(self, pages: np.ndarray) -> np.ndarray:
+        keys = self.keys.read(pages)
+        page_size = keys.shape[2]
+        heads, columns = np.nonzero(pages < self.far.pages)
+        own = pages[heads, columns][:, None] * page_size + np.arange(page_size)
+        keys[heads, columns] = self.rope.rotate(keys[heads, columns], self.far.position - own)
+        return keys
+
+
 # Called with a layer's selection (and its layer, query rows and pages) to replace it by another of the
 # same size (benchmarks/selection_oracle.py ranks the pages by their true attention through it).
 Reselect = Callable[[int, np.ndarray, LayerPages, Selection], Selection]
@@ -95,6 +126,8 @@ class PagedCache:
     timers: HostTimers
     reselect: Reselect | None = None
     mask_value: float = MASK_VALUE
+    clamped: ClampedPositions | None = None  # the clamped position scheme (positions.py); None: absolute
+    rope: Rope | None = None  # the model's RoPE, which the clamped scheme rotates keys with
     family = "budget"
     layers: list[LayerPages] = field(init=False)
     buffers: dict[bool, list[tuple[int, BudgetBuffer, np.ndarray]]] = field(default_factory=dict)
@@ -104,9 +137,14 @@ class PagedCache:
     pad: int = field(init=False, default=0)
     first_new: int = field(init=False, default=0)
     masked: dict[int, int] = field(init=False, default_factory=dict)  # budget -> the page limit its mask holds
+    far: FarPages | None = field(init=False, default=None)  # the step's far pages (clamped scheme)
 
     def __post_init__(self) -> None:
-        self.layers = [LayerPages(layer, self.pool) for layer in range(self.pool.table.layers)]
+        self.layers = self._new_layers()
+
+    def _new_layers(self) -> list[LayerPages]:
+        rope = self.rope if self.clamped is not None else None
+        return [LayerPages(layer, self.pool, rope) for layer in range(self.pool.table.layers)]
 
     @property
     def page_size(self) -> int:
@@ -135,6 +173,7 @@ class PagedCache:
         self.decoding, self.row_positions, self.pad = decoding, row_positions, pad
         self.first_new = start // self.page_size
         self.masked = {}
+        self.far = self.clamped.far(start, self.page_size) if self.clamped is not None else None
 
     def append(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
         started = time.perf_counter()
@@ -147,14 +186,20 @@ class PagedCache:
         pages = self.layers[layer]
         limit = self.decode_pages[layer] if self.decoding else int(budget * self.budget_scale) // self.page_size
         keys = LayerKeys(self.pool, layer) if self.policy == "rerank" else None
+        far = None
+        if self.far is not None:
+            far = FarView(self.far.pages, self.rope.rotate(q, -self.far.position), pages.unrotated.full,
+                          FarKeys(keys, self.far, self.rope) if keys is not None else None)
         selection = select_pages(self.policy, q, pages.bounds(), pages.n_pages, self.first_new, limit, keys,
-                                 self.row_positions[self.pad:])
+                                 self.row_positions[self.pad:], far)
         if self.reselect is not None:
             selection = self.reselect(layer, q, pages, selection)
         selected = time.perf_counter()
         if not self.decoding:  # the buffer held the previous layer's pages
             buffer.clear()
         buffer.update(self.pool, layer, selection)
+        if self.far is not None:
+            buffer.place_far(self.far, self.rope)
         if self.masked.get(budget) != limit:  # one fill serves every layer of that budget and page limit
             fill_mask(mask, buffer.positions(selection), pages.length, self.row_positions, self.pad,
                       self.mask_value)
@@ -173,7 +218,7 @@ class PagedCache:
     def reset(self) -> None:
         self.pool.close()
         self.pool = self.pool.fresh()
-        self.layers = [LayerPages(layer, self.pool) for layer in range(len(self.layers))]
+        self.layers = self._new_layers()
         for _, buffer, _ in self.buffers.get(True, []):
             buffer.clear()
 

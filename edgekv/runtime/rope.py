@@ -29,3 +29,16 @@ class Rope:
         cos[:, :half] = np.cos(angles) * self.attention_scaling
         sin[:, :half] = np.sin(angles) * self.attention_scaling
         cos[:, half:], sin[:, half:] = cos[:, :half], sin[:, :half]
+
+    def rotate(self, x: np.ndarray, shifts: np.ndarray | int) -> np.ndarray:
+        """x [..., D] rotated by RoPE's rotation of `shifts` positions (an int, or an array of x's leading
+        shape): rotations compose by adding positions, so a key rotated at n and shifted by m - n is the key
+        rotated at m. The rotation alone, without the attention scaling; float64 angles, float32 result."""
+        angles = np.multiply.outer(np.asarray(shifts, np.float64), self.inv_freq)
+        cos, sin = np.cos(angles), np.sin(angles)
+        half = self.inv_freq.shape[0]
+        first, second = x[..., :half], x[..., half:]
+        rotated = np.empty(x.shape, np.float32)
+        rotated[..., :half] = first * cos - second * sin
+        rotated[..., half:] = second * cos + first * sin
+        return rotated

@@ -68,6 +68,19 @@ class Selection:
         return np.concatenate([sink, np.sort(self.middle, axis=1), new], axis=1)
 
 
+@dataclass(frozen=True)
+class FarView:
+    """Pages 0..pages-1 as a step sees them under the clamped position scheme (runtime/positions.py): their
+    keys all sit at one position. They are scored on the bounds of their keys before RoPE (`bounds`) with
+    the query rows rotated back by that position (`q`): q·R(p)k = (R(-p)q)·k, so the bound holds for the
+    keys the graph receives. rerank reads their keys rotated to that position (`keys`)."""
+
+    pages: int
+    q: np.ndarray
+    bounds: np.ndarray
+    keys: KeyReader | None = None
+
+
 def quest_page_scores(q: np.ndarray, bounds: np.ndarray, pages: slice) -> np.ndarray:
     """Quest's upper bound of q·k over each page of `pages`, aggregated per KV head.
 
@@ -87,6 +100,14 @@ def quest_page_scores(q: np.ndarray, bounds: np.ndarray, pages: slice) -> np.nda
     return bound_scores_reference(grouped, bounds, pages.start, pages.stop)
 
 
+def candidate_scores(q: np.ndarray, bounds: np.ndarray, first_new: int, far: FarView | None) -> np.ndarray:
+    """Quest's bounds of the candidate pages 1..first_new-1, the far ones' (if any) under their position."""
+    if far is None or far.pages <= 1:
+        return quest_page_scores(q, bounds, slice(1, first_new))
+    return np.concatenate([quest_page_scores(far.q, far.bounds, slice(1, far.pages)),
+                           quest_page_scores(q, bounds, slice(far.pages, first_new))], axis=1)
+
+
 def top_pages(scores: np.ndarray, count: int) -> np.ndarray:
     """Indices of the `count` highest scores of each row of [kv_heads, candidates], in any order."""
     if count == 0:
@@ -95,12 +116,12 @@ def top_pages(scores: np.ndarray, count: int) -> np.ndarray:
 
 
 def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, first_new: int,
-                 budget_pages: int, keys: KeyReader | None = None, row_positions: np.ndarray | None = None
-                 ) -> Selection:
+                 budget_pages: int, keys: KeyReader | None = None, row_positions: np.ndarray | None = None,
+                 far: FarView | None = None) -> Selection:
     """The selection of one layer and step (quest, rerank or streaming).
 
     `first_new` is the first page the step writes. rerank also needs the layer's `keys` and the positions
-    of q's rows.
+    of q's rows. `far`: the pages that sit at one position under the clamped scheme, if any.
     """
     kv_heads = bounds.shape[0]
     if first_new == 0:
@@ -115,22 +136,25 @@ def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, f
         middle = np.arange(first_new - room, first_new, dtype=np.int64)
         return Selection(np.broadcast_to(middle, (kv_heads, room)), first_new, n_pages)
     if policy == "quest" or room == 0:  # candidates: pages 1..first_new-1
-        return Selection(top_pages(quest_page_scores(q, bounds, slice(1, first_new)), room) + 1, first_new, n_pages)
+        return Selection(top_pages(candidate_scores(q, bounds, first_new, far), room) + 1, first_new, n_pages)
     factor = RERANK_SHORTLIST_ROW if q.shape[1] == 1 else RERANK_SHORTLIST_CHUNK
     shortlist = min(first_new - 1, factor * room)
     if shortlist == first_new - 1:  # every candidate is shortlisted: no need for their bounds
         candidates = np.broadcast_to(np.arange(1, first_new), (kv_heads, shortlist))
     else:
-        candidates = top_pages(quest_page_scores(q, bounds, slice(1, first_new)), shortlist) + 1
-    return Selection(most_attended(q, candidates, room, keys, row_positions, first_new, n_pages),
+        candidates = top_pages(candidate_scores(q, bounds, first_new, far), shortlist) + 1
+    if far is not None:
+        keys = far.keys
+    return Selection(most_attended(q, candidates, room, keys, row_positions, first_new, n_pages, far is None),
                      first_new, n_pages)
 
 
 def most_attended(q: np.ndarray, candidates: np.ndarray, room: int, keys: KeyReader, row_positions: np.ndarray,
-                  first_new: int, n_pages: int) -> np.ndarray:
+                  first_new: int, n_pages: int, in_place: bool = True) -> np.ndarray:
     """The `room` pages of candidates [kv_heads, c] (pages wholly in the past) that receive the most of
     q's attention (kernels.attention, with the sink and the step's pages first_new..n_pages-1 in each row's
-    softmax), per KV head: [kv_heads, room]. `keys` and `row_positions` as in select_pages."""
+    softmax), per KV head: [kv_heads, room]. `keys` and `row_positions` as in select_pages. `in_place`:
+    a decode step's few rows may read the keys where they lie (false when they must be rotated first)."""
     kv_heads = candidates.shape[0]
     local_pages = np.concatenate([[0], np.arange(first_new, n_pages)])
     local_keys = keys.read(np.broadcast_to(local_pages, (kv_heads, len(local_pages))))
@@ -138,7 +162,7 @@ def most_attended(q: np.ndarray, candidates: np.ndarray, room: int, keys: KeyRea
     local_keys = local_keys.reshape(kv_heads, -1, head_dim)
     local_positions = (local_pages[:, None] * page_size + np.arange(page_size)).ravel()
     rows = q.reshape(kv_heads, -1, head_dim)  # [kv_heads, G*S]: the step's S rows fastest
-    if rows.shape[1] <= FEW_ROWS:
+    if in_place and rows.shape[1] <= FEW_ROWS:
         mass = np.empty(candidates.shape, np.float32)
         record_page_mass(rows, *keys.records(candidates), page_size, local_keys, local_positions, row_positions,
                          mass)

@@ -16,27 +16,29 @@ from edgekv.runtime.kernels.intrinsics import bfloat16_value
 SCORE_CHANNELS = 16  # channels bound_scores takes a pass
 
 
-def write_rows_reference(page_k: np.ndarray, page_v: np.ndarray, offset: int, keys: np.ndarray, values: np.ndarray,
-                         bounds: np.ndarray) -> None:
-    """Write keys and values [kv_heads, n, head_dim] into a page's rows offset.. (page_k, page_v [kv_heads,
-    page_size, head_dim]) and make bounds [kv_heads, 2*head_dim] cover them: set from them at offset 0 (a new
+def widen_bounds_reference(bounds: np.ndarray, offset: int, keys: np.ndarray) -> None:
+    """Make bounds [kv_heads, 2*head_dim] cover keys [kv_heads, n, head_dim]: set from them at offset 0 (a new
     page), else widened."""
-    n, head_dim = keys.shape[1], keys.shape[2]
-    page_k[:, offset:offset + n], page_v[:, offset:offset + n] = keys, values
+    head_dim = keys.shape[2]
     high, low = keys.max(axis=1), keys.min(axis=1)
     if offset:
         high, low = np.maximum(high, bounds[:, :head_dim]), np.minimum(low, bounds[:, head_dim:])
     bounds[:, :head_dim], bounds[:, head_dim:] = high, low
 
 
+def write_rows_reference(page_k: np.ndarray, page_v: np.ndarray, offset: int, keys: np.ndarray, values: np.ndarray,
+                         bounds: np.ndarray) -> None:
+    """Write keys and values [kv_heads, n, head_dim] into a page's rows offset.. (page_k, page_v [kv_heads,
+    page_size, head_dim]) and widen the page's bounds over them (widen_bounds_reference)."""
+    n = keys.shape[1]
+    page_k[:, offset:offset + n], page_v[:, offset:offset + n] = keys, values
+    widen_bounds_reference(bounds, offset, keys)
+
+
 @njit(cache=True)
-def write_rows(page_k: np.ndarray, page_v: np.ndarray, offset: int, keys: np.ndarray, values: np.ndarray,
-               bounds: np.ndarray) -> None:
-    """write_rows_reference in one compiled call (numpy's row copies and four reductions cost more than the
-    work on a few hundred numbers)."""
+def widen_bounds(bounds: np.ndarray, offset: int, keys: np.ndarray) -> None:
+    """widen_bounds_reference in one compiled call."""
     heads, n, head_dim = keys.shape
-    page_k[:, offset:offset + n] = keys
-    page_v[:, offset:offset + n] = values
     for head in range(heads):
         for i in range(head_dim):
             high = keys[head, 0, i] if offset == 0 else max(bounds[head, i], keys[head, 0, i])
@@ -45,6 +47,17 @@ def write_rows(page_k: np.ndarray, page_v: np.ndarray, offset: int, keys: np.nda
                 high = max(high, keys[head, t, i])
                 low = min(low, keys[head, t, i])
             bounds[head, i], bounds[head, head_dim + i] = high, low
+
+
+@njit(cache=True)
+def write_rows(page_k: np.ndarray, page_v: np.ndarray, offset: int, keys: np.ndarray, values: np.ndarray,
+               bounds: np.ndarray) -> None:
+    """write_rows_reference in one compiled call (numpy's row copies and four reductions cost more than the
+    work on a few hundred numbers)."""
+    n = keys.shape[1]
+    page_k[:, offset:offset + n] = keys
+    page_v[:, offset:offset + n] = values
+    widen_bounds(bounds, offset, keys)
 
 
 def bound_scores_reference(rows: np.ndarray, bounds: np.ndarray, start: int, stop: int) -> np.ndarray:

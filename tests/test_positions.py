@@ -1,0 +1,138 @@
+"""Position schemes of the paged cache (edgekv/runtime/positions.py): the clamped scheme's boundaries by
+hand, RoPE's rotation on the host, the far keys a graph receives and the bounds they are selected by, and
+runs that must equal each other exactly."""
+
+import numpy as np
+import pytest
+
+from edgekv.core.errors import EdgekvError
+from edgekv.runtime.bfloat16 import widen_bfloat16
+from edgekv.runtime.budget import OWN_POSITIONS
+from edgekv.runtime.engine import Engine
+from edgekv.runtime.kernels.pages import EMPTY
+from edgekv.runtime.positions import ClampedPositions, FarPages
+from edgekv.runtime.rope import Rope
+
+RNG = np.random.default_rng(21)
+
+
+def test_clamped_boundaries_by_hand():
+    scheme = ClampedPositions.for_model(8192, rows=64)  # SmolLM2 at npu-small's 64-token prefill chunk
+    assert (scheme.near_tokens, scheme.step) == (8064, 64)
+    assert scheme.far(0, 8) is None and scheme.far(8127, 8) is None  # every key at its own position
+    assert scheme.far(8128, 8) == FarPages(pages=8, position=63)  # tokens 0..63 sit at 63
+    assert scheme.far(8191, 8) == FarPages(pages=8, position=63)
+    assert scheme.far(8192, 8) == FarPages(pages=16, position=127)
+    assert scheme.far(131072, 8) == FarPages(pages=(131072 - 8064) // 8, position=131072 - 8064 - 1)
+
+
+def test_no_distance_passes_the_trained_context():
+    trained, rows, page_size = 8192, 64, 8
+    scheme = ClampedPositions.for_model(trained, rows)
+    for start in range(0, 40000, 7):
+        last_row = start + rows - 1
+        far = scheme.far(start, page_size)
+        first_own = 0 if far is None else far.pages * page_size  # the oldest key at its own position
+        if far is not None:
+            assert last_row - far.position < trained
+            assert far.position == first_own - 1
+        if start + rows <= trained:
+            assert far is None  # inside the trained context: exactly `absolute`
+        assert last_row - first_own < trained
+
+
+def tiny_rope(head_dim: int = 16) -> Rope:
+    return Rope(1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim), 1.0)
+
+
+def test_rotations_compose_and_move_to_the_query():
+    rope = tiny_rope()
+    x, q = RNG.normal(size=(2, 5, 16)).astype(np.float32)
+    np.testing.assert_allclose(rope.rotate(rope.rotate(x, 700), -300), rope.rotate(x, 400), atol=1e-5)
+    shifts = np.array([0, 3, 90, 1000, 9000])
+    np.testing.assert_allclose(rope.rotate(rope.rotate(x, shifts), -shifts), x, atol=1e-5)
+    # RoPE's own form at position n: x*cos + rotate_half(x)*sin (what the graphs compute)
+    cos, sin = np.zeros((5, 16), np.float32), np.zeros((5, 16), np.float32)
+    rope.fill(shifts, cos, sin)
+    np.testing.assert_allclose(rope.rotate(x, shifts), x * cos + np.concatenate([-x[:, 8:], x[:, :8]], 1) * sin,
+                               atol=1e-5)
+    # q·R(p)k = (R(-p)q)·k: why far pages are scored with the query rotated back
+    np.testing.assert_allclose((q * rope.rotate(x, 1234)).sum(-1), (rope.rotate(q, -1234) * x).sum(-1), atol=1e-4)
+
+
+def random_ids(n: int) -> list[int]:
+    return RNG.integers(3, 380, size=n).tolist()
+
+
+def run(artifact, policy: str, positions: str, ids: list[int], steps: int, **options) -> tuple[np.ndarray, int]:
+    """Greedy logits of the prompt's last token and `steps` more, and the pages spilled to disk."""
+    engine = Engine.open(artifact, policy, positions=positions, **options)
+    try:
+        logits = [engine.prefill(ids)]
+        for _ in range(steps):
+            logits.append(engine.decode(int(np.argmax(logits[-1]))))
+        return np.array(logits), engine.cache.usage().pages_spilled
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("policy", ["quest", "rerank"])
+def test_clamped_is_exactly_absolute_inside_its_near_window(tiny_artifacts, policy):
+    # The tiny models' trained context is 512: with npu-small's 64-row chunk, keys keep their own positions
+    # up to 448 tokens. 300 + 40 tokens pass every budget, so selection (and rerank) really run.
+    ids = random_ids(300)
+    absolute, _ = run(tiny_artifacts["llama"], policy, "absolute", ids, 40)
+    clamped, _ = run(tiny_artifacts["llama"], policy, "clamped", ids, 40)
+    np.testing.assert_array_equal(absolute, clamped)
+
+
+@pytest.mark.parametrize("policy", ["quest", "rerank"])
+def test_far_keys_reach_the_graph_rotated_and_their_bounds_hold(tiny_artifacts, policy):
+    engine = Engine.open(tiny_artifacts["qwen2"], policy, positions="clamped")
+    try:
+        engine.prefill(random_ids(1500))
+        far = engine.cache.far
+        assert far == FarPages(pages=1088 // 8, position=1087)  # the last prompt token at 1499: (1499-384)//64*64
+        page_size, checked = engine.cache.page_size, 0
+        for layer, (_, buffer, _) in enumerate(engine.cache.buffers[True]):
+            keys, _ = engine.cache.layers[layer].read()  # post-RoPE, at their own positions
+            held = np.concatenate([np.zeros((buffer.table.shape[0], 1), np.int64), buffer.table], axis=1)
+            for head, slot in zip(*np.nonzero(held != EMPTY)):
+                page = held[head, slot]
+                own = page * page_size + np.arange(page_size)
+                stored = keys[head, own]
+                if page < far.pages:
+                    want = engine.rope.rotate(stored, far.position - own)
+                    assert buffer.rotated_to[head, slot] == far.position
+                    np.testing.assert_allclose(buffer.pages_k[head, slot], want, atol=1e-5)
+                    checked += 1
+                else:
+                    assert buffer.rotated_to[head, slot] == OWN_POSITIONS
+                    np.testing.assert_array_equal(buffer.pages_k[head, slot], stored)
+            # Every full page's bounds before RoPE hold its keys rotated back to position 0.
+            full = engine.cache.layers[layer].length // page_size
+            unrotated = engine.rope.rotate(keys[:, :full * page_size], -np.arange(full * page_size))
+            bounds = widen_bfloat16(engine.cache.layers[layer].unrotated.full[:, :, :full])
+            pages = unrotated.reshape(keys.shape[0], full, page_size, -1)
+            head_dim = keys.shape[-1]
+            assert (pages.max(axis=2) <= np.moveaxis(bounds[:, :head_dim], 2, 1)).all()
+            assert (pages.min(axis=2) >= np.moveaxis(bounds[:, head_dim:], 2, 1)).all()
+        assert checked > 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("policy", ["quest", "rerank"])
+def test_a_long_clamped_run_spilled_to_disk_equals_it_in_memory(tiny_artifacts, tmp_path, policy):
+    ids = random_ids(2500)
+    in_memory, _ = run(tiny_artifacts["mistral"], policy, "clamped", ids, 12)
+    spilled, pages_spilled = run(tiny_artifacts["mistral"], policy, "clamped", ids, 12, spill_dir=tmp_path,
+                                 host_kv_bytes=600 * 2 * 2 * 8 * 16 * 4)  # 600 of its ~940 float32 pages
+    assert pages_spilled > 0
+    np.testing.assert_array_equal(in_memory, spilled)
+    assert list(tmp_path.iterdir()) == []  # the session's spill file went with it
+
+
+def test_unknown_position_scheme_is_refused(tiny_artifacts):
+    with pytest.raises(EdgekvError, match="unknown position scheme 'relative'; choose one of: absolute, clamped"):
+        Engine.open(tiny_artifacts["llama"], "quest", positions="relative")
