@@ -94,12 +94,14 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_artifacts, tmp_path):
     text.write_text("The robot painted the sky. " * 200)
     result = run_edgekv("eval", artifact, "--task", "agreement", "--contexts", "300", "--budgets", "48,512",
                         "--policies", "quest", "--text", str(text), "--scored-tokens", "8", "--json",
-                        str(tmp_path / "a.json"))
+                        str(tmp_path / "a.json"), "--local-windows", "0,16")
     assert result.returncode == 0, result.stderr
-    rows = {r["budget"]: r for r in json.loads((tmp_path / "a.json").read_text())["rows"]}
-    assert rows[None]["policy"] == "dense" and rows[None]["top1_agreement"] == 1.0
-    assert rows[512]["mean_kl"] < 1e-6  # 300 tokens fit a 512-token budget: dense attention exactly
-    assert rows[48]["mean_kl"] > rows[512]["mean_kl"]
+    rows = {(r["budget"], r["local_window"]): r for r in json.loads((tmp_path / "a.json").read_text())["rows"]}
+    assert sorted(rows, key=str) == sorted([(None, 0), (48, 0), (48, 16), (512, 0), (512, 16)], key=str)
+    assert rows[None, 0]["policy"] == "dense" and rows[None, 0]["top1_agreement"] == 1.0
+    # 300 tokens fit a 512-token budget: dense attention exactly, with or without a window
+    assert rows[512, 0]["mean_kl"] < 1e-6 and rows[512, 16]["mean_kl"] < 1e-6
+    assert rows[48, 0]["mean_kl"] > rows[512, 0]["mean_kl"]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -108,6 +110,8 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_artifacts, tmp_path):
     (["--task", "passkey", "--contexts", "9000"], "the dense baseline stops at 512 tokens"),
     (["--task", "passkey", "--positions", "absolute,relative"],
      "unknown position scheme 'relative' in --positions; choose from: absolute, clamped"),
+    (["--task", "passkey", "--contexts", "256", "--policies", "quest", "--local-windows", "12"],
+     "local window 12 must be a multiple of 8 (the page size), >= 0"),
 ])
 def test_eval_bad_input(tiny_artifacts, args, message):
     result = run_edgekv("eval", str(tiny_artifacts["llama"]), *args)

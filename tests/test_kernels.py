@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from edgekv.runtime.bfloat16 import bfloat16_outward
-from edgekv.runtime.kernels import attention, bounds, pages, top
+from edgekv.runtime.kernels import attention, bounds, pages, rotation, top
+from edgekv.runtime.rope import KeyShifter, Rope
 
 RNG = np.random.default_rng(12)
 
@@ -21,6 +22,22 @@ def test_write_rows_is_its_reference():
         bounds.write_rows_reference(*want, offset, keys, values, want_bounds)
         for a, b in zip(got + [got_bounds], want + [want_bounds]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_rotate_keys_is_its_reference_and_ropes_rotation():
+    inv_freq = 1.0 / 10000 ** (np.arange(0, 32, 2) / 32)
+    cos, sin = rotation.shift_table(inv_freq, 5000)
+    keys = RNG.normal(size=(40, 8, 32)).astype(np.float32)
+    shifts = RNG.integers(-4999, 5000, size=(40, 8))
+    got = rotation.rotate_keys(keys, shifts, cos, sin)
+    np.testing.assert_allclose(got, rotation.rotate_keys_reference(keys, shifts, cos, sin), atol=1e-6)
+    rope = Rope(inv_freq, 1.0)
+    np.testing.assert_allclose(got, rope.rotate(keys, shifts), atol=2e-6)
+    # the shifter grows its table to the largest shift asked for
+    shifter = KeyShifter(rope)
+    np.testing.assert_allclose(shifter.rotate(keys, shifts), got, atol=1e-6)
+    np.testing.assert_allclose(shifter.rotate(keys, shifts * 3), rope.rotate(keys, shifts * 3), atol=2e-6)
+    assert len(shifter.cos) > np.abs(shifts * 3).max()
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16])

@@ -42,6 +42,8 @@ def test_user_profile_file_loads(tmp_path):
     ('kv_dtype = "float32"', 'kv_dtype = "float13"', "key 'kv.kv_dtype' must be one of"),
     ("int8_tops = 6.0", "int8_tops = -1", "key 'device.int8_tops' must be a positive number"),
     ("[runtime]", '[runtime]\npositions = "relative"', "key 'runtime.positions' must be one of"),
+    ("[kv]", "[kv]\nlocal_window = -8", "key 'kv.local_window' must be an integer number of tokens >= 0"),
+    ("[kv]", "[kv]\nlocal_window = 12", "key 'kv.local_window' must be a multiple of kv.page_size"),
     ("[runtime]", "[runtim]", "unknown key 'runtim'"),
 ])
 def test_bad_profile_keys_are_named(tmp_path, old, new, message):

@@ -9,7 +9,7 @@ from edgekv.calibration.int8_export import quantize_artifact
 from edgekv.calibration.quantize import INT16_WEIGHT_PROJECTIONS, QDQ_OPS
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import load_verified
-from edgekv.evaluation.evaluate import forced_logits
+from edgekv.evaluation.evaluate import EvalRun, forced_logits
 from edgekv.evaluation.metrics import top1_agreement
 from edgekv.evaluation.tasks import task_prompt
 from edgekv.export.validator import validate_artifact
@@ -140,8 +140,8 @@ def test_default_int8_is_small_valid_and_faithful(default_int8, default_artifact
     # prompt), through the real runtime.
     tokenizer = ArtifactTokenizer.load(float32)
     text = task_prompt("retrieve-number", tokenizer.encode, 1024, 0.5, seed=99).tokens
-    int8_logits = forced_logits(default_int8, "quest", None, text, 256)
-    float_logits = forced_logits(default_artifact, "quest", None, text, 256)
+    int8_logits = forced_logits(default_int8, EvalRun("quest", None), text, 256)[0]
+    float_logits = forced_logits(default_artifact, EvalRun("quest", None), text, 256)[0]
     assert top1_agreement(int8_logits, float_logits) >= MIN_AGREEMENT
 
 

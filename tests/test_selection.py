@@ -88,6 +88,29 @@ def test_streaming_keeps_sink_and_recent_pages(tmp_path):
     assert pages.tolist() == [[0, 7, 8, 9]] * KV_HEADS
 
 
+@pytest.mark.parametrize("policy", ["quest", "rerank"])
+def test_a_local_window_keeps_the_recent_pages_and_the_policy_chooses_the_rest(tmp_path, policy):
+    """Page 2 holds the keys the query wants; pages 7 and 8 score nothing. Without a window the policy
+    spends the room of 2 on the best-scoring old pages; with a window of 1 page it keeps page 8 and spends
+    the other slot on page 2; with a window of the whole room it is streaming."""
+    pool, store = make_store(tmp_path)
+    keys = np.full((KV_HEADS, 10 * PAGE, HEAD_DIM), -1.0, np.float32)
+    keys[:, 2 * PAGE:3 * PAGE] = 2.0  # page 2
+    keys[:, 5 * PAGE:6 * PAGE] = 1.0  # page 5, the second best
+    store.append(keys, keys)
+    q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
+    reader = LayerKeys(pool, 0) if policy == "rerank" else None
+
+    def pages(local_pages: int) -> list:
+        return select_pages(policy, q, store.bounds(), store.n_pages, 9, 4, reader, np.array([store.length - 1]),
+                            local_pages=local_pages).pages().tolist()
+
+    assert pages(0) == [[0, 2, 5, 9]] * KV_HEADS
+    assert pages(1) == [[0, 2, 8, 9]] * KV_HEADS
+    assert pages(2) == pages(5) == [[0, 7, 8, 9]] * KV_HEADS
+    assert pages(2) == select_pages("streaming", q, store.bounds(), store.n_pages, 9, 4).pages().tolist()
+
+
 @pytest.mark.parametrize("policy", ["quest", "rerank", "streaming"])
 def test_every_page_is_selected_in_order_while_the_context_fits(tmp_path, policy):
     _, store = make_store(tmp_path)

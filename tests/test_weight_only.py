@@ -8,7 +8,7 @@ from conftest import error_line, run_edgekv
 from edgekv.calibration.weight_only import WEIGHT_ONLY_BLOCK
 from edgekv.core.manifest import load_verified
 from edgekv.core.profiles import load_profile
-from edgekv.evaluation.evaluate import forced_logits
+from edgekv.evaluation.evaluate import EvalRun, forced_logits
 from edgekv.export.validator import validate_artifact
 
 
@@ -46,8 +46,8 @@ def test_weight_only_artifact_validates_and_tracks_float32(tiny_weight_only, tin
     assert validate_artifact(load_verified(tiny_weight_only)).ok
     tokens = list(range(3, 200))
     # The tiny float artifact is npu-small's, whose KV side the cpu profile shares: only the weights differ.
-    got = forced_logits(tiny_weight_only, "quest", None, tokens, 32)
-    want = forced_logits(tiny_artifacts["llama"], "quest", None, tokens, 32)
+    got = forced_logits(tiny_weight_only, EvalRun("quest", None), tokens, 32)[0]
+    want = forced_logits(tiny_artifacts["llama"], EvalRun("quest", None), tokens, 32)[0]
     relative = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert relative < 0.05, relative
 

@@ -93,12 +93,12 @@ def parse_positions(text: str | None, default: str) -> tuple[str, ...]:
     return schemes
 
 
-def int_list(text: str, option: str) -> list[int]:
+def int_list(text: str, option: str, smallest: int = 2) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
         raise EdgekvError(f"{option} takes comma-separated integers, e.g. 1024,4096") from None
-    if any(v < 2 for v in values):
-        raise EdgekvError(f"{option} values must be at least 2 tokens")
+    if any(v < smallest for v in values):
+        raise EdgekvError(f"{option} values must be at least {smallest} tokens")
     return values
 

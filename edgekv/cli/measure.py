@@ -17,6 +17,7 @@ from edgekv.core.constants import KV_DTYPES
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import load_verified, read_manifest
 from edgekv.core.profiles import QUANTIZED_WEIGHT_DTYPES
+from edgekv.evaluation.tasks import TASKS
 
 
 @click.command()
@@ -142,7 +143,7 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
 
 @click.command("eval")
 @click.argument("directory", type=click.Path(path_type=Path), required=False)
-@click.option("--task", type=click.Choice(["passkey", "retrieve-number", "retrieve-kv", "agreement"]), required=True)
+@click.option("--task", type=click.Choice([*TASKS, "agreement"]), required=True)
 @click.option("--contexts", default="2048,4096,8000", show_default=True, help="Comma-separated prompt lengths.")
 @click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, help="Where the answer sits (retrieval).")
 @click.option("--budgets", default=None, help="Decode budgets up to the artifact's [default: the artifact's own].")
@@ -161,9 +162,12 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
               help="PNG of accuracy (or agreement) against budget.")
 @click.option("--positions", default=None,
               help="Position schemes, comma-separated: absolute, clamped (as in generate) [default: the profile's].")
+@click.option("--local-windows", default=None,
+              help="Tokens of the most recent pages every quest or rerank selection keeps, comma-separated, "
+                   "multiples of the page size [default: the profile's kv.local_window].")
 @backend_option
 def evaluate(directory, task, contexts, depths, budgets, policies, text_file, scored_tokens, kv_dtype,
-             reference_dir, json_path, plot_path, positions, backend) -> None:
+             reference_dir, json_path, plot_path, positions, local_windows, backend) -> None:
     """Long-context accuracy per context, depth and budget; or agreement of each policy with dense."""
     from edgekv.evaluation.evaluate import (EvalPlan, plot_eval, record_rows, run_agreement, run_retrieval,
                                             self_written_text)
@@ -182,7 +186,8 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
         raise EdgekvError("--depths must lie between 0 and 1")
     plan = EvalPlan(int_list(contexts, "--contexts"), depth_list,
                     int_list(budgets, "--budgets") if budgets else [manifest.profile.decode_budget], policy_names,
-                    kv_dtype, BACKENDS[backend], parse_positions(positions, manifest.profile.positions))
+                    kv_dtype, BACKENDS[backend], parse_positions(positions, manifest.profile.positions),
+                    tuple(int_list(local_windows, "--local-windows", 0)) if local_windows else (None,))
     header = {"artifact": str(artifact), "task": task, "kv_dtype": kv_dtype or manifest.profile.kv_dtype,
               "backend": backend}
     if "dense" in policy_names and max(plan.contexts) > manifest.model["max_context"]:
@@ -208,20 +213,24 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
         rows = record_rows(run_agreement(artifact, text, plan, scored_tokens, reference_dir), json_path, header)
         against = f"{reference_dir} (same policy and budget)" if reference_dir else "dense"
         table = Table(title=f"agreement with {against} over the last {scored_tokens} tokens of each context")
-        for column in ("policy", "budget", "context", "top-1 agreement", "mean KL", "perplexity"):
+        for column in ("policy", "positions", "window", "budget", "context", "top-1 agreement", "mean KL",
+                       "perplexity"):
             table.add_column(column, justify="right")
         for r in rows:
-            table.add_row(r["policy"], str(r["budget"] or "full"), str(r["context"]), f"{r['top1_agreement']:.3f}",
-                          f"{r['mean_kl']:.4f}", f"{r['perplexity']:.2f}")
+            table.add_row(r["policy"], r["positions"], str(r["local_window"]), str(r["budget"] or "full"),
+                          str(r["context"]), f"{r['top1_agreement']:.3f}", f"{r['mean_kl']:.4f}",
+                          f"{r['perplexity']:.2f}")
     else:
         rows = record_rows(run_retrieval(artifact, task, plan), json_path, header)
         table = Table(title=f"{task}: share of right answers over {len(depth_list)} depths")
-        for column in ("policy", "budget", "context", "accuracy", "right at depths"):
+        for column in ("policy", "positions", "window", "budget", "context", "accuracy", "right at depths"):
             table.add_column(column, justify="right")
-        groups = dict.fromkeys((r["policy"], r["budget"], r["requested_context"]) for r in rows)
-        for policy, budget, context in groups:
-            mine = [r for r in rows if (r["policy"], r["budget"], r["requested_context"]) == (policy, budget, context)]
-            table.add_row(policy, str(budget or "full"), str(context), f"{np.mean([r['correct'] for r in mine]):.2f}",
+        key = ("policy", "positions", "local_window", "budget", "requested_context")
+        for group in dict.fromkeys(tuple(r[k] for k in key) for r in rows):
+            mine = [r for r in rows if tuple(r[k] for k in key) == group]
+            policy, scheme, window, budget, context = group
+            table.add_row(policy, scheme, str(window), str(budget or "full"), str(context),
+                          f"{np.mean([r['correct'] for r in mine]):.2f}",
                           " ".join(f"{r['depth']:g}" for r in mine if r["correct"]) or "-")
     (out if out.is_terminal else Console(width=200)).print(table)
     if plot_path:

@@ -2,8 +2,8 @@
 
 A profile is a TOML file with four tables ([kv], [graph], [runtime], [device]). The shipped ones live
 in `edgekv/device_profiles/`; a user passes a path to their own. Every key is checked, and required
-unless it has a default (kv.layer_budgets, graph.mask_value, device.qnn_*, runtime.backend,
-runtime.positions): unknown
+unless it has a default (kv.layer_budgets, kv.local_window, graph.mask_value, device.qnn_*,
+runtime.backend, runtime.positions): unknown
 keys, missing keys and bad values are errors that name the key and the expected form.
 """
 
@@ -64,6 +64,8 @@ class Profile:
     backend: str = "cpu"
     # [runtime] optional: where the paged cache's keys sit for the queries (runtime/positions.py)
     positions: str = "absolute"
+    # [kv] optional: tokens of the most recent pages that every quest or rerank selection keeps (a local window)
+    local_window: int = 0
 
     def layer_budget(self, layer: int, prefill: bool) -> int:
         """Static KV budget (tokens) of one layer's graph."""
@@ -140,6 +142,7 @@ _SCHEMA_OPTIONAL: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
     ("device", "qnn_soc_model"): (_positive_int, "QNN's SoC model number, e.g. 57"),
     ("runtime", "backend"): (_one_of(BACKENDS), f"one of {list(BACKENDS)}"),
     ("runtime", "positions"): (_one_of(POSITION_SCHEMES), f"one of {list(POSITION_SCHEMES)}"),
+    ("kv", "local_window"): (_non_negative_int, "an integer number of tokens >= 0"),
 }
 # (table, key) -> default, from the Profile dataclass, so a default is written once
 _OPTIONAL: dict[tuple[str, str], Any] = {
@@ -191,7 +194,7 @@ def profile_from_dict(data: dict[str, Any], origin: str) -> Profile:
 
 
 def _check_budgets(p: Profile, origin: str) -> None:
-    for key in ("decode_budget", "prefill_chunk", "prefill_budget"):
+    for key in ("decode_budget", "prefill_chunk", "prefill_budget", "local_window"):
         if getattr(p, key) % p.page_size:
             raise EdgekvError(f"profile {origin}: key 'kv.{key}' must be a multiple of kv.page_size "
                               f"({p.page_size}), got {getattr(p, key)}")

@@ -37,13 +37,41 @@ class EvalPlan:
     kv_dtype: str | None = None  # how pages are stored in the host and disk tiers (default: the profile's)
     backend: BackendFactory = OnnxruntimeBackend.open  # what runs the artifact's graphs (a reference: the CPU)
     positions: tuple[str, ...] = ("absolute",)  # the paged cache's position schemes (runtime/positions.py)
+    local_windows: tuple[int | None, ...] = (None,)  # tokens of recent pages kept (None: the profile's)
 
 
-def _runs(plan: EvalPlan) -> list[tuple[str, int | None, str]]:
-    """(policy, budget, position scheme): every budget and scheme for the selecting policies, one run for
-    dense (absolute positions in its static cache)."""
-    return [("dense", None, "absolute") if p == "dense" else (p, b, s) for p in plan.policies
-            for b in (plan.budgets if p != "dense" else [0]) for s in (plan.positions if p != "dense" else ["absolute"])]
+@dataclass(frozen=True)
+class EvalRun:
+    """One engine of a plan: a policy with its budget, position scheme and local window."""
+
+    policy: str
+    budget: int | None
+    positions: str = "absolute"
+    local_window: int | None = None
+
+    def open(self, artifact: Path, kv_dtype: str | None = None,
+             backend: BackendFactory = OnnxruntimeBackend.open) -> Engine:
+        return Engine.open(artifact, self.policy, budget=self.budget, kv_dtype=kv_dtype, positions=self.positions,
+                           local_window=self.local_window, backend=backend)
+
+    def fields(self, engine: Engine) -> dict:
+        return {"policy": self.policy, "positions": self.positions, "budget": self.budget,
+                "local_window": engine.local_window}
+
+    def label(self) -> str:
+        window = "" if self.local_window is None else f" window {self.local_window}"
+        return f"{self.policy:<9} {self.positions:<8}{window} budget {self.budget or 'full':>5}"
+
+
+DENSE_RUN = EvalRun("dense", None)
+
+
+def _runs(plan: EvalPlan) -> list[EvalRun]:
+    """Every budget, scheme and window for the selecting policies, one run for dense (absolute positions in
+    its static cache, no selection)."""
+    return [DENSE_RUN if p == "dense" else EvalRun(p, b, s, w) for p in plan.policies
+            for b in (plan.budgets if p != "dense" else [0]) for s in (plan.positions if p != "dense" else [""])
+            for w in (plan.local_windows if p != "dense" else [None])]
 
 
 def _log(text: str) -> None:
@@ -52,9 +80,8 @@ def _log(text: str) -> None:
 
 def run_retrieval(artifact: Path, task: str, plan: EvalPlan, seed: int = 0) -> Iterator[dict]:
     """One row per policy, budget, context and depth, as each is measured."""
-    for policy, budget, positions in _runs(plan):
-        engine = Engine.open(artifact, policy, budget=budget, kv_dtype=plan.kv_dtype, positions=positions,
-                             backend=plan.backend)
+    for run in dict.fromkeys(_runs(plan)):
+        engine = run.open(artifact, plan.kv_dtype, plan.backend)
         try:
             tokenizer = ArtifactTokenizer.load(engine.manifest)
             for context in plan.contexts:
@@ -63,11 +90,10 @@ def run_retrieval(artifact: Path, task: str, plan: EvalPlan, seed: int = 0) -> I
                     prompt = task_prompt(task, tokenizer.encode, context, depth, seed + i)
                     reply = tokenizer.decode(list(engine.generate(prompt.tokens, ANSWER_TOKENS[task],
                                                                   Sampler(SamplingConfig()), eos_ids=set())))
-                    row = {"task": task, "policy": policy, "positions": positions, "budget": budget,
-                           "context": len(prompt.tokens),
+                    row = {"task": task, **run.fields(engine), "context": len(prompt.tokens),
                            "requested_context": context, "depth": depth, "answer": prompt.answer,
                            "reply": reply, "correct": prompt.answer in reply}
-                    _log(f"  {task} {policy:<9} {positions:<8} budget {budget or 'full':>5} context {len(prompt.tokens):>6} "
+                    _log(f"  {task} {run.label()} context {len(prompt.tokens):>6} "
                          f"depth {depth:4.0%}: {'right' if row['correct'] else 'wrong'} {reply!r}")
                     yield row
         finally:
@@ -117,12 +143,12 @@ def teacher_forced_logits(engine: Engine, tokens: list[int], scored: int) -> np.
     return np.stack(logits)
 
 
-def forced_logits(artifact: Path, policy: str, budget: int | None, tokens: list[int], scored: int,
-                  kv_dtype: str | None = None, backend: BackendFactory = OnnxruntimeBackend.open,
-                  positions: str | None = None) -> np.ndarray:
-    engine = Engine.open(artifact, policy, budget=budget, kv_dtype=kv_dtype, positions=positions, backend=backend)
+def forced_logits(artifact: Path, run: EvalRun, tokens: list[int], scored: int, kv_dtype: str | None = None,
+                  backend: BackendFactory = OnnxruntimeBackend.open) -> tuple[np.ndarray, dict]:
+    """The run's teacher-forced logits of the last `scored` tokens, and its row fields."""
+    engine = run.open(artifact, kv_dtype, backend)
     try:
-        return teacher_forced_logits(engine, tokens, scored)
+        return teacher_forced_logits(engine, tokens, scored), run.fields(engine)
     finally:
         engine.close()
 
@@ -141,26 +167,25 @@ def run_agreement(artifact: Path, text: list[int], plan: EvalPlan, scored: int,
         tokens = text[:context]
         targets = np.array(tokens[len(tokens) - scored:])  # logits[i] predicts tokens[len - scored + i]
         dense = None
-        runs = _runs(plan) if reference else [("dense", None, "absolute")] + [r for r in _runs(plan) if r[0] != "dense"]
-        for policy, budget, positions in runs:
+        runs = dict.fromkeys(_runs(plan) if reference else [DENSE_RUN] + _runs(plan))
+        for run in runs:
             start = time.perf_counter()
-            logits = forced_logits(artifact, policy, budget, tokens, scored, plan.kv_dtype, plan.backend, positions)
+            logits, fields = forced_logits(artifact, run, tokens, scored, plan.kv_dtype, plan.backend)
             seconds, reference_seconds = time.perf_counter() - start, None
             if reference is not None:
                 start = time.perf_counter()
-                against = forced_logits(reference, policy, budget, tokens, scored, positions=positions)
+                against, _ = forced_logits(reference, run, tokens, scored)  # its profile's KV dtype, on the CPU
                 reference_seconds = time.perf_counter() - start
             else:
                 dense = logits if dense is None else dense
                 against = dense
-            row = {"task": "agreement", "policy": policy, "positions": positions, "budget": budget, "context": context,
-                   "scored_tokens": scored,
+            row = {"task": "agreement", **fields, "context": context, "scored_tokens": scored,
                    "reference": str(reference) if reference else "dense",
                    "top1_agreement": top1_agreement(logits, against), "mean_kl": mean_kl(logits, against),
                    "perplexity": perplexity(logits, targets),
                    # wall time of each run (open, prefill, decode): the backend's against the reference's (CPU)
                    "seconds": round(seconds, 2), "reference_seconds": reference_seconds and round(reference_seconds, 2)}
-            _log(f"  agreement {policy:<9} {positions:<8} budget {budget or 'full':>5} context {context:>6}: top-1 "
+            _log(f"  agreement {run.label()} context {context:>6}: top-1 "
                  f"{row['top1_agreement']:.3f}, KL {row['mean_kl']:.4f}, perplexity {row['perplexity']:.2f}")
             yield row
 
@@ -173,14 +198,16 @@ def plot_eval(rows: list[dict], path: Path, title: str) -> None:
 
     metric = "top1_agreement" if rows and rows[0]["task"] == "agreement" else "correct"
     fig, ax = plt.subplots(figsize=(8, 5))
-    for policy, positions in dict.fromkeys((r["policy"], r["positions"]) for r in rows):
+    key = ("policy", "positions", "local_window")
+    for run in dict.fromkeys(tuple(r[k] for k in key) for r in rows):
         for context in dict.fromkeys(r.get("requested_context", r["context"]) for r in rows):
-            mine = [r for r in rows if (r["policy"], r["positions"]) == (policy, positions)
+            mine = [r for r in rows if tuple(r[k] for k in key) == run
                     and r.get("requested_context", r["context"]) == context]
             budgets = sorted({r["budget"] for r in mine if r["budget"] is not None})
             if budgets:
                 ys = [np.mean([float(r[metric]) for r in mine if r["budget"] == b]) for b in budgets]
-                ax.plot(budgets, ys, "o-", label=f"{policy} ({positions}), {context} tokens")
+                policy, positions, window = run
+                ax.plot(budgets, ys, "o-", label=f"{policy} ({positions}, window {window}), {context} tokens")
             else:  # dense: one level across the budgets
                 ax.axhline(np.mean([float(r[metric]) for r in mine]), linestyle="--", alpha=0.7,
                            label=f"dense, {context} tokens")

@@ -4,6 +4,9 @@
 - retrieve-number: ∞Bench's Retrieve.Number: a 10-digit number hidden in the same repeated filler.
 - retrieve-kv: ∞Bench's Retrieve.KV: a JSON object of random UUID keys and values; the model must give
   the value of one key, which sits at the requested depth.
+- text-passkey: the pass key in running text instead of repeated filler: Python's language reference
+  as the standard library ships it (pydoc_data.topics: English prose with code, about 115K tokens, the
+  same for anyone with Python 3.11), the key's sentence between two of its paragraphs.
 Each prompt carries its answer; a reply is right when it contains the answer.
 """
 
@@ -11,15 +14,17 @@ from __future__ import annotations
 
 import json
 import uuid
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from pydoc_data.topics import topics
 
 from edgekv.evaluation.passkey import FILLER, passkey_prompt
 
-TASKS = ("passkey", "retrieve-number", "retrieve-kv")
-ANSWER_TOKENS = {"passkey": 8, "retrieve-number": 16, "retrieve-kv": 40}
+TASKS = ("passkey", "retrieve-number", "retrieve-kv", "text-passkey")
+ANSWER_TOKENS = {"passkey": 8, "retrieve-number": 16, "retrieve-kv": 40, "text-passkey": 8}
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,31 @@ def retrieve_kv_prompt(encode: Callable[[str], list[int]], total_tokens: int, de
     return TaskPrompt(tokens, pairs[target][1], depth)
 
 
+def reference_paragraphs() -> list[str]:
+    """The paragraphs of Python's language reference, in the standard library's order."""
+    return [p for text in topics.values() for p in text.split("\n\n") if p.strip()]
+
+
+def text_passkey_prompt(encode: Callable[[str], list[int]], total_tokens: int, depth: float, key: int) -> TaskPrompt:
+    needle = f"A note for the reader: the pass key is {key}. Remember it. {key} is the pass key."
+    question = "\n\nWhat is the pass key? The pass key is"
+    paragraphs, ends = [], [0]  # the paragraphs a prompt of total_tokens can reach, and where each ends
+    for paragraph in reference_paragraphs():
+        if ends[-1] > total_tokens:
+            break
+        paragraphs.append(paragraph)
+        ends.append(ends[-1] + len(encode(paragraph + "\n\n")))
+    ends = np.array(ends[1:])
+
+    def build(n: int) -> list[int]:
+        before = int(np.searchsorted(ends[:n], depth * ends[n - 1], side="right"))  # depth in tokens
+        return encode("\n\n".join(paragraphs[:before] + [needle] + paragraphs[before:n]) + question)
+
+    # The most paragraphs that fit (prompt length grows with n); the text runs out past about 115K tokens.
+    n = bisect_right(range(1, len(paragraphs) + 1), total_tokens, key=lambda n: len(build(n)))
+    return TaskPrompt(build(max(n, 1)), str(key), depth)
+
+
 def task_prompt(task: str, encode: Callable[[str], list[int]], total_tokens: int, depth: float, seed: int) -> TaskPrompt:
     rng = np.random.default_rng(seed)
     if task == "passkey":
@@ -85,4 +115,6 @@ def task_prompt(task: str, encode: Callable[[str], list[int]], total_tokens: int
         return retrieve_number_prompt(encode, total_tokens, depth, rng)
     if task == "retrieve-kv":
         return retrieve_kv_prompt(encode, total_tokens, depth, rng)
+    if task == "text-passkey":
+        return text_passkey_prompt(encode, total_tokens, depth, int(rng.integers(10000, 100000)))
     raise ValueError(task)

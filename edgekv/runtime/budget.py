@@ -29,7 +29,7 @@ import numpy as np
 
 from edgekv.runtime.kernels.pages import EMPTY, assign_slots
 from edgekv.runtime.positions import FarPages
-from edgekv.runtime.rope import Rope
+from edgekv.runtime.rope import KeyShifter
 from edgekv.runtime.selection import Selection
 from edgekv.runtime.tiers import TieredPool
 
@@ -87,7 +87,7 @@ class BudgetBuffer:
         pool.copy(layer, pages, page_heads, self.pages_k, self.pages_v, slots)
         self.rotated_to[page_heads, slots] = OWN_POSITIONS
 
-    def place_far(self, far: FarPages, rope: Rope) -> None:
+    def place_far(self, far: FarPages, shifter: KeyShifter) -> None:
         """Rotate the keys of the resident far pages (the sink and middle pages before far.pages) to
         far.position, from their own positions or from an earlier far position."""
         sink = np.full((self.table.shape[0], 1), 0 if self.holds_sink else EMPTY, np.int64)
@@ -99,7 +99,7 @@ class BudgetBuffer:
         own = held[heads, slots][:, None] * self.page_size + np.arange(self.page_size)
         before = self.rotated_to[heads, slots][:, None]
         shifts = far.position - np.where(before == OWN_POSITIONS, own, before)
-        self.pages_k[heads, slots] = rope.rotate(self.pages_k[heads, slots], shifts)
+        self.pages_k[heads, slots] = shifter.rotate(self.pages_k[heads, slots], shifts)
         self.rotated_to[heads, slots] = far.position
 
     def positions(self, selection: Selection) -> np.ndarray:

@@ -108,6 +108,7 @@ class Engine:
     session_dir: Path
     timers: HostTimers
     positions: str = "absolute"  # the position scheme (positions.py); the static cache's are absolute
+    local_window: int = 0  # tokens of recent pages every selection keeps; none in the static cache
     tokens: list[int] = field(default_factory=list)  # tokens whose K/V are in the cache
     warned_context: bool = False
     # Called with each graph and its bound inputs just before it runs (INT8 calibration records them).
@@ -117,7 +118,7 @@ class Engine:
     def open(cls, artifact: Path | str, policy: str = "quest", spill_dir: Path | str | None = None,
              threads: int = 0, host_kv_bytes: int | None = None, device_kv_bytes: int | None = None,
              budget: int | None = None, layer_budgets: list[int] | None = None,
-             kv_dtype: str | None = None, positions: str | None = None,
+             kv_dtype: str | None = None, positions: str | None = None, local_window: int | None = None,
              backend: BackendFactory = OnnxruntimeBackend.open) -> "Engine":
         """`budget`: a decode budget (tokens) up to the graphs' own, for evaluating smaller budgets: every
         layer's budget scales with it (the dense layers keep their factor, prefill its ratio) and the
@@ -125,16 +126,18 @@ class Engine:
         `layer_budgets`: instead, one decode budget per layer, each up to its graph's (calibration).
         `kv_dtype`: how pages are stored in the host and disk tiers, instead of the profile's.
         `positions`: the position scheme of the paged cache (positions.py), instead of the profile's.
+        `local_window`: tokens of recent pages every selection keeps, instead of the profile's.
         `backend`: makes the backend that runs the graphs (onnxruntime by default)."""
-        if policy not in POLICIES:
-            raise EdgekvError(f"unknown policy '{policy}'; choose one of: {', '.join(POLICIES)}")
-        if kv_dtype is not None and kv_dtype not in KV_DTYPES:
-            raise EdgekvError(f"unknown KV dtype '{kv_dtype}'; choose one of: {', '.join(KV_DTYPES)}")
-        if positions is not None and positions not in POSITION_SCHEMES:
-            raise EdgekvError(f"unknown position scheme '{positions}'; choose one of: {', '.join(POSITION_SCHEMES)}")
+        for value, known, what in ((policy, POLICIES, "policy"), (kv_dtype, KV_DTYPES, "KV dtype"),
+                                   (positions, POSITION_SCHEMES, "position scheme")):
+            if value is not None and value not in known:
+                raise EdgekvError(f"unknown {what} '{value}'; choose one of: {', '.join(known)}")
         manifest = load_verified(artifact)
         profile, model = manifest.profile, manifest.model
         positions = positions or profile.positions
+        local_window = profile.local_window if local_window is None else local_window
+        if local_window < 0 or local_window % profile.page_size:
+            raise EdgekvError(f"local window {local_window} must be a multiple of {profile.page_size} (the page size), >= 0")
         # The smallest budget whose scaled prefill budget still holds a chunk's pages and the sink.
         smallest = -(-(profile.prefill_chunk + 2 * profile.page_size) * profile.decode_budget // profile.prefill_budget)
         if budget is not None and not smallest <= budget <= profile.decode_budget:
@@ -161,14 +164,16 @@ class Engine:
             clamped = (ClampedPositions.for_model(model["max_context"], profile.prefill_chunk)
                        if positions == "clamped" else None)
             cache = PagedCache(policy, pool, [b // profile.page_size for b in layer_budgets], scale, timers,
-                               mask_value=profile.mask_value, clamped=clamped, rope=rope)
+                               mask_value=profile.mask_value, clamped=clamped, rope=rope,
+                               local_pages=local_window // profile.page_size)
         runner = backend(manifest, threads)
         steps = []
         for kind in ("prefill", "decode"):
             graphs = manifest.variant(f"{cache.family}-{kind}")
             steps.append(bind_step(runner, graphs, cache.inputs(graphs, decoding=kind == "decode")))
         return cls(manifest, policy, Embedding.open(manifest), rope, runner, cache, *steps, session_dir, timers,
-                   positions="absolute" if policy == "dense" else positions)
+                   positions="absolute" if policy == "dense" else positions,
+                   local_window=0 if policy == "dense" else local_window)
 
     def reset(self) -> None:
         """Empty the KV cache (a new conversation); the graphs and their bound buffers stay."""

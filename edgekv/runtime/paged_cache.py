@@ -26,7 +26,7 @@ from edgekv.runtime.kernels.bounds import widen_bounds, write_rows
 from edgekv.runtime.kv_cache import KV, CacheUsage, LayerInputs, fill_mask
 from edgekv.runtime.page_bounds import PageBounds
 from edgekv.runtime.positions import ClampedPositions, FarPages
-from edgekv.runtime.rope import Rope
+from edgekv.runtime.rope import KeyShifter, Rope
 from edgekv.runtime.selection import FarView, Selection, select_pages
 from edgekv.runtime.stats import HostTimers
 from edgekv.runtime.tiers import LayerKeys, TieredPool
@@ -101,14 +101,14 @@ class FarKeys:
 
     keys: LayerKeys
     far: FarPages
-    rope: Rope
+    shifter: KeyShifter
 
     def read(self, pages: np.ndarray) -> np.ndarray:
         keys = self.keys.read(pages)
         page_size = keys.shape[2]
         heads, columns = np.nonzero(pages < self.far.pages)
         own = pages[heads, columns][:, None] * page_size + np.arange(page_size)
-        keys[heads, columns] = self.rope.rotate(keys[heads, columns], self.far.position - own)
+        keys[heads, columns] = self.shifter.rotate(keys[heads, columns], self.far.position - own)
         return keys
 
 
@@ -128,6 +128,7 @@ class PagedCache:
     mask_value: float = MASK_VALUE
     clamped: ClampedPositions | None = None  # the clamped position scheme (positions.py); None: absolute
     rope: Rope | None = None  # the model's RoPE, which the clamped scheme rotates keys with
+    local_pages: int = 0  # the most recent pages every quest or rerank selection keeps
     family = "budget"
     layers: list[LayerPages] = field(init=False)
     buffers: dict[bool, list[tuple[int, BudgetBuffer, np.ndarray]]] = field(default_factory=dict)
@@ -138,9 +139,12 @@ class PagedCache:
     first_new: int = field(init=False, default=0)
     masked: dict[int, int] = field(init=False, default_factory=dict)  # budget -> the page limit its mask holds
     far: FarPages | None = field(init=False, default=None)  # the step's far pages (clamped scheme)
+    shifter: KeyShifter | None = field(init=False, default=None)  # rotates far keys (clamped scheme)
 
     def __post_init__(self) -> None:
         self.layers = self._new_layers()
+        if self.clamped is not None:
+            self.shifter = KeyShifter(self.rope)
 
     def _new_layers(self) -> list[LayerPages]:
         rope = self.rope if self.clamped is not None else None
@@ -189,9 +193,9 @@ class PagedCache:
         far = None
         if self.far is not None:
             far = FarView(self.far.pages, self.rope.rotate(q, -self.far.position), pages.unrotated.full,
-                          FarKeys(keys, self.far, self.rope) if keys is not None else None)
+                          FarKeys(keys, self.far, self.shifter) if keys is not None else None)
         selection = select_pages(self.policy, q, pages.bounds(), pages.n_pages, self.first_new, limit, keys,
-                                 self.row_positions[self.pad:], far)
+                                 self.row_positions[self.pad:], far, self.local_pages)
         if self.reselect is not None:
             selection = self.reselect(layer, q, pages, selection)
         selected = time.perf_counter()
@@ -199,7 +203,7 @@ class PagedCache:
             buffer.clear()
         buffer.update(self.pool, layer, selection)
         if self.far is not None:
-            buffer.place_far(self.far, self.rope)
+            buffer.place_far(self.far, self.shifter)
         if self.masked.get(budget) != limit:  # one fill serves every layer of that budget and page limit
             fill_mask(mask, buffer.positions(selection), pages.length, self.row_positions, self.pad,
                       self.mask_value)

@@ -7,9 +7,11 @@ attention scaling are the model's own, recorded at export (after its rope theta 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from edgekv.runtime.kernels.rotation import rotate_keys, shift_table
 
 
 @dataclass(frozen=True)
@@ -42,3 +44,24 @@ class Rope:
         rotated[..., :half] = first * cos - second * sin
         rotated[..., half:] = second * cos + first * sin
         return rotated
+
+
+@dataclass
+class KeyShifter:
+    """Rotates cached keys by whole numbers of positions (kernels/rotation.py), from a table of cos/sin per
+    shift that grows with the largest shift asked for: the clamped scheme shifts far keys by up to the
+    context's length, page after page, every step."""
+
+    rope: Rope
+    cos: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    sin: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+
+    def rotate(self, keys: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+        """keys [m, page_size, D] each rotated by shifts [m, page_size] positions (as Rope.rotate)."""
+        if keys.size == 0:
+            return keys.copy()
+        need = int(np.abs(shifts).max()) + 1
+        if need > len(self.cos):
+            self.cos, self.sin = shift_table(self.rope.inv_freq, max(need, 2 * len(self.cos)))
+        return rotate_keys(np.ascontiguousarray(keys, np.float32), np.ascontiguousarray(shifts, np.int64),
+                           self.cos, self.sin)

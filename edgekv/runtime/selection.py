@@ -104,8 +104,9 @@ def candidate_scores(q: np.ndarray, bounds: np.ndarray, first_new: int, far: Far
     """Quest's bounds of the candidate pages 1..first_new-1, the far ones' (if any) under their position."""
     if far is None or far.pages <= 1:
         return quest_page_scores(q, bounds, slice(1, first_new))
-    return np.concatenate([quest_page_scores(far.q, far.bounds, slice(1, far.pages)),
-                           quest_page_scores(q, bounds, slice(far.pages, first_new))], axis=1)
+    split = min(far.pages, first_new)
+    return np.concatenate([quest_page_scores(far.q, far.bounds, slice(1, split)),
+                           quest_page_scores(q, bounds, slice(split, first_new))], axis=1)
 
 
 def top_pages(scores: np.ndarray, count: int) -> np.ndarray:
@@ -117,11 +118,13 @@ def top_pages(scores: np.ndarray, count: int) -> np.ndarray:
 
 def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, first_new: int,
                  budget_pages: int, keys: KeyReader | None = None, row_positions: np.ndarray | None = None,
-                 far: FarView | None = None) -> Selection:
+                 far: FarView | None = None, local_pages: int = 0) -> Selection:
     """The selection of one layer and step (quest, rerank or streaming).
 
     `first_new` is the first page the step writes. rerank also needs the layer's `keys` and the positions
-    of q's rows. `far`: the pages that sit at one position under the clamped scheme, if any.
+    of q's rows. `far`: the pages that sit at one position under the clamped scheme, if any. `local_pages`:
+    the most recent pages before the step's, kept whatever their score (a local window), the rest of the
+    room chosen by the policy among the older pages.
     """
     kv_heads = bounds.shape[0]
     if first_new == 0:
@@ -132,21 +135,24 @@ def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, f
     room = budget_pages - 1 - (n_pages - first_new)  # middle pages that fit besides sink and new pages
     if room < 0:
         raise ValueError(f"a step writing {n_pages - first_new} pages does not fit a budget of {budget_pages}")
-    if policy == "streaming":
-        middle = np.arange(first_new - room, first_new, dtype=np.int64)
-        return Selection(np.broadcast_to(middle, (kv_heads, room)), first_new, n_pages)
-    if policy == "quest" or room == 0:  # candidates: pages 1..first_new-1
-        return Selection(top_pages(candidate_scores(q, bounds, first_new, far), room) + 1, first_new, n_pages)
+    window = room if policy == "streaming" else min(local_pages, room)
+    local = np.broadcast_to(np.arange(first_new - window, first_new, dtype=np.int64), (kv_heads, window))
+    room, older = room - window, first_new - window  # the policy chooses `room` of pages 1..older-1
+    if room == 0:
+        return Selection(local, first_new, n_pages)
+    if policy == "quest":
+        chosen = top_pages(candidate_scores(q, bounds, older, far), room) + 1
+        return Selection(np.concatenate([chosen, local], axis=1), first_new, n_pages)
     factor = RERANK_SHORTLIST_ROW if q.shape[1] == 1 else RERANK_SHORTLIST_CHUNK
-    shortlist = min(first_new - 1, factor * room)
-    if shortlist == first_new - 1:  # every candidate is shortlisted: no need for their bounds
-        candidates = np.broadcast_to(np.arange(1, first_new), (kv_heads, shortlist))
+    shortlist = min(older - 1, factor * room)
+    if shortlist == older - 1:  # every candidate is shortlisted: no need for their bounds
+        candidates = np.broadcast_to(np.arange(1, older), (kv_heads, shortlist))
     else:
-        candidates = top_pages(candidate_scores(q, bounds, first_new, far), shortlist) + 1
+        candidates = top_pages(candidate_scores(q, bounds, older, far), shortlist) + 1
     if far is not None:
         keys = far.keys
-    return Selection(most_attended(q, candidates, room, keys, row_positions, first_new, n_pages, far is None),
-                     first_new, n_pages)
+    chosen = most_attended(q, candidates, room, keys, row_positions, first_new, n_pages, far is None)
+    return Selection(np.concatenate([chosen, local], axis=1), first_new, n_pages)
 
 
 def most_attended(q: np.ndarray, candidates: np.ndarray, room: int, keys: KeyReader, row_positions: np.ndarray,

@@ -1,0 +1,45 @@
+"""RoPE's rotation of cached keys by a number of positions, with cos/sin read from a table of shifts.
+
+A key rotated at position n and rotated again by s positions is the key rotated at n + s (rotations
+compose), so the clamped position scheme moves a far key to the far position by rotating it by the
+difference. The table holds cos/sin of s x inv_freq for s = 0..n-1 (float64 angles, float32 values); a
+negative shift reads the table at -s with the sine's sign flipped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+def shift_table(inv_freq: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [n, D/2] float32 of the rotations by 0..n-1 positions."""
+    angles = np.multiply.outer(np.arange(n, dtype=np.float64), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rotate_keys_reference(keys: np.ndarray, shifts: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """keys [..., D] each rotated by its shift (shifts: keys' leading shape), rotate-half convention:
+    (a, b) -> (a cos - b sin, b cos + a sin) per channel pair."""
+    c, s = cos[np.abs(shifts)], sin[np.abs(shifts)] * np.sign(shifts)[..., None]
+    half = cos.shape[1]
+    a, b = keys[..., :half], keys[..., half:]
+    return np.concatenate([a * c - b * s, b * c + a * s], axis=-1).astype(np.float32)
+
+
+@njit(cache=True)
+def rotate_keys(keys: np.ndarray, shifts: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """rotate_keys_reference for keys [m, page_size, D] and shifts [m, page_size], in one compiled pass."""
+    m, rows, dim = keys.shape
+    half = dim // 2
+    out = np.empty_like(keys)
+    for i in range(m):
+        for r in range(rows):
+            shift = shifts[i, r]
+            index, sign = (shift, 1.0) if shift >= 0 else (-shift, -1.0)
+            for c in range(half):
+                a, b = keys[i, r, c], keys[i, r, c + half]
+                co, si = cos[index, c], sin[index, c] * sign
+                out[i, r, c] = a * co - b * si
+                out[i, r, c + half] = b * co + a * si
+    return out
