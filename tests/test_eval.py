@@ -10,7 +10,8 @@ import pytest
 from conftest import run_edgekv
 from edgekv.core.errors import EdgekvError
 from edgekv.evaluation.evaluate import record_rows
-from edgekv.evaluation.metrics import mean_kl, perplexity, top1_agreement
+from edgekv.evaluation.metrics import log_softmax, mean_kl, perplexity, top1_agreement
+from edgekv.evaluation.perplexity import window_nll
 from edgekv.evaluation.tasks import TASKS, task_prompt
 from edgekv.runtime.engine import Engine
 
@@ -104,6 +105,44 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_artifacts, tmp_path):
     assert rows[48, 0]["mean_kl"] > rows[512, 0]["mean_kl"]
 
 
+@pytest.mark.parametrize("policy", ["dense", "quest"])
+def test_window_scores_are_those_of_decoding_the_text_token_by_token(tiny_artifacts, policy):
+    """Each window's scored tokens get the log-likelihood a decode step gives them after every token before
+    (the rest prefilled); 200 tokens fit the budget, so quest is exact attention too."""
+    tokens = [int(t) for t in np.random.default_rng(5).integers(3, 200, 200)]
+    engine = Engine.open(tiny_artifacts["llama"], policy)
+    try:
+        windows = window_nll(engine, tokens, 64, 16)
+        engine.reset()
+        logits = np.stack([engine.decode(token) for token in tokens[:-1]])
+    finally:
+        engine.close()
+    every = -log_softmax(logits)[np.arange(len(tokens) - 1), tokens[1:]]  # every[i]: token i + 1
+    assert [len(w) for w in windows] == [16, 16, 16, 8]
+    for index, scores in enumerate(windows):
+        end = min((index + 1) * 64, len(tokens))
+        np.testing.assert_allclose(scores, every[end - len(scores) - 1:end - 1], atol=2e-4)
+
+
+def test_eval_perplexity_per_window(tiny_artifacts, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"The robot number {i} painted the sky {i % 7} times." for i in range(300)))
+    result = run_edgekv("eval", str(tiny_artifacts["llama"]), "--task", "perplexity", "--contexts", "300",
+                        "--window", "100", "--scored-tokens", "20", "--policies", "quest,dense", "--budgets", "48,512",
+                        "--text", str(text), "--json", str(tmp_path / "p.json"), "--plot", str(tmp_path / "p.png"))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    windows = {(r["policy"], r["budget"]): [] for r in rows}
+    for r in rows:
+        windows[r["policy"], r["budget"]].append((r["first_token"], r["tokens"], r["perplexity"]))
+    assert [w[:2] for w in windows["dense", None]] == [(80, 20), (180, 20), (280, 20)]
+    # 300 tokens fit a budget of 512: the same perplexities as dense; a budget of 48 attends over less
+    np.testing.assert_allclose([w[2] for w in windows["quest", 512]], [w[2] for w in windows["dense", None]],
+                               rtol=1e-4)
+    assert windows["quest", 48][2][2] != pytest.approx(windows["dense", None][2][2], rel=1e-4)
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--task", "agreement", "--contexts", "300", "--text", "/nonexistent.txt"], "text file /nonexistent.txt does not exist"),
     (["--task", "passkey", "--depths", "0.5,2"], "--depths must lie between 0 and 1"),
@@ -112,6 +151,8 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_artifacts, tmp_path):
      "unknown position scheme 'relative' in --positions; choose from: absolute, clamped"),
     (["--task", "passkey", "--contexts", "256", "--policies", "quest", "--local-windows", "12"],
      "local window 12 must be a multiple of 8 (the page size), >= 0"),
+    (["--task", "perplexity", "--contexts", "9000000", "--policies", "quest"],
+     "Python's language reference has"),
 ])
 def test_eval_bad_input(tiny_artifacts, args, message):
     result = run_edgekv("eval", str(tiny_artifacts["llama"]), *args)

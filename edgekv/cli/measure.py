@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 import click
 import numpy as np
@@ -143,15 +144,19 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
 
 @click.command("eval")
 @click.argument("directory", type=click.Path(path_type=Path), required=False)
-@click.option("--task", type=click.Choice([*TASKS, "agreement"]), required=True)
+@click.option("--task", type=click.Choice([*TASKS, "agreement", "perplexity"]), required=True)
 @click.option("--contexts", default="2048,4096,8000", show_default=True, help="Comma-separated prompt lengths.")
 @click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, help="Where the answer sits (retrieval).")
 @click.option("--budgets", default=None, help="Decode budgets up to the artifact's [default: the artifact's own].")
 @click.option("--policies", default="quest,streaming,dense", show_default=True)
 @click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
-              help="agreement: the text [default: text the model writes itself from a fixed seed].")
+              help="agreement: the text [default: text the model writes itself from a fixed seed]; perplexity: "
+                   "the text [default: Python's language reference, as the standard library ships it].")
+@click.option("--window", type=int, default=4096, show_default=True,
+              help="perplexity: tokens per window, each window's perplexity reported.")
 @click.option("--scored-tokens", type=int, default=128, show_default=True,
-              help="agreement: the last tokens of each context that are compared.")
+              help="agreement: the last tokens of each context that are compared; perplexity: the last tokens "
+                   "of each window that are scored.")
 @click.option("--kv-dtype", type=click.Choice(list(KV_DTYPES)), default=None,
               help="How KV pages are stored in the host and disk tiers [default: the profile's kv_dtype].")
 @click.option("--reference", "reference_dir", type=click.Path(path_type=Path), default=None,
@@ -167,11 +172,13 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
                    "multiples of the page size [default: the profile's kv.local_window].")
 @backend_option
 def evaluate(directory, task, contexts, depths, budgets, policies, text_file, scored_tokens, kv_dtype,
-             reference_dir, json_path, plot_path, positions, local_windows, backend) -> None:
-    """Long-context accuracy per context, depth and budget; or agreement of each policy with dense."""
+             reference_dir, json_path, plot_path, positions, local_windows, window, backend) -> None:
+    """Long-context accuracy per context, depth and budget; agreement of each policy with dense; or
+    perplexity per window of a long text."""
     from edgekv.evaluation.evaluate import (EvalPlan, plot_eval, record_rows, run_agreement, run_retrieval,
                                             self_written_text)
-    from edgekv.runtime.tokens import ArtifactTokenizer
+    from edgekv.evaluation.perplexity import plot_perplexity, run_perplexity
+    from edgekv.evaluation.tasks import reference_paragraphs
     from edgekv.targets.registry import BACKENDS, backend_name
 
     artifact = artifact_dir(directory)
@@ -193,18 +200,26 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
     if "dense" in policy_names and max(plan.contexts) > manifest.model["max_context"]:
         raise EdgekvError(f"the dense baseline stops at {manifest.model['max_context']} tokens; lower --contexts "
                           "or leave dense out of --policies")
-    if task == "agreement":
+    if task == "perplexity":
+        text = eval_text(text_file, manifest, max(plan.contexts),
+                         lambda encode: encode("\n\n".join(reference_paragraphs())), "Python's language reference")
+        if not 2 <= scored_tokens < window:
+            raise EdgekvError("--scored-tokens must be at least 2 and below --window")
+        rows = record_rows(run_perplexity(artifact, text, plan, window, scored_tokens), json_path,
+                           {**header, "window": window, "scored_tokens": scored_tokens})
+        table = Table(title=f"perplexity of the last {scored_tokens} tokens of each window of {window}")
+        for column in ("policy", "positions", "window", "budget", "context", "perplexity per window"):
+            table.add_column(column, justify="right")
+        key = ("policy", "positions", "local_window", "budget", "context")
+        for group in dict.fromkeys(tuple(r[k] for k in key) for r in rows):
+            policy, scheme, local, budget, context = group
+            table.add_row(policy, scheme, str(local), str(budget or "full"), str(context),
+                          " ".join(f"{r['perplexity']:.2f}" for r in rows if tuple(r[k] for k in key) == group))
+    elif task == "agreement":
         if not 2 <= scored_tokens < min(plan.contexts):
             raise EdgekvError("--scored-tokens must be at least 2 and below the smallest context")
-        if text_file is not None:
-            if not text_file.is_file():
-                raise EdgekvError(f"text file {text_file} does not exist")
-            text = ArtifactTokenizer.load(manifest).encode(text_file.read_text())
-            if len(text) < max(plan.contexts):
-                raise EdgekvError(f"{text_file} has {len(text)} tokens, fewer than the largest context "
-                                  f"{max(plan.contexts)}; give a longer text or smaller --contexts")
-        else:
-            text = self_written_text(artifact, max(plan.contexts))
+        text = eval_text(text_file, manifest, max(plan.contexts),
+                         lambda _: self_written_text(artifact, max(plan.contexts)), "the self-written text")
         if reference_dir is not None:
             reference = load_verified(reference_dir)
             if reference.model["source_sha256"] != manifest.model["source_sha256"]:
@@ -228,12 +243,26 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
         key = ("policy", "positions", "local_window", "budget", "requested_context")
         for group in dict.fromkeys(tuple(r[k] for k in key) for r in rows):
             mine = [r for r in rows if tuple(r[k] for k in key) == group]
-            policy, scheme, window, budget, context = group
-            table.add_row(policy, scheme, str(window), str(budget or "full"), str(context),
+            policy, scheme, local, budget, context = group
+            table.add_row(policy, scheme, str(local), str(budget or "full"), str(context),
                           f"{np.mean([r['correct'] for r in mine]):.2f}",
                           " ".join(f"{r['depth']:g}" for r in mine if r["correct"]) or "-")
     (out if out.is_terminal else Console(width=200)).print(table)
     if plot_path:
-        plot_eval(rows, plot_path, f"{task}: {manifest.model['name']}, {manifest.profile.name}")
+        plot = plot_perplexity if task == "perplexity" else plot_eval
+        plot(rows, plot_path, f"{task}: {manifest.model['name']}, {manifest.profile.name}")
 
 
+def eval_text(text_file: Path | None, manifest, tokens_needed: int, default: Callable[[Callable], list[int]],
+              default_name: str) -> list[int]:
+    """The tokens of --text, or default(encode) without it; a clear error when there are too few."""
+    from edgekv.runtime.tokens import ArtifactTokenizer
+
+    encode = ArtifactTokenizer.load(manifest).encode
+    if text_file is not None and not text_file.is_file():
+        raise EdgekvError(f"text file {text_file} does not exist")
+    text = encode(text_file.read_text()) if text_file is not None else default(encode)
+    if len(text) < tokens_needed:
+        raise EdgekvError(f"{text_file or default_name} has {len(text)} tokens, fewer than the largest context "
+                          f"{tokens_needed}; give a longer --text or smaller --contexts")
+    return text

@@ -66,7 +66,7 @@ class EvalRun:
 DENSE_RUN = EvalRun("dense", None)
 
 
-def _runs(plan: EvalPlan) -> list[EvalRun]:
+def plan_runs(plan: EvalPlan) -> list[EvalRun]:
     """Every budget, scheme and window for the selecting policies, one run for dense (absolute positions in
     its static cache, no selection)."""
     return [DENSE_RUN if p == "dense" else EvalRun(p, b, s, w) for p in plan.policies
@@ -74,13 +74,13 @@ def _runs(plan: EvalPlan) -> list[EvalRun]:
             for w in (plan.local_windows if p != "dense" else [None])]
 
 
-def _log(text: str) -> None:
+def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
 def run_retrieval(artifact: Path, task: str, plan: EvalPlan, seed: int = 0) -> Iterator[dict]:
     """One row per policy, budget, context and depth, as each is measured."""
-    for run in dict.fromkeys(_runs(plan)):
+    for run in dict.fromkeys(plan_runs(plan)):
         engine = run.open(artifact, plan.kv_dtype, plan.backend)
         try:
             tokenizer = ArtifactTokenizer.load(engine.manifest)
@@ -93,7 +93,7 @@ def run_retrieval(artifact: Path, task: str, plan: EvalPlan, seed: int = 0) -> I
                     row = {"task": task, **run.fields(engine), "context": len(prompt.tokens),
                            "requested_context": context, "depth": depth, "answer": prompt.answer,
                            "reply": reply, "correct": prompt.answer in reply}
-                    _log(f"  {task} {run.label()} context {len(prompt.tokens):>6} "
+                    log(f"  {task} {run.label()} context {len(prompt.tokens):>6} "
                          f"depth {depth:4.0%}: {'right' if row['correct'] else 'wrong'} {reply!r}")
                     yield row
         finally:
@@ -128,7 +128,7 @@ def self_written_text(artifact: Path, tokens_needed: int) -> list[int]:
             # No EOS stop: when the model ends its text it is asked to go on.
             text += list(engine.generate(text[len(engine.tokens):], min(512, tokens_needed - len(text)), sampler,
                                          eos_ids=set()))
-            _log(f"  self-written text: {len(text)}/{tokens_needed} tokens")
+            log(f"  self-written text: {len(text)}/{tokens_needed} tokens")
         return text[:tokens_needed]
     finally:
         engine.close()
@@ -167,7 +167,7 @@ def run_agreement(artifact: Path, text: list[int], plan: EvalPlan, scored: int,
         tokens = text[:context]
         targets = np.array(tokens[len(tokens) - scored:])  # logits[i] predicts tokens[len - scored + i]
         dense = None
-        runs = dict.fromkeys(_runs(plan) if reference else [DENSE_RUN] + _runs(plan))
+        runs = dict.fromkeys(plan_runs(plan) if reference else [DENSE_RUN] + plan_runs(plan))
         for run in runs:
             start = time.perf_counter()
             logits, fields = forced_logits(artifact, run, tokens, scored, plan.kv_dtype, plan.backend)
@@ -185,7 +185,7 @@ def run_agreement(artifact: Path, text: list[int], plan: EvalPlan, scored: int,
                    "perplexity": perplexity(logits, targets),
                    # wall time of each run (open, prefill, decode): the backend's against the reference's (CPU)
                    "seconds": round(seconds, 2), "reference_seconds": reference_seconds and round(reference_seconds, 2)}
-            _log(f"  agreement {run.label()} context {context:>6}: top-1 "
+            log(f"  agreement {run.label()} context {context:>6}: top-1 "
                  f"{row['top1_agreement']:.3f}, KL {row['mean_kl']:.4f}, perplexity {row['perplexity']:.2f}")
             yield row
 
