@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from edgekv.core.constants import BACKENDS, DEFAULT_MODEL, POLICIES, POSITION_SCHEMES
+from edgekv.core.constants import BACKENDS, DEFAULT_MODEL, DEFAULT_POLICY, POLICIES, POSITION_SCHEMES
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import default_artifact_dir, read_manifest
 
@@ -16,6 +16,12 @@ POLICY_HELP = ("quest: Quest page selection (fastest); rerank: Quest's shortlist
                "most recent pages; dense: the full-context baseline graphs.")
 
 console = Console(stderr=True)
+
+
+def policy_option(command):
+    """--policy, one of POLICIES, for the commands that run one engine."""
+    return click.option("--policy", type=click.Choice(list(POLICIES)), default=DEFAULT_POLICY, show_default=True,
+                        help=POLICY_HELP)(command)
 out = Console(soft_wrap=True)
 
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.common import (POLICY_HELP, backend_option, console, open_engine, positions_option,
+from edgekv.cli.common import (backend_option, console, open_engine, policy_option, positions_option,
                                sampling_options)
-from edgekv.core.constants import POLICIES
 from edgekv.core.errors import EdgekvError
 
 
@@ -18,7 +17,7 @@ from edgekv.core.errors import EdgekvError
 @click.option("--prompt", default=None, help="The prompt text.")
 @click.option("--prompt-file", type=click.Path(path_type=Path), default=None, help="Read the prompt from a file.")
 @click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
-@click.option("--policy", type=click.Choice(list(POLICIES)), default="quest", show_default=True, help=POLICY_HELP)
+@policy_option
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--stop", "stops", multiple=True, help="Stop when the reply contains this text (repeatable).")
 @click.option("--spill-dir", type=click.Path(path_type=Path), default=None,
@@ -73,7 +72,7 @@ def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops,
 @click.command()
 @click.argument("directory", type=click.Path(path_type=Path), required=False)
 @click.option("--system", default=None, help="System prompt [default: the chat template's own].")
-@click.option("--policy", type=click.Choice(list(POLICIES)), default="quest", show_default=True, help=POLICY_HELP)
+@policy_option
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Longest reply.")
 @click.option("--spill-dir", type=click.Path(path_type=Path), default=None,
               help="Where the session directory for spilled KV pages goes [default: system temp].")

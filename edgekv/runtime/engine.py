@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from edgekv.core.constants import KV_DTYPES, POLICIES, POSITION_SCHEMES
+from edgekv.core.constants import DEFAULT_POLICY, KV_DTYPES, POLICIES, POSITION_SCHEMES
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import GraphEntry, Manifest, load_verified
 from edgekv.runtime.backend import BackendFactory, GraphBackend, OnnxruntimeBackend
@@ -60,7 +60,7 @@ class Engine:
     on_graph: Callable[[GraphEntry, dict[str, np.ndarray]], None] | None = None
 
     @classmethod
-    def open(cls, artifact: Path | str, policy: str = "quest", spill_dir: Path | str | None = None,
+    def open(cls, artifact: Path | str, policy: str = DEFAULT_POLICY, spill_dir: Path | str | None = None,
              threads: int = 0, host_kv_bytes: int | None = None, device_kv_bytes: int | None = None,
              budget: int | None = None, layer_budgets: list[int] | None = None,
              kv_dtype: str | None = None, positions: str | None = None, local_window: int | None = None,
