@@ -1,5 +1,5 @@
-"""Position schemes of the paged cache (edgekv/runtime/positions.py): the clamped scheme's boundaries by
-hand, RoPE's rotation on the host, the far keys a graph receives and the bounds they are selected by, and
+"""Position schemes of the paged cache (edgekv/runtime/positions.py): the clamped and folded schemes'
+boundaries by hand, RoPE's rotation on the host, the far keys a graph receives and the bounds they are selected by, and
 runs that must equal each other exactly."""
 
 import numpy as np
@@ -8,36 +8,47 @@ import pytest
 from edgekv.core.errors import EdgekvError
 from edgekv.runtime.bfloat16 import widen_bfloat16
 from edgekv.runtime.budget import OWN_POSITIONS
+from edgekv.runtime import positions
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.kernels.pages import EMPTY
-from edgekv.runtime.positions import ClampedPositions, FarPages
+from edgekv.runtime.positions import FOLD_TOKENS, FarPages, FarPositions
 from edgekv.runtime.rope import Rope
 
 RNG = np.random.default_rng(21)
 
 
-def test_clamped_boundaries_by_hand():
-    scheme = ClampedPositions.for_model(8192, rows=64)  # SmolLM2 at npu-small's 64-token prefill chunk
-    assert (scheme.near_tokens, scheme.step) == (8064, 64)
-    assert scheme.far(0, 8) is None and scheme.far(8127, 8) is None  # every key at its own position
-    assert scheme.far(8128, 8) == FarPages(pages=8, position=63)  # tokens 0..63 sit at 63
-    assert scheme.far(8191, 8) == FarPages(pages=8, position=63)
-    assert scheme.far(8192, 8) == FarPages(pages=16, position=127)
-    assert scheme.far(131072, 8) == FarPages(pages=(131072 - 8064) // 8, position=131072 - 8064 - 1)
+def test_clamped_and_folded_boundaries_by_hand():
+    clamped = FarPositions.for_model("clamped", 8192, rows=64)  # SmolLM2 at npu-small's 64-token chunk
+    assert (clamped.near_tokens, clamped.step, clamped.fold) == (8064, 64, 1)
+    assert clamped.far(0, 8) is None and clamped.far(8127, 8) is None  # every key at its own position
+    assert clamped.far(8128, 8) == FarPages(pages=8, base=63, fold=1)  # tokens 0..63 sit at 63
+    assert clamped.far(8191, 8) == FarPages(pages=8, base=63, fold=1)
+    assert clamped.far(8192, 8) == FarPages(pages=16, base=127, fold=1)
+    assert clamped.far(131072, 8) == FarPages(pages=(131072 - 8064) // 8, base=131072 - 8064 - 1, fold=1)
+    folded = FarPositions.for_model("folded", 8192, rows=64)
+    assert (folded.near_tokens, folded.fold) == (8192 - 128 - FOLD_TOKENS + 1, FOLD_TOKENS)
+    start = folded.near_tokens + 64 * 100  # 6400 far tokens, folded into the FOLD_TOKENS before token 6400
+    far = folded.far(start, 8)
+    assert far == FarPages(pages=800, base=6400 - FOLD_TOKENS, fold=FOLD_TOKENS)
+    own = np.array([0, 1, FOLD_TOKENS - 1, FOLD_TOKENS, 6399])
+    assert far.positions(own).tolist() == [6400 - FOLD_TOKENS, 6401 - FOLD_TOKENS, 6399, 6400 - FOLD_TOKENS,
+                                           6400 - FOLD_TOKENS + 6399 % FOLD_TOKENS]
 
 
-def test_no_distance_passes_the_trained_context():
+@pytest.mark.parametrize("scheme", ["clamped", "folded"])
+def test_no_distance_passes_the_trained_context(scheme):
     trained, rows, page_size = 8192, 64, 8
-    scheme = ClampedPositions.for_model(trained, rows)
+    positions = FarPositions.for_model(scheme, trained, rows)
     for start in range(0, 40000, 7):
         last_row = start + rows - 1
-        far = scheme.far(start, page_size)
+        far = positions.far(start, page_size)
         first_own = 0 if far is None else far.pages * page_size  # the oldest key at its own position
         if far is not None:
-            assert last_row - far.position < trained
-            assert far.position == first_own - 1
-        if start + rows <= trained:
-            assert far is None  # inside the trained context: exactly `absolute`
+            far_positions = far.positions(np.arange(first_own))
+            assert last_row - far_positions.min() < trained
+            assert far_positions.max() <= first_own - 1 and far_positions.min() >= first_own - far.fold
+        if start + rows <= trained - (positions.fold - 1):
+            assert far is None  # inside the trained context, less the fold: exactly `absolute`
         assert last_row - first_own < trained
 
 
@@ -76,23 +87,30 @@ def run(artifact, policy: str, positions: str, ids: list[int], steps: int, **opt
         engine.close()
 
 
+@pytest.mark.parametrize("scheme", ["clamped", "folded"])
 @pytest.mark.parametrize("policy", ["quest", "rerank"])
-def test_clamped_is_exactly_absolute_inside_its_near_window(tiny_artifacts, policy):
-    # The tiny models' trained context is 512: with npu-small's 64-row chunk, keys keep their own positions
-    # up to 448 tokens. 300 + 40 tokens pass every budget, so selection (and rerank) really run.
+def test_far_schemes_are_exactly_absolute_inside_their_near_window(tiny_artifacts, policy, scheme, monkeypatch):
+    # The tiny models' trained context is 512: with npu-small's 64-row chunk, clamped keys keep their own
+    # positions up to 448 tokens (a fold of 64 here: up to 385). 300 + 40 tokens pass every budget, so
+    # selection (and rerank) really run.
+    monkeypatch.setattr(positions, "FOLD_TOKENS", 64)
     ids = random_ids(300)
     absolute, _ = run(tiny_artifacts["llama"], policy, "absolute", ids, 40)
-    clamped, _ = run(tiny_artifacts["llama"], policy, "clamped", ids, 40)
-    np.testing.assert_array_equal(absolute, clamped)
+    far, _ = run(tiny_artifacts["llama"], policy, scheme, ids, 40)
+    np.testing.assert_array_equal(absolute, far)
 
 
+@pytest.mark.parametrize("scheme,fold", [("clamped", 1), ("folded", 64)])
 @pytest.mark.parametrize("policy", ["quest", "rerank"])
-def test_far_keys_reach_the_graph_rotated_and_their_bounds_hold(tiny_artifacts, policy):
-    engine = Engine.open(tiny_artifacts["qwen2"], policy, positions="clamped")
+def test_far_keys_reach_the_graph_rotated_and_their_bounds_hold(tiny_artifacts, policy, scheme, fold, monkeypatch):
+    monkeypatch.setattr(positions, "FOLD_TOKENS", fold)
+    engine = Engine.open(tiny_artifacts["qwen2"], policy, positions=scheme)
     try:
         engine.prefill(random_ids(1500))
         far = engine.cache.far
-        assert far == FarPages(pages=1088 // 8, position=1087)  # the last prompt token at 1499: (1499-384)//64*64
+        near = 512 - 128 - fold + 1
+        boundary = (1499 - near) // 64 * 64  # the last prompt token sits at 1499
+        assert far == FarPages(pages=boundary // 8, base=boundary - fold, fold=fold)
         page_size, checked = engine.cache.page_size, 0
         for layer, (_, buffer, _) in enumerate(engine.cache.buffers[True]):
             keys, _ = engine.cache.layers[layer].read()  # post-RoPE, at their own positions
@@ -102,18 +120,19 @@ def test_far_keys_reach_the_graph_rotated_and_their_bounds_hold(tiny_artifacts, 
                 own = page * page_size + np.arange(page_size)
                 stored = keys[head, own]
                 if page < far.pages:
-                    want = engine.rope.rotate(stored, far.position - own)
-                    assert buffer.rotated_to[head, slot] == far.position
+                    want = engine.rope.rotate(stored, far.positions(own) - own)
+                    assert buffer.rotated_to[head, slot] == far.base
                     np.testing.assert_allclose(buffer.pages_k[head, slot], want, atol=1e-5)
                     checked += 1
                 else:
                     assert buffer.rotated_to[head, slot] == OWN_POSITIONS
                     np.testing.assert_array_equal(buffer.pages_k[head, slot], stored)
-            # Every full page's bounds before RoPE hold its keys rotated back to position 0.
+            # Every full page's folded bounds hold its keys rotated to their positions n % fold.
             full = engine.cache.layers[layer].length // page_size
-            unrotated = engine.rope.rotate(keys[:, :full * page_size], -np.arange(full * page_size))
-            bounds = widen_bfloat16(engine.cache.layers[layer].unrotated.full[:, :, :full])
-            pages = unrotated.reshape(keys.shape[0], full, page_size, -1)
+            own = np.arange(full * page_size)
+            folded = engine.rope.rotate(keys[:, :full * page_size], own % fold - own)
+            bounds = widen_bfloat16(engine.cache.layers[layer].folded.full[:, :, :full])
+            pages = folded.reshape(keys.shape[0], full, page_size, -1)
             head_dim = keys.shape[-1]
             assert (pages.max(axis=2) <= np.moveaxis(bounds[:, :head_dim], 2, 1)).all()
             assert (pages.min(axis=2) >= np.moveaxis(bounds[:, head_dim:], 2, 1)).all()
@@ -122,11 +141,11 @@ def test_far_keys_reach_the_graph_rotated_and_their_bounds_hold(tiny_artifacts, 
         engine.close()
 
 
-@pytest.mark.parametrize("policy", ["quest", "rerank"])
-def test_a_long_clamped_run_spilled_to_disk_equals_it_in_memory(tiny_artifacts, tmp_path, policy):
+@pytest.mark.parametrize("policy,scheme", [("quest", "clamped"), ("rerank", "folded")])
+def test_a_long_far_run_spilled_to_disk_equals_it_in_memory(tiny_artifacts, tmp_path, policy, scheme):
     ids = random_ids(2500)
-    in_memory, _ = run(tiny_artifacts["mistral"], policy, "clamped", ids, 12)
-    spilled, pages_spilled = run(tiny_artifacts["mistral"], policy, "clamped", ids, 12, spill_dir=tmp_path,
+    in_memory, _ = run(tiny_artifacts["mistral"], policy, scheme, ids, 12)
+    spilled, pages_spilled = run(tiny_artifacts["mistral"], policy, scheme, ids, 12, spill_dir=tmp_path,
                                  host_kv_bytes=600 * 2 * 2 * 8 * 16 * 4)  # 600 of its ~940 float32 pages
     assert pages_spilled > 0
     np.testing.assert_array_equal(in_memory, spilled)
@@ -134,5 +153,5 @@ def test_a_long_clamped_run_spilled_to_disk_equals_it_in_memory(tiny_artifacts, 
 
 
 def test_unknown_position_scheme_is_refused(tiny_artifacts):
-    with pytest.raises(EdgekvError, match="unknown position scheme 'relative'; choose one of: absolute, clamped"):
+    with pytest.raises(EdgekvError, match="unknown position scheme 'relative'; choose one of: absolute, clamped, folded"):
         Engine.open(tiny_artifacts["llama"], "quest", positions="relative")

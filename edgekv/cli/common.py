@@ -10,6 +10,7 @@ from rich.console import Console
 from edgekv.core.constants import BACKENDS, DEFAULT_MODEL, DEFAULT_POLICY, POLICIES, POSITION_SCHEMES
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import default_artifact_dir, read_manifest
+from edgekv.runtime.positions import FOLD_TOKENS
 
 POLICY_HELP = ("quest: Quest page selection (fastest); rerank: Quest's shortlist re-ranked by attention "
                "(slower; finds facts deep in a long context that quest can miss); streaming: the sink and the "
@@ -79,8 +80,9 @@ def parse_policies(text: str) -> list[str]:
     return policies
 
 
-POSITIONS_HELP = ("Where the paged cache's keys sit for the queries: absolute (each at its own position) or clamped "
-                  "(pages past the trained context at one position inside it) [default: the profile's].")
+POSITIONS_HELP = ("Where the paged cache's keys sit for the queries: absolute (each at its own position), clamped "
+                  "(keys older than the near window at one position inside the trained context) or folded (at "
+                  f"{FOLD_TOKENS} positions, keeping the order of neighbouring keys) [default: the profile's].")
 
 
 def positions_option(command):

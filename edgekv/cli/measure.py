@@ -166,7 +166,8 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="PNG of accuracy (or agreement) against budget.")
 @click.option("--positions", default=None,
-              help="Position schemes, comma-separated: absolute, clamped (as in generate) [default: the profile's].")
+              help="Position schemes, comma-separated: absolute, clamped, folded (as in generate) "
+                   "[default: the profile's].")
 @click.option("--local-windows", default=None,
               help="Tokens of the most recent pages every quest or rerank selection keeps, comma-separated, "
                    "multiples of the page size [default: the profile's kv.local_window].")

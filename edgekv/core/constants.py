@@ -14,8 +14,8 @@ POLICIES = ("quest", "rerank", "streaming", "dense")
 DEFAULT_POLICY = "quest"  # what generate, chat and Engine.open use when given none (README: why)
 
 # Where the paged cache's keys sit for the step's queries (runtime/positions.py): each at its own position,
-# or the far pages clamped to one position inside the model's trained context.
-POSITION_SCHEMES = ("absolute", "clamped")
+# or the far pages clamped to one position, or folded into a few hundred, inside the trained context.
+POSITION_SCHEMES = ("absolute", "clamped", "folded")
 
 # The model `edgekv export` uses when given none.
 DEFAULT_MODEL = "smollm2-135m-instruct"

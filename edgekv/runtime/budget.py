@@ -16,9 +16,9 @@ permuted layout is still exact. New middle pages take the lowest free slots, and
 same number of middle pages for every head: middle slots 1..m are therefore the filled ones for every
 head and every layer of one budget, and one mask [S, B] serves them all.
 
-Under the clamped position scheme (positions.py) the far pages' keys are rotated in their slots to the
-far position (place_far); each slot-page records the position its keys were rotated to, so a resident
-far page is rotated again only when the far position moves.
+Under the clamped and folded position schemes (positions.py) the far pages' keys are rotated in their
+slots to their far positions (place_far); each slot-page records the base its keys were rotated to, so a
+resident far page is rotated again only when the base moves.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from edgekv.runtime.selection import Selection
 from edgekv.runtime.tiers import TieredPool
 
 FAR_FUTURE = np.iinfo(np.int64).max  # the position given to empty slots: never visible
-OWN_POSITIONS = -1  # a slot-page whose keys are at their own positions, as the pool stores them
+OWN_POSITIONS = np.iinfo(np.int64).min  # a slot-page whose keys are at their own positions, as stored
 
 
 @dataclass
@@ -46,7 +46,7 @@ class BudgetBuffer:
     holds_sink: bool = False  # slot-page 0 holds the sink page (full, so it never changes)
     pages_k: np.ndarray = field(init=False)  # k and v as [kv_heads, B/page_size, page_size, head_dim]
     pages_v: np.ndarray = field(init=False)
-    # [kv_heads, B/page_size]: the position each slot-page's keys were rotated to, or OWN_POSITIONS
+    # [kv_heads, B/page_size]: the far base each slot-page's keys were rotated to, or OWN_POSITIONS
     rotated_to: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,19 +88,19 @@ class BudgetBuffer:
         self.rotated_to[page_heads, slots] = OWN_POSITIONS
 
     def place_far(self, far: FarPages, shifter: KeyShifter) -> None:
-        """Rotate the keys of the resident far pages (the sink and middle pages before far.pages) to
-        far.position, from their own positions or from an earlier far position."""
+        """Rotate the keys of the resident far pages (the sink and middle pages before far.pages) to their
+        far positions, from their own positions or from an earlier base."""
         sink = np.full((self.table.shape[0], 1), 0 if self.holds_sink else EMPTY, np.int64)
         held = np.concatenate([sink, self.table], axis=1)  # [kv_heads, slot-pages but the last]: page or EMPTY
         heads, slots = np.nonzero((held != EMPTY) & (held < far.pages)
-                                  & (self.rotated_to[:, :held.shape[1]] != far.position))
+                                  & (self.rotated_to[:, :held.shape[1]] != far.base))
         if len(heads) == 0:
             return
         own = held[heads, slots][:, None] * self.page_size + np.arange(self.page_size)
         before = self.rotated_to[heads, slots][:, None]
-        shifts = far.position - np.where(before == OWN_POSITIONS, own, before)
+        shifts = np.where(before == OWN_POSITIONS, far.positions(own) - own, far.base - before)
         self.pages_k[heads, slots] = shifter.rotate(self.pages_k[heads, slots], shifts)
-        self.rotated_to[heads, slots] = far.position
+        self.rotated_to[heads, slots] = far.base
 
     def positions(self, selection: Selection) -> np.ndarray:
         """Position of the token in each slot [B] while the buffer holds `selection`; middle pages, wholly in

@@ -32,7 +32,7 @@ from edgekv.runtime.embedding import Embedding
 from edgekv.runtime.host_arena import KV_SPILL_FILE, make_session_dir
 from edgekv.runtime.kv_cache import KVCache, StaticCache
 from edgekv.runtime.paged_cache import PagedCache
-from edgekv.runtime.positions import ClampedPositions
+from edgekv.runtime.positions import FarPositions
 from edgekv.runtime.rope import Rope
 from edgekv.runtime.sampling import Sampler
 from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S, GenerationStats, HostTimers
@@ -106,10 +106,10 @@ class Engine:
             pool = TieredPool(model["layers"], model["kv_heads"], model["head_dim"], profile.page_size,
                               device_kv_bytes or profile.device_kv_bytes, host_kv_bytes or profile.host_kv_bytes,
                               session_dir / KV_SPILL_FILE, kv_dtype or profile.kv_dtype)
-            clamped = (ClampedPositions.for_model(model["max_context"], profile.prefill_chunk)
-                       if positions == "clamped" else None)
+            far_positions = (None if positions == "absolute" else
+                             FarPositions.for_model(positions, model["max_context"], profile.prefill_chunk))
             cache = PagedCache(policy, pool, [b // profile.page_size for b in layer_budgets], scale, timers,
-                               mask_value=profile.mask_value, clamped=clamped, rope=rope,
+                               mask_value=profile.mask_value, far_positions=far_positions, rope=rope,
                                local_pages=local_window // profile.page_size)
         runner = backend(manifest, threads)
         steps = []

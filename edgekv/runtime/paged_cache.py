@@ -25,7 +25,7 @@ from edgekv.runtime.budget import BudgetBuffer
 from edgekv.runtime.kernels.bounds import widen_bounds, write_rows
 from edgekv.runtime.kv_cache import KV, CacheUsage, LayerInputs, fill_mask
 from edgekv.runtime.page_bounds import PageBounds
-from edgekv.runtime.positions import ClampedPositions, FarPages
+from edgekv.runtime.positions import FarPages, FarPositions
 from edgekv.runtime.rope import KeyShifter, Rope
 from edgekv.runtime.selection import FarView, Selection, select_pages
 from edgekv.runtime.stats import HostTimers
@@ -34,17 +34,18 @@ from edgekv.runtime.tiers import LayerKeys, TieredPool
 
 class LayerPages:
     """One layer's handle on the pool: how many tokens it holds, their pages' bounds, and its writes and
-    reads. Page i holds the tokens at positions i*page_size .. (i+1)*page_size-1. Given a Rope (the
-    clamped position scheme), it also keeps the bounds of the keys before RoPE (`unrotated`)."""
+    reads. Page i holds the tokens at positions i*page_size .. (i+1)*page_size-1. Given a Rope and a fold
+    (the clamped and folded position schemes), it also keeps the bounds of the keys rotated to their
+    positions n % fold (`folded`)."""
 
-    def __init__(self, layer: int, pool: TieredPool, rope: Rope | None = None):
+    def __init__(self, layer: int, pool: TieredPool, rope: Rope | None = None, fold: int = 1):
         self.layer = layer
         self.pool = pool
         self.page_size = pool.page_size
         self.length = 0  # tokens stored
         self.metadata = PageBounds(pool.kv_heads, pool.head_dim)
-        self.rope = rope
-        self.unrotated = PageBounds(pool.kv_heads, pool.head_dim) if rope is not None else None
+        self.rope, self.fold = rope, fold
+        self.folded = PageBounds(pool.kv_heads, pool.head_dim) if rope is not None else None
 
     @property
     def n_pages(self) -> int:
@@ -53,8 +54,9 @@ class LayerPages:
     def append(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Append n tokens: keys and values [kv_heads, n, head_dim], post-RoPE."""
         n, p = keys.shape[1], self.page_size
-        if self.unrotated is not None:
-            unrotated = self.rope.rotate(keys, -np.arange(self.length, self.length + n))
+        if self.folded is not None:
+            own = np.arange(self.length, self.length + n)
+            folded = self.rope.rotate(keys, own % self.fold - own)
         written = 0
         while written < n:
             page, offset = divmod(self.length, p)
@@ -65,15 +67,15 @@ class LayerPages:
             page_k, page_v = self.pool.writable(self.layer, page)
             write_rows(page_k, page_v, offset, keys[:, written:written + take], values[:, written:written + take],
                        self.metadata.open)
-            if self.unrotated is not None:
+            if self.folded is not None:
                 if offset == 0:
-                    self.unrotated.add_page(page)
-                widen_bounds(self.unrotated.open, offset, unrotated[:, written:written + take])
+                    self.folded.add_page(page)
+                widen_bounds(self.folded.open, offset, folded[:, written:written + take])
             if offset + take == p:
                 self.pool.seal(self.layer, page)
                 self.metadata.seal(page)
-                if self.unrotated is not None:
-                    self.unrotated.seal(page)
+                if self.folded is not None:
+                    self.folded.seal(page)
             self.length += take
             written += take
 
@@ -96,8 +98,8 @@ class LayerPages:
 
 @dataclass
 class FarKeys:
-    """A layer's keys as a step's queries see them under the clamped scheme: the far pages' rotated from
-    their own positions to the far position (rerank reads them)."""
+    """A layer's keys as a step's queries see them under the clamped or folded scheme: the far pages'
+    rotated from their own positions to their far ones (rerank reads them)."""
 
     keys: LayerKeys
     far: FarPages
@@ -108,7 +110,7 @@ class FarKeys:
         page_size = keys.shape[2]
         heads, columns = np.nonzero(pages < self.far.pages)
         own = pages[heads, columns][:, None] * page_size + np.arange(page_size)
-        keys[heads, columns] = self.shifter.rotate(keys[heads, columns], self.far.position - own)
+        keys[heads, columns] = self.shifter.rotate(keys[heads, columns], self.far.positions(own) - own)
         return keys
 
 
@@ -126,8 +128,8 @@ class PagedCache:
     timers: HostTimers
     reselect: Reselect | None = None
     mask_value: float = MASK_VALUE
-    clamped: ClampedPositions | None = None  # the clamped position scheme (positions.py); None: absolute
-    rope: Rope | None = None  # the model's RoPE, which the clamped scheme rotates keys with
+    far_positions: FarPositions | None = None  # the clamped or folded scheme (positions.py); None: absolute
+    rope: Rope | None = None  # the model's RoPE, which those schemes rotate keys with
     local_pages: int = 0  # the most recent pages every quest or rerank selection keeps
     family = "budget"
     layers: list[LayerPages] = field(init=False)
@@ -138,17 +140,19 @@ class PagedCache:
     pad: int = field(init=False, default=0)
     first_new: int = field(init=False, default=0)
     masked: dict[int, int] = field(init=False, default_factory=dict)  # budget -> the page limit its mask holds
-    far: FarPages | None = field(init=False, default=None)  # the step's far pages (clamped scheme)
-    shifter: KeyShifter | None = field(init=False, default=None)  # rotates far keys (clamped scheme)
+    far: FarPages | None = field(init=False, default=None)  # the step's far pages (far_positions)
+    shifter: KeyShifter | None = field(init=False, default=None)  # rotates far keys (far_positions)
 
     def __post_init__(self) -> None:
         self.layers = self._new_layers()
-        if self.clamped is not None:
+        if self.far_positions is not None:
             self.shifter = KeyShifter(self.rope)
 
     def _new_layers(self) -> list[LayerPages]:
-        rope = self.rope if self.clamped is not None else None
-        return [LayerPages(layer, self.pool, rope) for layer in range(self.pool.table.layers)]
+        if self.far_positions is None:
+            return [LayerPages(layer, self.pool) for layer in range(self.pool.table.layers)]
+        return [LayerPages(layer, self.pool, self.rope, self.far_positions.fold)
+                for layer in range(self.pool.table.layers)]
 
     @property
     def page_size(self) -> int:
@@ -177,7 +181,7 @@ class PagedCache:
         self.decoding, self.row_positions, self.pad = decoding, row_positions, pad
         self.first_new = start // self.page_size
         self.masked = {}
-        self.far = self.clamped.far(start, self.page_size) if self.clamped is not None else None
+        self.far = self.far_positions.far(start, self.page_size) if self.far_positions is not None else None
 
     def append(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
         started = time.perf_counter()
@@ -192,7 +196,7 @@ class PagedCache:
         keys = LayerKeys(self.pool, layer) if self.policy == "rerank" else None
         far = None
         if self.far is not None:
-            far = FarView(self.far.pages, self.rope.rotate(q, -self.far.position), pages.unrotated.full,
+            far = FarView(self.far.pages, self.rope.rotate(q, -self.far.base), pages.folded.full,
                           FarKeys(keys, self.far, self.shifter) if keys is not None else None)
         selection = select_pages(self.policy, q, pages.bounds(), pages.n_pages, self.first_new, limit, keys,
                                  self.row_positions[self.pad:], far, self.local_pages)

@@ -49,8 +49,8 @@ class Rope:
 @dataclass
 class KeyShifter:
     """Rotates cached keys by whole numbers of positions (kernels/rotation.py), from a table of cos/sin per
-    shift that grows with the largest shift asked for: the clamped scheme shifts far keys by up to the
-    context's length, page after page, every step."""
+    shift that grows with the largest shift asked for: the clamped and folded schemes shift far keys by up
+    to the context's length, page after page, every step."""
 
     rope: Rope
     cos: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
