@@ -155,3 +155,13 @@ def test_a_long_far_run_spilled_to_disk_equals_it_in_memory(tiny_artifacts, tmp_
 def test_unknown_position_scheme_is_refused(tiny_artifacts):
     with pytest.raises(EdgekvError, match="unknown position scheme 'relative'; choose one of: absolute, clamped, folded"):
         Engine.open(tiny_artifacts["llama"], "quest", positions="relative")
+
+
+def test_the_default_is_rerank_with_clamped_positions(tiny_artifacts):
+    """The defaults the README states (chosen by measurement: benchmarks/RESULTS.md)."""
+    engine = Engine.open(tiny_artifacts["llama"])
+    try:
+        assert (engine.policy, engine.positions) == ("rerank", "clamped")
+        assert engine.cache.far_positions.fold == 1
+    finally:
+        engine.close()

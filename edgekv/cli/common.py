@@ -12,8 +12,8 @@ from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import default_artifact_dir, read_manifest
 from edgekv.runtime.positions import FOLD_TOKENS
 
-POLICY_HELP = ("quest: Quest page selection (fastest); rerank: Quest's shortlist re-ranked by attention "
-               "(slower; finds facts deep in a long context that quest can miss); streaming: the sink and the "
+POLICY_HELP = ("rerank: Quest's shortlist re-ranked by attention (finds what dense finds where quest can miss "
+               "it); quest: Quest page selection (the fastest); streaming: the sink and the "
                "most recent pages; dense: the full-context baseline graphs.")
 
 console = Console(stderr=True)

@@ -11,7 +11,7 @@ KV_DTYPES = ("float32", "int8")
 
 # Selection policies of the paged cache, and `dense`, the static full-context cache of the classic design.
 POLICIES = ("quest", "rerank", "streaming", "dense")
-DEFAULT_POLICY = "quest"  # what generate, chat and Engine.open use when given none (README: why)
+DEFAULT_POLICY = "rerank"  # what generate, chat and Engine.open use when given none (README: why)
 
 # Where the paged cache's keys sit for the step's queries (runtime/positions.py): each at its own position,
 # or the far pages clamped to one position, or folded into a few hundred, inside the trained context.

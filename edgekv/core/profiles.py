@@ -63,7 +63,7 @@ class Profile:
     # [runtime] optional: the backend that runs the graphs when the artifact was compiled for it (else cpu)
     backend: str = "cpu"
     # [runtime] optional: where the paged cache's keys sit for the queries (runtime/positions.py)
-    positions: str = "absolute"
+    positions: str = "clamped"
     # [kv] optional: tokens of the most recent pages that every quest or rerank selection keeps (a local window)
     local_window: int = 0
 
