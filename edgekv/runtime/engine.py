@@ -153,7 +153,7 @@ class Engine:
         b["positions"][:pad] = 0
         b["positions"][pad:] = np.arange(start, start + n)
         self.cache.begin(step is self.decode_step, start, b["positions"], pad)
-        if start + n > self.manifest.model["max_context"] and self.positions == "absolute" and not self.warned_context:
+        if start + n > self.manifest.model["max_context"] and not self.warned_context:
             warnings.warn(f"context passes the model's trained context of {self.manifest.model['max_context']} "
                           "tokens; quality may degrade", stacklevel=3)
             self.warned_context = True
