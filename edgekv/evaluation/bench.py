@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekv.evaluation.plots import new_axes, save_figure
 from edgekv.evaluation.projection import project_decode
 from edgekv.runtime.backend import BackendFactory, OnnxruntimeBackend
 from edgekv.runtime.engine import Engine
@@ -115,12 +116,7 @@ def run_bench(artifact: Path, policies: list[str], contexts: list[int], steps: i
 
 
 def plot_bench(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = new_axes()
     for policy in dict.fromkeys(r["policy"] for r in rows):
         mine = [r for r in rows if r["policy"] == policy]
         line, = ax.plot([r["context"] for r in mine], [r["decode_tok_s"] for r in mine], "o-",
@@ -133,9 +129,4 @@ def plot_bench(rows: list[dict], path: Path, title: str) -> None:
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode tokens/s")
     ax.set_ylim(bottom=0)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path, title, legend_size=8)

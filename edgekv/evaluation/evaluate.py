@@ -18,6 +18,7 @@ import numpy as np
 
 from edgekv.core.errors import EdgekvError
 from edgekv.evaluation.metrics import mean_kl, perplexity, top1_agreement
+from edgekv.evaluation.plots import new_axes, save_figure
 from edgekv.evaluation.tasks import ANSWER_TOKENS, task_prompt
 from edgekv.runtime.backend import BackendFactory, OnnxruntimeBackend
 from edgekv.runtime.engine import Engine
@@ -69,9 +70,11 @@ DENSE_RUN = EvalRun("dense", None)
 def plan_runs(plan: EvalPlan) -> list[EvalRun]:
     """Every budget, scheme and window for the selecting policies, one run for dense (absolute positions in
     its static cache, no selection)."""
-    return [DENSE_RUN if p == "dense" else EvalRun(p, b, s, w) for p in plan.policies
-            for b in (plan.budgets if p != "dense" else [0]) for s in (plan.positions if p != "dense" else [""])
-            for w in (plan.local_windows if p != "dense" else [None])]
+    runs = []
+    for policy in plan.policies:
+        runs += [DENSE_RUN] if policy == "dense" else [
+            EvalRun(policy, b, s, w) for b in plan.budgets for s in plan.positions for w in plan.local_windows]
+    return runs
 
 
 def log(text: str) -> None:
@@ -191,13 +194,8 @@ def run_agreement(artifact: Path, text: list[int], plan: EvalPlan, scored: int,
 
 
 def plot_eval(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metric = "top1_agreement" if rows and rows[0]["task"] == "agreement" else "correct"
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = new_axes()
     key = ("policy", "positions", "local_window")
     for run in dict.fromkeys(tuple(r[k] for k in key) for r in rows):
         for context in dict.fromkeys(r.get("requested_context", r["context"]) for r in rows):
@@ -215,9 +213,4 @@ def plot_eval(rows: list[dict], path: Path, title: str) -> None:
     ax.set_xlabel("decode budget (tokens)")
     ax.set_ylabel("top-1 agreement with dense" if metric == "top1_agreement" else "accuracy")
     ax.set_ylim(0, 1.05)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path, title)

@@ -15,6 +15,7 @@ import numpy as np
 
 from edgekv.evaluation.evaluate import EvalPlan, log, plan_runs
 from edgekv.evaluation.metrics import log_softmax
+from edgekv.evaluation.plots import new_axes, save_figure
 from edgekv.runtime.engine import Engine
 
 
@@ -54,12 +55,7 @@ def run_perplexity(artifact: Path, text: list[int], plan: EvalPlan, window: int,
 
 
 def plot_perplexity(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = new_axes()
     key = ("policy", "positions", "local_window", "context")
     for run in dict.fromkeys(tuple(r[k] for k in key) for r in rows):
         mine = [r for r in rows if tuple(r[k] for k in key) == run]
@@ -68,9 +64,4 @@ def plot_perplexity(rows: list[dict], path: Path, title: str) -> None:
                 label=f"{policy} ({positions}, window {window}), {context} tokens")
     ax.set_xlabel("position in the text (end of each window)")
     ax.set_ylabel("perplexity")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path, title)
