@@ -66,7 +66,10 @@ def test_attention_mass_is_its_reference(rows):
 
 
 @pytest.mark.parametrize("int8", [False, True])
-def test_record_page_mass_is_its_reference(int8):
+@pytest.mark.parametrize("shifted", [False, True])
+def test_record_page_mass_is_its_reference(int8, shifted):
+    """With shifts, the keys of the first candidates are rotated (the far keys of the clamped and folded
+    schemes, some by 0 positions), the others read as they are."""
     kv_heads, page_size, head_dim, records, steps, groups = 3, 8, 16, 40, 2, 3
     span = kv_heads * page_size * head_dim
     element = np.int8 if int8 else np.float32
@@ -78,11 +81,22 @@ def test_record_page_mass_is_its_reference(int8):
     local = RNG.normal(size=(kv_heads, 2 * page_size, head_dim)).astype(np.float32)
     local_positions = np.concatenate([np.arange(page_size), 100 + np.arange(page_size)])
     row_positions = np.array([103, 104])
+    shifts, cos, sin = None, rotation.NO_TABLE, rotation.NO_TABLE
+    if shifted:
+        shifts = np.zeros(slots.shape + (page_size,), np.int64)
+        shifts[:, :6] = RNG.integers(-900, 900, size=(kv_heads, 6, page_size))
+        shifts[0, 0, :3] = 0
+        cos, sin = rotation.shift_table(1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim), 900)
     got = np.empty(slots.shape, np.float32)
-    attention.record_page_mass(q, rows_of_records, scales, slots, page_size, local, local_positions, row_positions, got)
+    attention.record_page_mass(q, rows_of_records, scales, slots, page_size, local, local_positions, row_positions,
+                               shifts, cos, sin, got)
     want = attention.record_page_mass_reference(q, rows_of_records, scales, slots, page_size, local, local_positions,
-                                                row_positions)
+                                                row_positions, shifts, cos, sin)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    if shifted:  # the rotation changes which keys a row attends to
+        unshifted = attention.record_page_mass_reference(q, rows_of_records, scales, slots, page_size, local,
+                                                         local_positions, row_positions, None, cos, sin)
+        assert np.abs(unshifted - want).max() > 1e-3
 
 
 def test_exp_and_largest_are_numpys():

@@ -11,7 +11,9 @@ from edgekv.runtime.bfloat16 import bfloat16_outward, widen_bfloat16
 from edgekv.runtime.budget import BudgetBuffer
 from edgekv.runtime.kernels.attention import attention_mass, record_page_mass
 from edgekv.runtime.kernels.pages import DISK
-from edgekv.runtime.paged_cache import LayerPages
+from edgekv.runtime.paged_cache import FarKeys, LayerPages
+from edgekv.runtime.positions import FarPages
+from edgekv.runtime.rope import KeyShifter, Rope
 from edgekv.runtime.selection import quest_page_scores, select_pages, top_pages
 from edgekv.runtime.tiers import LayerKeys, TieredPool
 
@@ -269,11 +271,38 @@ def test_decode_attention_mass_read_from_the_host_records_is_that_of_the_decoded
     row_positions = np.array([12 * PAGE + 1])  # the current page holds two tokens: the rest is unwritten
     mass = np.empty(candidates.shape, np.float32)
     layer_keys = LayerKeys(pool, 0)
-    record_page_mass(rows, *layer_keys.records(candidates), PAGE, local, local_positions, row_positions, mass)
+    record_page_mass(rows, *layer_keys.records(candidates), PAGE, local, local_positions, row_positions,
+                     *layer_keys.shifts(candidates), mass)
     visible = np.broadcast_to(local_positions <= row_positions[0], (GROUPS, 2 * PAGE))
     want = attention_mass(rows, layer_keys.read(candidates), local, visible)
     assert np.ptp(want, axis=1).min() > 0.1  # the pages differ: a permutation would show
     np.testing.assert_allclose(mass, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("fold", [1, 4])  # the clamped scheme, and a folded one of 4 positions
+def test_decode_attention_mass_of_far_keys_rotated_as_read_is_that_of_the_rotated_keys(tmp_path, kv_dtype, fold):
+    """Under the clamped and folded schemes the compiled decode path rotates the far candidates' keys as it
+    reads them (FarKeys.shifts): it must give attention_mass of the keys FarKeys.read rotates first."""
+    pool, store = make_store(tmp_path, kv_dtype=kv_dtype)
+    rng = np.random.default_rng(9)
+    keys = rng.normal(size=(KV_HEADS, 12 * PAGE + 2, HEAD_DIM)).astype(np.float32)
+    store.append(keys, keys)
+    rope = Rope(1.0 / 10000 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM), 1.0)
+    far_keys = FarKeys(LayerKeys(pool, 0), FarPages(7, 7 * PAGE - fold, fold), KeyShifter(rope))
+    candidates = np.array([[3, 1, 10, 7], [2, 9, 4, 11]])  # far pages 1..6, near 7..11
+    rows = 2 * rng.normal(size=(KV_HEADS, GROUPS, HEAD_DIM)).astype(np.float32)
+    local = far_keys.read(np.array([[0, 12]] * KV_HEADS)).reshape(KV_HEADS, -1, HEAD_DIM)
+    local_positions = np.concatenate([np.arange(PAGE), 12 * PAGE + np.arange(PAGE)])
+    row_positions = np.array([12 * PAGE + 1])
+    mass = np.empty(candidates.shape, np.float32)
+    record_page_mass(rows, *far_keys.records(candidates), PAGE, local, local_positions, row_positions,
+                     *far_keys.shifts(candidates), mass)
+    visible = np.broadcast_to(local_positions <= row_positions[0], (GROUPS, 2 * PAGE))
+    want = attention_mass(rows, far_keys.read(candidates), local, visible)
+    np.testing.assert_allclose(mass, want, rtol=1e-4, atol=1e-7)
+    unrotated = attention_mass(rows, LayerKeys(pool, 0).read(candidates), local, visible)
+    assert np.abs(unrotated - want).max() > 1e-3  # the far keys' rotation shows in the mass
 
 
 def test_rerank_and_the_oracle_keep_the_page_attention_wants_where_quests_bound_misleads(tmp_path):

@@ -113,6 +113,14 @@ class FarKeys:
         keys[heads, columns] = self.shifter.rotate(keys[heads, columns], self.far.positions(own) - own)
         return keys
 
+    def records(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        return self.keys.records(pages)
+
+    def shifts(self, pages: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        own = pages[..., None] * self.keys.pool.page_size + np.arange(self.keys.pool.page_size)
+        shifts = np.where(own < self.far.pages * self.keys.pool.page_size, self.far.positions(own) - own, 0)
+        return shifts, *self.shifter.table(shifts)
+
 
 # Called with a layer's selection (and its layer, query rows and pages) to replace it by another of the
 # same size (benchmarks/selection_oracle.py ranks the pages by their true attention through it).

@@ -60,8 +60,12 @@ class KeyShifter:
         """keys [m, page_size, D] each rotated by shifts [m, page_size] positions (as Rope.rotate)."""
         if keys.size == 0:
             return keys.copy()
+        cos, sin = self.table(shifts)
+        return rotate_keys(np.ascontiguousarray(keys, np.float32), np.ascontiguousarray(shifts, np.int64), cos, sin)
+
+    def table(self, shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The cos/sin table (rotation.shift_table), grown to cover every one of `shifts` (non-empty)."""
         need = int(np.abs(shifts).max()) + 1
         if need > len(self.cos):
             self.cos, self.sin = shift_table(self.rope.inv_freq, max(need, 2 * len(self.cos)))
-        return rotate_keys(np.ascontiguousarray(keys, np.float32), np.ascontiguousarray(shifts, np.int64),
-                           self.cos, self.sin)
+        return self.cos, self.sin

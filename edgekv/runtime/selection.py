@@ -45,6 +45,12 @@ class KeyReader(Protocol):
         """Full pages [kv_heads, k] where they lie: (records, INT8 key scales or None, slots [kv_heads, k])."""
         ...
 
+    def shifts(self, pages: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """The positions each key of pages [kv_heads, k] is rotated by from where records() holds it to
+        where the step sees it ([kv_heads, k, page_size], or None: none), with the cos/sin table
+        (kernels/rotation.py) that covers them."""
+        ...
+
 
 @dataclass
 class Selection:
@@ -149,18 +155,17 @@ def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, f
         candidates = np.broadcast_to(np.arange(1, older), (kv_heads, shortlist))
     else:
         candidates = top_pages(candidate_scores(q, bounds, older, far), shortlist) + 1
-    if far is not None:
-        keys = far.keys
-    chosen = most_attended(q, candidates, room, keys, row_positions, first_new, n_pages, far is None)
+    chosen = most_attended(q, candidates, room, keys if far is None else far.keys, row_positions, first_new,
+                           n_pages)
     return Selection(np.concatenate([chosen, local], axis=1), first_new, n_pages)
 
 
 def most_attended(q: np.ndarray, candidates: np.ndarray, room: int, keys: KeyReader, row_positions: np.ndarray,
-                  first_new: int, n_pages: int, in_place: bool = True) -> np.ndarray:
+                  first_new: int, n_pages: int) -> np.ndarray:
     """The `room` pages of candidates [kv_heads, c] (pages wholly in the past) that receive the most of
     q's attention (kernels.attention, with the sink and the step's pages first_new..n_pages-1 in each row's
-    softmax), per KV head: [kv_heads, room]. `keys` and `row_positions` as in select_pages. `in_place`:
-    a decode step's few rows may read the keys where they lie (false when they must be rotated first)."""
+    softmax), per KV head: [kv_heads, room]. `keys` and `row_positions` as in select_pages. A decode
+    step's few rows read the keys where they lie, rotating those that must be (KeyReader.shifts)."""
     kv_heads = candidates.shape[0]
     local_pages = np.concatenate([[0], np.arange(first_new, n_pages)])
     local_keys = keys.read(np.broadcast_to(local_pages, (kv_heads, len(local_pages))))
@@ -168,10 +173,10 @@ def most_attended(q: np.ndarray, candidates: np.ndarray, room: int, keys: KeyRea
     local_keys = local_keys.reshape(kv_heads, -1, head_dim)
     local_positions = (local_pages[:, None] * page_size + np.arange(page_size)).ravel()
     rows = q.reshape(kv_heads, -1, head_dim)  # [kv_heads, G*S]: the step's S rows fastest
-    if in_place and rows.shape[1] <= FEW_ROWS:
+    if rows.shape[1] <= FEW_ROWS:
         mass = np.empty(candidates.shape, np.float32)
         record_page_mass(rows, *keys.records(candidates), page_size, local_keys, local_positions, row_positions,
-                         mass)
+                         *keys.shifts(candidates), mass)
     else:
         groups = rows.shape[1] // len(row_positions)
         visible = np.tile(local_positions[None, :] <= row_positions[:, None], (groups, 1))

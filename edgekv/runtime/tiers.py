@@ -25,6 +25,7 @@ from edgekv.runtime.device_pool import DevicePool
 from edgekv.runtime.host_arena import HostArena, SpillFile
 from edgekv.runtime.kernels.attention import record_keys
 from edgekv.runtime.kernels.pages import DISK, HOST
+from edgekv.runtime.kernels.rotation import NO_TABLE
 from edgekv.runtime.open_pages import OpenPages
 from edgekv.runtime.page_format import PageFormat
 from edgekv.runtime.page_table import PageTable
@@ -195,3 +196,6 @@ class LayerKeys:
 
     def records(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         return self.pool.key_records(self.layer, pages)
+
+    def shifts(self, pages: np.ndarray) -> tuple[None, np.ndarray, np.ndarray]:
+        return None, NO_TABLE, NO_TABLE  # every key at its own position

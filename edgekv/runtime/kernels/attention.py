@@ -11,6 +11,7 @@ import numpy as np
 from numba import njit
 
 from edgekv.runtime.kernels.intrinsics import float32_from_bits, prefetch
+from edgekv.runtime.kernels.rotation import rotate_keys_reference
 
 FEW_ROWS = 16  # rows per KV head up to which a step counts as decode sized (its products take another form)
 MAX_LANES = 16  # running maxima of `largest`
@@ -129,11 +130,16 @@ def record_keys(records: np.ndarray, scales: np.ndarray | None, slots: np.ndarra
 
 def record_page_mass_reference(rows: np.ndarray, records: np.ndarray, scales: np.ndarray | None, slots: np.ndarray,
                                page_size: int, local_keys: np.ndarray, local_positions: np.ndarray,
-                               row_positions: np.ndarray) -> np.ndarray:
+                               row_positions: np.ndarray, shifts: np.ndarray | None, cos: np.ndarray,
+                               sin: np.ndarray) -> np.ndarray:
     """attention_mass_reference of a decode step's rows [kv_heads, G*S, head_dim] (the S rows fastest) over
-    the candidates' keys where they lie in the host records (record_keys); local_keys [kv_heads, L, head_dim]
-    at local_positions [L], each seen by the rows whose position (row_positions [S]) is at least its own."""
+    the candidates' keys where they lie in the host records (record_keys), each key rotated by its shift
+    (shifts [kv_heads, c, page_size], with rotation.shift_table's cos/sin; None: none rotated); local_keys
+    [kv_heads, L, head_dim] at local_positions [L], each seen by the rows whose position (row_positions [S])
+    is at least its own."""
     keys = record_keys(records, scales, slots, page_size, rows.shape[2])
+    if shifts is not None:
+        keys = rotate_keys_reference(keys, shifts, cos, sin)
     visible = local_positions[None, :] <= np.tile(row_positions, rows.shape[1] // len(row_positions))[:, None]
     return attention_mass_reference(rows, keys, local_keys, visible)
 
@@ -141,9 +147,10 @@ def record_page_mass_reference(rows: np.ndarray, records: np.ndarray, scales: np
 @njit(cache=True, fastmath=True)
 def record_page_mass(rows: np.ndarray, records: np.ndarray, scales: np.ndarray | None, slots: np.ndarray,
                      page_size: int, local_keys: np.ndarray, local_positions: np.ndarray, row_positions: np.ndarray,
-                     mass: np.ndarray) -> None:
+                     shifts: np.ndarray | None, cos: np.ndarray, sin: np.ndarray, mass: np.ndarray) -> None:
     """record_page_mass_reference into mass [kv_heads, c], reading the keys in place: copying the shortlist's
-    keys out of the records first (numpy's fancy index) cost more than the product."""
+    keys out of the records first (numpy's fancy index) cost more than the product. A key with a shift is
+    dequantized and rotated into a buffer first (the far keys of the clamped and folded schemes)."""
     kv_heads, n_rows, head_dim = rows.shape
     n, n_local, steps = slots.shape[1], local_keys.shape[1], len(row_positions)
     span = page_size * head_dim  # one KV head's keys of a page, contiguous in its record
@@ -152,6 +159,8 @@ def record_page_mass(rows: np.ndarray, records: np.ndarray, scales: np.ndarray |
     local_logits = np.empty((n_rows, n_local), np.float32)
     scaled = np.empty((n_rows, head_dim), np.float32)
     head_rows = np.empty((n_rows, head_dim), np.float32)  # an INT8 page's rows times its key scales
+    rotated = np.empty(head_dim, np.float32)  # a shifted key, dequantized and rotated
+    half = head_dim // 2
     for head in range(kv_heads):
         for r in range(n_rows):
             for d in range(head_dim):
@@ -176,10 +185,25 @@ def record_page_mass(rows: np.ndarray, records: np.ndarray, scales: np.ndarray |
                         head_rows[r, d] = scaled[r, d] * scales[slot, head, d]
             for t in range(page_size):
                 key = records[slot, head * span + t * head_dim:head * span + (t + 1) * head_dim]
+                shift = 0 if shifts is None else shifts[head, i, t]
+                if shift == 0:
+                    for r in range(n_rows):
+                        acc = np.float32(0)
+                        for d in range(head_dim):
+                            acc += head_rows[r, d] * np.float32(key[d])
+                        logits[r, i * page_size + t] = acc
+                    continue
+                index, sign = (shift, np.float32(1)) if shift > 0 else (-shift, np.float32(-1))
+                for c in range(half):
+                    a, b = np.float32(key[c]), np.float32(key[c + half])
+                    if scales is not None:
+                        a, b = a * scales[slot, head, c], b * scales[slot, head, c + half]
+                    co, si = cos[index, c], sin[index, c] * sign
+                    rotated[c], rotated[c + half] = a * co - b * si, b * co + a * si
                 for r in range(n_rows):
                     acc = np.float32(0)
                     for d in range(head_dim):
-                        acc += head_rows[r, d] * np.float32(key[d])
+                        acc += scaled[r, d] * rotated[d]
                     logits[r, i * page_size + t] = acc
         mass[head] = 0
         add_softmax_page_mass(logits, local_logits, page_size, mass[head])

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+NO_TABLE = np.zeros((1, 1), np.float32)  # the cos/sin a kernel is given where no key is shifted
+
 
 def shift_table(inv_freq: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin [n, D/2] float32 of the rotations by 0..n-1 positions."""
