@@ -10,6 +10,7 @@ from conftest import gather_pages
 from edgekv.runtime.bfloat16 import bfloat16_outward, widen_bfloat16
 from edgekv.runtime.budget import BudgetBuffer
 from edgekv.runtime.kernels.attention import attention_mass, record_page_mass
+from edgekv.runtime.host_arena import RELEASE_RECORDS, SpillFile
 from edgekv.runtime.kernels.pages import DISK
 from edgekv.runtime.paged_cache import FarKeys, LayerPages
 from edgekv.runtime.positions import FarPages
@@ -120,6 +121,35 @@ def test_every_page_is_selected_in_order_while_the_context_fits(tmp_path, policy
     q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
     pages = select_pages(policy, q, store.bounds(), store.n_pages, first_new=7, budget_pages=8).pages()
     assert pages.tolist() == [list(range(8))] * KV_HEADS
+
+
+def mapped_kib(path: Path) -> int:
+    """The KiB of `path` mapped into this process and resident (Linux's /proc/self/smaps)."""
+    resident, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isalnum() and "-" in line.split()[0]:  # a mapping's header line
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            resident += int(line.split()[1])
+    return resident
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_the_spill_file_releases_the_pages_it_maps(tmp_path):
+    """The disk tier does not stay in the process's RAM: after 3 x RELEASE_RECORDS + 100 records stored, at most
+    RELEASE_RECORDS of them are mapped and resident, and every record reads back unchanged."""
+    record = np.dtype([("k", np.float32, (2, 8, 64)), ("v", np.float32, (2, 8, 64))])  # 8 KiB
+    spill = SpillFile(tmp_path / "spill.bin", record)
+    rng = np.random.default_rng(4)
+    stored = [np.array(tuple(rng.normal(size=(2, 2, 8, 64))), dtype=record) for _ in range(3 * RELEASE_RECORDS + 100)]
+    slots = [spill.store(r) for r in stored]
+    assert 0 < mapped_kib(tmp_path / "spill.bin") <= RELEASE_RECORDS * record.itemsize // 1024
+    for slot, want in zip(slots, stored):
+        got = spill.load(slot)
+        np.testing.assert_array_equal(got["k"], want["k"])
+        np.testing.assert_array_equal(got["v"], want["v"])
+    assert mapped_kib(tmp_path / "spill.bin") <= RELEASE_RECORDS * record.itemsize // 1024
+    spill.close()
 
 
 def test_spilled_pages_come_back_unchanged(tmp_path):

@@ -6,6 +6,7 @@ RAM and the spill file hold the same records, so spilling a page and reading it 
 
 from __future__ import annotations
 
+import mmap
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from edgekv.core.errors import EdgekvError
 from edgekv.runtime.page_format import PageFormat
 
 KV_SPILL_FILE = "kv-spill.bin"  # in a session's directory (make_session_dir)
+RELEASE_RECORDS = 256  # records a spill file stores or loads between two releases of its mapped pages
 
 
 class HostArena:
@@ -43,7 +45,10 @@ class HostArena:
 
 
 class SpillFile:
-    """Page records in a memory-mapped file, grown by doubling; freed slots are reused."""
+    """Page records in a memory-mapped file, grown by doubling; freed slots are reused. The file's pages a
+    store or load touches stay mapped into the process, and count in its RSS, until released: every
+    RELEASE_RECORDS records the mapping drops them (the data stays in the file and the OS's page cache,
+    which it may reclaim), so the process holds the host budget in RAM and not the disk tier too."""
 
     def __init__(self, path: Path, record: np.dtype):
         self.path = path
@@ -51,16 +56,24 @@ class SpillFile:
         self.capacity = 0
         self.next_slot = 0
         self.free: list[int] = []
-        self.array: np.memmap | None = None
+        self.mapping: mmap.mmap | None = None
+        self.array: np.ndarray | None = None
+        self.touched = 0  # records stored or loaded since the last release
         path.touch()
 
     def _grow(self) -> None:
         self.capacity = max(64, self.capacity * 2)
-        if self.array is not None:
-            self.array.flush()
         with open(self.path, "r+b") as f:
             f.truncate(self.capacity * self.record.itemsize)
-        self.array = np.memmap(self.path, dtype=self.record, mode="r+", shape=(self.capacity,))
+            # the old mapping closes once no view of it is left (a MAP_SHARED mapping: nothing to flush)
+            self.mapping = mmap.mmap(f.fileno(), self.capacity * self.record.itemsize)
+        self.array = np.frombuffer(self.mapping, dtype=self.record)
+
+    def _touch(self) -> None:
+        self.touched += 1
+        if self.touched == RELEASE_RECORDS:
+            self.mapping.madvise(mmap.MADV_DONTNEED)
+            self.touched = 0
 
     def store(self, record: np.ndarray) -> int:
         if self.free:
@@ -70,16 +83,18 @@ class SpillFile:
                 self._grow()
             slot, self.next_slot = self.next_slot, self.next_slot + 1
         self.array[slot] = record
+        self._touch()
         return slot
 
     def load(self, slot: int) -> np.ndarray:
         """Read a page record back and free its slot (a copy: the slot may be reused at once)."""
         record = self.array[[slot]][0]  # fancy indexing copies (an integer index would give a view)
         self.free.append(slot)
+        self._touch()
         return record
 
     def close(self) -> None:
-        self.array = None
+        self.array = self.mapping = None
         self.path.unlink(missing_ok=True)
 
 
