@@ -16,6 +16,7 @@ from edgekv.runtime.kernels.rotation import rotate_keys_reference
 FEW_ROWS = 16  # rows per KV head up to which a step counts as decode sized (its products take another form)
 MAX_LANES = 16  # running maxima of `largest`
 PREFETCH_PAGES_AHEAD = 2  # pages record_page_mass asks the caches for ahead of the one it reads
+TABLE_LINE = 16  # float32 values of a cos/sin table in a cache line
 
 # Cephes' expf: exp(x) = 2^n * exp(r), r = x - n*ln(2) in [-ln(2)/2, ln(2)/2], exp(r) by a polynomial
 # (within 2e-7 of np.exp).
@@ -178,6 +179,12 @@ def record_page_mass(rows: np.ndarray, records: np.ndarray, scales: np.ndarray |
                 ahead = slots[head, i + PREFETCH_PAGES_AHEAD] * records.shape[1] + head * span
                 for offset in range(0, span, line):
                     prefetch(records, ahead + offset)
+                if shifts is not None:  # and the cos/sin rows its keys' shifts read
+                    for t in range(page_size):
+                        row = abs(shifts[head, i + PREFETCH_PAGES_AHEAD, t]) * half
+                        for offset in range(0, half, TABLE_LINE):
+                            prefetch(cos, row + offset)
+                            prefetch(sin, row + offset)
             slot = slots[head, i]
             if scales is not None:
                 for r in range(n_rows):
