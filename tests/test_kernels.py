@@ -84,7 +84,7 @@ def test_record_page_mass_is_its_reference(int8, shifted):
     shifts, cos, sin = None, rotation.NO_TABLE, rotation.NO_TABLE
     if shifted:
         shifts = np.zeros(slots.shape + (page_size,), np.int64)
-        shifts[:, :6] = RNG.integers(-900, 900, size=(kv_heads, 6, page_size))
+        shifts[:, :6] = RNG.integers(-899, 900, size=(kv_heads, 6, page_size))  # |shift| < the table's 900 rows
         shifts[0, 0, :3] = 0
         cos, sin = rotation.shift_table(1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim), 900)
     got = np.empty(slots.shape, np.float32)
