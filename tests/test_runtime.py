@@ -227,3 +227,21 @@ def test_the_status_line_after_a_streamed_reply_starts_its_own_line(default_arti
     lines = result.stdout.splitlines()
     assert lines[0].strip()  # a reply that does not end in a newline of its own
     assert any(re.match(r"\d+ tokens, [\d.]+ tok/s decode", line) for line in lines), lines
+
+
+def test_prefill_reports_its_progress_chunk_by_chunk(tiny_artifacts):
+    """on_chunk sees the prompt's tokens fed so far after every chunk (the first holds the remainder),
+    then the whole prompt; the logits are those of a prefill without it."""
+    prompt = np.random.default_rng(4).integers(3, 300, 300).tolist()
+    engine = Engine.open(tiny_artifacts["llama"], "quest")
+    try:
+        chunk = engine.prefill_step.seq_len
+        seen = []
+        with_progress = engine.prefill(prompt, on_chunk=seen.append)
+        engine.reset()
+        np.testing.assert_array_equal(engine.prefill(prompt), with_progress)
+    finally:
+        engine.close()
+    body = len(prompt) - 1
+    assert body % chunk and body > chunk  # a remainder chunk and full ones
+    assert seen == [*range(body % chunk, body + 1, chunk), len(prompt)]

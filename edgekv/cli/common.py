@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import click
 from rich.console import Console
@@ -24,6 +26,30 @@ def policy_option(command):
     return click.option("--policy", type=click.Choice(list(POLICIES)), default=DEFAULT_POLICY, show_default=True,
                         help=POLICY_HELP)(command)
 out = Console(soft_wrap=True)
+
+
+PROGRESS_PROMPT_TOKENS = 2048  # prompts from this long get a prefill progress bar (tens of seconds and more)
+
+
+@contextmanager
+def prefill_bar(prompt_tokens: int) -> Iterator[Callable[[int], None] | None]:
+    """An on_prefill callback that draws a progress bar on stderr while a long prompt is prefilled (gone
+    once the prompt is in, before the reply streams); None for a short prompt."""
+    if prompt_tokens < PROGRESS_PROMPT_TOKENS:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("prefill"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("prefill", total=prompt_tokens)
+
+        def advance(done: int) -> None:
+            progress.update(task, completed=done)
+            if done == prompt_tokens:
+                progress.stop()
+
+        yield advance
 
 
 def mib(n: int) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from edgekv.cli.common import (backend_option, console, open_engine, policy_option, positions_option,
-                               sampling_options)
+                               prefill_bar, sampling_options)
 from edgekv.core.errors import EdgekvError
 
 
@@ -50,8 +50,9 @@ def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops,
             engine.manifest.data["generation"], temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed))
         stream = None if as_json else tokenizer.streamer(lambda text: print(text, end="", flush=True))
-        tokens, stats = engine.run(ids, max_new_tokens, sampler, tokenizer.eos_ids, tokenizer.decode,
-                                   stop=tokenizer.stop_check(stops), on_token=stream)
+        with prefill_bar(len(ids)) as on_prefill:
+            tokens, stats = engine.run(ids, max_new_tokens, sampler, tokenizer.eos_ids, tokenizer.decode,
+                                       stop=tokenizer.stop_check(stops), on_token=stream, on_prefill=on_prefill)
         text = tokenizer.decode(tokens)
         if as_json:
             print(json.dumps({"text": text, "token_ids": tokens, "stats": stats.to_dict()}))

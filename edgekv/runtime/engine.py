@@ -169,8 +169,9 @@ class Engine:
         self.tokens.extend(tokens)
         return b["logits"][0, -1].copy()  # the buffer is overwritten by the next step
 
-    def prefill(self, tokens: list[int]) -> np.ndarray:
-        """Feed tokens and return the last one's logits.
+    def prefill(self, tokens: list[int], on_chunk: Callable[[int], None] | None = None) -> np.ndarray:
+        """Feed tokens and return the last one's logits; `on_chunk` is called with the number of the
+        prompt's tokens fed so far after each chunk (progress of a long prompt).
 
         All but the last token go in fixed chunks (the first chunk holds the remainder). The last token,
         whose logits are sampled, goes through the decode graph: its pages are then selected for its own
@@ -180,23 +181,28 @@ class Engine:
         if not tokens:
             raise EdgekvError("empty prompt: give at least one token of text")
         chunk, body = self.prefill_step.seq_len, tokens[:-1]
-        if body:
-            first = len(body) % chunk or chunk
-            self._forward(self.prefill_step, body[:first])
-            for start in range(first, len(body), chunk):
-                self._forward(self.prefill_step, body[start:start + chunk])
-        return self.decode(tokens[-1])
+        first = len(body) % chunk or chunk
+        for start, end in zip([0, *range(first, len(body), chunk)], range(first, len(body) + 1, chunk)):
+            self._forward(self.prefill_step, body[start:end])
+            if on_chunk is not None:
+                on_chunk(end)
+        logits = self.decode(tokens[-1])
+        if on_chunk is not None:
+            on_chunk(len(tokens))
+        return logits
 
     def decode(self, token: int) -> np.ndarray:
         return self._forward(self.decode_step, [token])
 
     def generate(self, prompt: list[int], max_new_tokens: int, sampler: Sampler, eos_ids: set[int],
-                 stop: Callable[[list[int]], bool] | None = None) -> Iterator[int]:
-        """Prefill the prompt, then yield sampled tokens until EOS, a stop condition or the limit.
+                 stop: Callable[[list[int]], bool] | None = None,
+                 on_prefill: Callable[[int], None] | None = None) -> Iterator[int]:
+        """Prefill the prompt (`on_prefill`: prefill's on_chunk), then yield sampled tokens until EOS, a stop
+        condition or the limit.
 
         The last yielded token is not yet in the cache (it is fed by the next step or turn).
         """
-        logits = self.prefill(prompt)
+        logits = self.prefill(prompt, on_prefill)
         generated: list[int] = []
         while len(generated) < max_new_tokens:
             token = sampler(logits, self.tokens)
@@ -208,14 +214,15 @@ class Engine:
 
     def run(self, prompt: list[int], max_new_tokens: int, sampler: Sampler, eos_ids: set[int],
             decode_text: Callable[[list[int]], str], stop: Callable[[list[int]], bool] | None = None,
-            on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationStats]:
+            on_token: Callable[[int], None] | None = None,
+            on_prefill: Callable[[int], None] | None = None) -> tuple[list[int], GenerationStats]:
         """generate() with timing: returns the tokens and their GenerationStats."""
         self.timers.reset()
         transfer_before = self.cache.usage().transfer_bytes
         start = time.perf_counter()
         first_at = None
         tokens: list[int] = []
-        for token in self.generate(prompt, max_new_tokens, sampler, eos_ids, stop):
+        for token in self.generate(prompt, max_new_tokens, sampler, eos_ids, stop, on_prefill):
             if first_at is None:
                 first_at = time.perf_counter()
             tokens.append(token)
