@@ -104,6 +104,11 @@ class OnnxruntimeBackend:
             # The host works between every two graph calls; onnxruntime's worker threads would otherwise
             # spin after each call and take the cores from page selection and gathering.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if graph.seq_len > 1:
+                # A prefill graph's intermediates (a chunk's rows against its KV slots) would stay reserved
+                # in each session's own arena, hundreds of MiB over an artifact; allocated per call, prefill
+                # runs as fast (benchmarks/RESULTS.md, "Memory of the prefill sessions").
+                options.enable_cpu_mem_arena = False
             if self.configure is not None:
                 self.configure(options)
             for name in graph.weights if self.graph_files is None else ():
