@@ -14,17 +14,20 @@ from rich.table import Table
 from edgekv.cli.artifacts import print_violations
 from edgekv.cli.common import (POSITIONS_HELP, artifact_dir, backend_option, int_list, out, parse_policies,
                                parse_positions, positions_option)
-from edgekv.core.constants import KV_DTYPES
+from edgekv.core.constants import DEFAULT_POLICY, KV_DTYPES, POLICIES
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import load_verified, read_manifest
 from edgekv.core.profiles import QUANTIZED_WEIGHT_DTYPES
 from edgekv.evaluation.tasks import TASKS
 
+# bench and eval compare the default policy with the others (the baselines quest, streaming and dense).
+COMPARED_POLICIES = ",".join([DEFAULT_POLICY, *(p for p in POLICIES if p != DEFAULT_POLICY)])
+
 
 @click.command()
 @click.argument("directory", type=click.Path(path_type=Path), required=False)
 @click.option("--contexts", default="1024,2048,4096,8192,16384", show_default=True, help="Comma-separated token counts.")
-@click.option("--policies", default="quest,streaming,dense", show_default=True)
+@click.option("--policies", default=COMPARED_POLICIES, show_default=True)
 @click.option("--steps", type=int, default=16, show_default=True, help="Timed decode tokens per point.")
 @click.option("--kv-dtype", type=click.Choice(list(KV_DTYPES)), default=None,
               help="How KV pages are stored in the host and disk tiers [default: the profile's kv_dtype].")
@@ -148,7 +151,7 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
 @click.option("--contexts", default="2048,4096,8000", show_default=True, help="Comma-separated prompt lengths.")
 @click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, help="Where the answer sits (retrieval).")
 @click.option("--budgets", default=None, help="Decode budgets up to the artifact's [default: the artifact's own].")
-@click.option("--policies", default="quest,streaming,dense", show_default=True)
+@click.option("--policies", default=COMPARED_POLICIES, show_default=True)
 @click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
               help="agreement: the text [default: text the model writes itself from a fixed seed]; perplexity: "
                    "the text [default: Python's language reference, as the standard library ships it].")

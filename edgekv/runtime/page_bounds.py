@@ -25,7 +25,10 @@ class PageBounds:
 
     def add_page(self, page: int) -> None:
         if page == self.full.shape[2]:  # grow by doubling: amortised O(1) per page
-            self.full = np.concatenate([self.full, np.empty_like(self.full)], axis=2)
+            # Only the old columns are copied: the new half stays untouched, so not resident, until pages fill it.
+            grown = np.empty(self.full.shape[:2] + (2 * page,), self.full.dtype)
+            grown[:, :, :page] = self.full
+            self.full = grown
 
     def seal(self, page: int) -> None:
         """The open page filled: its bounds join the full pages'."""
