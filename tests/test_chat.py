@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+from contextlib import contextmanager
 
 import numpy as np
 import pexpect
@@ -39,9 +40,17 @@ def test_each_turn_prefills_only_its_own_tokens(engine):
     assert chat.context_tokens == first.stats.prompt_tokens + len(first.tokens) - 1
     before = chat.context_tokens
     expected_new, _ = chat.new_tokens("And of Italy?")
-    second = chat.reply("And of Italy?", 16)
+    progress_seen = []
+
+    @contextmanager
+    def progress(prompt_tokens):  # as the terminal's prefill bar: told the size, then each count fed
+        progress_seen.append(prompt_tokens)
+        yield progress_seen.append
+
+    second = chat.reply("And of Italy?", 16, prefill_progress=progress)
     assert "Rome" in second.reply and not second.rebuilt
     assert second.stats.prompt_tokens == len(expected_new) < 20
+    assert progress_seen[0] == progress_seen[-1] == len(expected_new)
     assert chat.context_tokens == before + second.stats.prompt_tokens + len(second.tokens) - 1
     # The cache is exactly the conversation so far, as the chat template renders it.
     rendered = chat.tokenizer.chat_text(chat.template_messages("next"))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
+from edgekv.cli.common import prefill_bar
 from edgekv.core.errors import EdgekvError
 from edgekv.runtime.conversation import Conversation, Turn
 from edgekv.runtime.session_file import apply_session, load_session, save_session
@@ -118,12 +119,17 @@ class ChatLoop:
     def turn(self, message: str) -> None:
         stream = None
         if not self.as_json:
-            if self.interactive:
-                print("assistant> ", end="", file=self.out, flush=True)
-            stream = self.conversation.tokenizer.streamer(lambda text: print(text, end="", file=self.out, flush=True))
+            # The "assistant> " label comes with the first token, after any prefill progress bar is gone.
+            label = ["assistant> "] if self.interactive else []
+
+            def write(text: str) -> None:
+                print(label.pop() if label else "", text, sep="", end="", file=self.out, flush=True)
+
+            stream = self.conversation.tokenizer.streamer(write)
         with self.interrupt:
             turn = self.conversation.reply(message, self.max_new_tokens, on_token=stream,
-                                           interrupted=lambda: self.interrupt.hit)
+                                           interrupted=lambda: self.interrupt.hit,
+                                           prefill_progress=prefill_bar if self.interactive else None)
         self.last = turn
         if self.as_json:
             print(json.dumps({"reply": turn.reply, "token_ids": turn.tokens, "interrupted": turn.interrupted,

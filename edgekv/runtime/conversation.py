@@ -9,8 +9,9 @@ turns), the cache is rebuilt from the whole conversation once, and the turn says
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ContextManager
 
 from edgekv.core.errors import EdgekvError
 from edgekv.runtime.engine import Engine
@@ -59,14 +60,18 @@ class Conversation:
         return self.tokenizer.encode_continuation(text), True
 
     def reply(self, user: str, max_new_tokens: int, on_token: Callable[[int], None] | None = None,
-              interrupted: Callable[[], bool] = lambda: False) -> Turn:
+              interrupted: Callable[[], bool] = lambda: False,
+              prefill_progress: Callable[[int], ContextManager[Callable[[int], None] | None]] | None = None) -> Turn:
         """Run one turn. `interrupted` is polled after every token: when it turns true the reply stops
-        there, and stays in the history marked as interrupted."""
+        there, and stays in the history marked as interrupted. `prefill_progress(n)`, given the turn's
+        n tokens to prefill, is a context around the turn that yields the engine's on_prefill (or None)."""
         if not user.strip():
             raise EdgekvError("empty message: type some text")
         prompt, rebuilt = self.new_tokens(user)
-        tokens, stats = self.engine.run(prompt, max_new_tokens, self.sampler, self.tokenizer.eos_ids,
-                                        self.tokenizer.decode, stop=lambda _: interrupted(), on_token=on_token)
+        with (prefill_progress(len(prompt)) if prefill_progress else nullcontext()) as on_prefill:
+            tokens, stats = self.engine.run(prompt, max_new_tokens, self.sampler, self.tokenizer.eos_ids,
+                                            self.tokenizer.decode, stop=lambda _: interrupted(), on_token=on_token,
+                                            on_prefill=on_prefill)
         cut = interrupted()
         text = self.tokenizer.decode(tokens)
         self.messages.append({"role": "user", "content": user})
