@@ -148,7 +148,7 @@ def test_eval_perplexity_per_window(tiny_artifacts, tmp_path):
     (["--task", "passkey", "--depths", "0.5,2"], "--depths must lie between 0 and 1"),
     (["--task", "passkey", "--contexts", "9000"], "the dense baseline stops at 512 tokens"),
     (["--task", "passkey", "--positions", "absolute,relative"],
-     "unknown position scheme 'relative' in --positions; choose from: absolute, clamped, folded"),
+     "unknown position scheme 'relative' in --positions; choose from: absolute, clamped, folded, grouped"),
     (["--task", "passkey", "--contexts", "256", "--policies", "quest", "--local-windows", "12"],
      "local window 12 must be a multiple of 8 (the page size), >= 0"),
     (["--task", "perplexity", "--contexts", "9000000", "--policies", "quest"],

@@ -1,5 +1,4 @@
-"""Position schemes of the paged cache (edgekv/runtime/positions.py): the clamped and folded schemes'
-boundaries by hand, RoPE's rotation on the host, the far keys a graph receives and the bounds they are selected by, and
+"""Position schemes of the paged cache (edgekv/runtime/positions.py): the far schemes' boundaries by hand, RoPE's rotation on the host, the far keys a graph receives and the bounds they are selected by, and
 runs that must equal each other exactly."""
 
 import numpy as np
@@ -11,7 +10,7 @@ from edgekv.runtime.budget import OWN_POSITIONS
 from edgekv.runtime import positions
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.kernels.pages import EMPTY
-from edgekv.runtime.positions import FOLD_TOKENS, FarPages, FarPositions
+from edgekv.runtime.positions import FOLD_TOKENS, GROUP_TOKENS, FarPages, FarPositions
 from edgekv.runtime.rope import Rope
 
 RNG = np.random.default_rng(21)
@@ -35,19 +34,43 @@ def test_clamped_and_folded_boundaries_by_hand():
                                            6400 - FOLD_TOKENS + 6399 % FOLD_TOKENS]
 
 
-@pytest.mark.parametrize("scheme", ["clamped", "folded"])
+def test_grouped_boundaries_by_hand():
+    grouped = FarPositions.for_model("grouped", 8192, rows=64)
+    assert (grouped.near_tokens, grouped.step, grouped.fold, grouped.group) == (8128, 64, 0, 8)
+    assert GROUP_TOKENS == 8
+    assert grouped.far(8128, 8) is None  # every distance below 8192: exactly `absolute`
+    # One token more: the boundary B must satisfy 8129 - B + B/8 <= 8128, so B >= 8/7: one step of 64 tokens,
+    # which sit 8 to a position at 56..63, right before token 64.
+    far = grouped.far(8129, 8)
+    assert far == FarPages(pages=8, base=56, fold=0, group=8)
+    assert far.positions(np.array([0, 7, 8, 63])).tolist() == [56, 56, 57, 63]
+    # 16K: B >= (16384 - 8128) * 8/7 = 9435.4, so 9472; 9472 far tokens at 8288..9471, the near window
+    # 9472..16383 at its own positions.
+    far = grouped.far(16384, 8)
+    assert far == FarPages(pages=9472 // 8, base=9472 - 9472 // 8, fold=0, group=8)
+    assert far.positions(np.array([0, 4096, 9471])).tolist() == [8288, 8288 + 512, 9471]
+    # Past 8 x (8192 - 64) = 65024 tokens the far part is everything before the step's own step.
+    assert grouped.far(100_000, 8) == FarPages(pages=100_000 // 64 * 8, base=99_968 - 99_968 // 8, fold=0, group=8)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        FarPositions.for_model("grouped", 8192, rows=12)
+
+
+@pytest.mark.parametrize("scheme", ["clamped", "folded", "grouped"])
 def test_no_distance_passes_the_trained_context(scheme):
     trained, rows, page_size = 8192, 64, 8
     positions = FarPositions.for_model(scheme, trained, rows)
-    for start in range(0, 40000, 7):
+    for start in range(0, 60000, 7):  # grouped holds up to 8 x (8192 - 64) = 65024 tokens
         last_row = start + rows - 1
         far = positions.far(start, page_size)
         first_own = 0 if far is None else far.pages * page_size  # the oldest key at its own position
         if far is not None:
             far_positions = far.positions(np.arange(first_own))
             assert last_row - far_positions.min() < trained
-            assert far_positions.max() <= first_own - 1 and far_positions.min() >= first_own - far.fold
-        if start + rows <= trained - (positions.fold - 1):
+            assert far_positions.max() <= first_own - 1  # before the near window (grouped, clamped: right before)
+            if scheme != "folded":
+                assert far_positions.max() == first_own - 1 and (np.diff(far_positions) >= 0).all()
+            assert far_positions.min() >= first_own - max(far.fold, first_own // positions.group)
+        if start + rows <= trained - max(positions.fold - 1, 0):
             assert far is None  # inside the trained context, less the fold: exactly `absolute`
         assert last_row - first_own < trained
 
@@ -87,7 +110,7 @@ def run(artifact, policy: str, positions: str, ids: list[int], steps: int, **opt
         engine.close()
 
 
-@pytest.mark.parametrize("scheme", ["clamped", "folded"])
+@pytest.mark.parametrize("scheme", ["clamped", "folded", "grouped"])
 @pytest.mark.parametrize("policy", ["quest", "rerank"])
 def test_far_schemes_are_exactly_absolute_inside_their_near_window(tiny_artifacts, policy, scheme, monkeypatch):
     # The tiny models' trained context is 512: with npu-small's 64-row chunk, clamped keys keep their own
@@ -100,17 +123,19 @@ def test_far_schemes_are_exactly_absolute_inside_their_near_window(tiny_artifact
     np.testing.assert_array_equal(absolute, far)
 
 
-@pytest.mark.parametrize("scheme,fold", [("clamped", 1), ("folded", 64)])
+@pytest.mark.parametrize("scheme,fold", [("clamped", 1), ("folded", 64), ("grouped", 0)])
 @pytest.mark.parametrize("policy", ["quest", "rerank"])
 def test_far_keys_reach_the_graph_rotated_and_their_bounds_hold(tiny_artifacts, policy, scheme, fold, monkeypatch):
     monkeypatch.setattr(positions, "FOLD_TOKENS", fold)
     engine = Engine.open(tiny_artifacts["qwen2"], policy, positions=scheme)
     try:
         engine.prefill(random_ids(1500))
-        far = engine.cache.far
-        near = 512 - 128 - fold + 1
-        boundary = (1499 - near) // 64 * 64  # the last prompt token sits at 1499
-        assert far == FarPages(pages=boundary // 8, base=boundary - fold, fold=fold)
+        far = engine.cache.far  # the last prompt token sits at 1499
+        if scheme == "grouped":  # 1499 - B + B/8 <= 512 - 64: B >= 1201.1, so 1216 (64-token steps)
+            assert far == FarPages(pages=1216 // 8, base=1216 - 1216 // 8, fold=0, group=8)
+        else:
+            boundary = (1499 - (512 - 128 - fold + 1)) // 64 * 64
+            assert far == FarPages(pages=boundary // 8, base=boundary - fold, fold=fold)
         page_size, checked = engine.cache.page_size, 0
         for layer, (_, buffer, _) in enumerate(engine.cache.buffers[True]):
             keys, _ = engine.cache.layers[layer].read()  # post-RoPE, at their own positions
@@ -127,10 +152,10 @@ def test_far_keys_reach_the_graph_rotated_and_their_bounds_hold(tiny_artifacts, 
                 else:
                     assert buffer.rotated_to[head, slot] == OWN_POSITIONS
                     np.testing.assert_array_equal(buffer.pages_k[head, slot], stored)
-            # Every full page's folded bounds hold its keys rotated to their positions n % fold.
+            # Every full page's far bounds hold its keys rotated to their offsets from the base.
             full = engine.cache.layers[layer].length // page_size
             own = np.arange(full * page_size)
-            folded = engine.rope.rotate(keys[:, :full * page_size], own % fold - own)
+            folded = engine.rope.rotate(keys[:, :full * page_size], far.positions(own) - far.base - own)
             bounds = widen_bfloat16(engine.cache.layers[layer].folded.full[:, :, :full])
             pages = folded.reshape(keys.shape[0], full, page_size, -1)
             head_dim = keys.shape[-1]
@@ -141,7 +166,7 @@ def test_far_keys_reach_the_graph_rotated_and_their_bounds_hold(tiny_artifacts, 
         engine.close()
 
 
-@pytest.mark.parametrize("policy,scheme", [("quest", "clamped"), ("rerank", "folded")])
+@pytest.mark.parametrize("policy,scheme", [("quest", "clamped"), ("rerank", "folded"), ("rerank", "grouped")])
 def test_a_long_far_run_spilled_to_disk_equals_it_in_memory(tiny_artifacts, tmp_path, policy, scheme):
     ids = random_ids(2500)
     in_memory, _ = run(tiny_artifacts["mistral"], policy, scheme, ids, 12)
@@ -153,7 +178,7 @@ def test_a_long_far_run_spilled_to_disk_equals_it_in_memory(tiny_artifacts, tmp_
 
 
 def test_unknown_position_scheme_is_refused(tiny_artifacts):
-    with pytest.raises(EdgekvError, match="unknown position scheme 'relative'; choose one of: absolute, clamped, folded"):
+    with pytest.raises(EdgekvError, match="unknown position scheme 'relative'; choose one of: absolute, clamped, folded, grouped"):
         Engine.open(tiny_artifacts["llama"], "quest", positions="relative")
 
 

@@ -310,16 +310,18 @@ def test_decode_attention_mass_read_from_the_host_records_is_that_of_the_decoded
 
 
 @pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
-@pytest.mark.parametrize("fold", [1, 4])  # the clamped scheme, and a folded one of 4 positions
-def test_decode_attention_mass_of_far_keys_rotated_as_read_is_that_of_the_rotated_keys(tmp_path, kv_dtype, fold):
-    """Under the clamped and folded schemes the compiled decode path rotates the far candidates' keys as it
+@pytest.mark.parametrize("fold,group", [(1, 1), (4, 1), (0, 4)])  # clamped; folded into 4; grouped by 4
+def test_decode_attention_mass_of_far_keys_rotated_as_read_is_that_of_the_rotated_keys(tmp_path, kv_dtype, fold,
+                                                                                         group):
+    """Under the far position schemes the compiled decode path rotates the far candidates' keys as it
     reads them (FarKeys.shifts): it must give attention_mass of the keys FarKeys.read rotates first."""
     pool, store = make_store(tmp_path, kv_dtype=kv_dtype)
     rng = np.random.default_rng(9)
     keys = rng.normal(size=(KV_HEADS, 12 * PAGE + 2, HEAD_DIM)).astype(np.float32)
     store.append(keys, keys)
     rope = Rope(1.0 / 10000 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM), 1.0)
-    far_keys = FarKeys(LayerKeys(pool, 0), FarPages(7, 7 * PAGE - fold, fold), KeyShifter(rope))
+    far_keys = FarKeys(LayerKeys(pool, 0), FarPages(7, 7 * PAGE - (fold or 7 * PAGE // group), fold, group),
+                        KeyShifter(rope))
     candidates = np.array([[3, 1, 10, 7], [2, 9, 4, 11]])  # far pages 1..6, near 7..11
     rows = 2 * rng.normal(size=(KV_HEADS, GROUPS, HEAD_DIM)).astype(np.float32)
     local = far_keys.read(np.array([[0, 12]] * KV_HEADS)).reshape(KV_HEADS, -1, HEAD_DIM)

@@ -12,7 +12,7 @@ from rich.console import Console
 from edgekv.core.constants import BACKENDS, DEFAULT_MODEL, DEFAULT_POLICY, POLICIES, POSITION_SCHEMES
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import default_artifact_dir, read_manifest
-from edgekv.runtime.positions import FOLD_TOKENS
+from edgekv.runtime.positions import FOLD_TOKENS, GROUP_TOKENS
 
 POLICY_HELP = ("rerank: Quest's shortlist re-ranked by attention (finds what dense finds where quest can miss "
                "it); quest: Quest page selection (the fastest); streaming: the sink and the "
@@ -107,8 +107,9 @@ def parse_policies(text: str) -> list[str]:
 
 
 POSITIONS_HELP = ("Where the paged cache's keys sit for the queries: absolute (each at its own position), clamped "
-                  "(keys older than the near window at one position inside the trained context) or folded (at "
-                  f"{FOLD_TOKENS} positions, keeping the order of neighbouring keys) [default: the profile's].")
+                  "(keys older than the near window at one position inside the trained context), folded (at "
+                  f"{FOLD_TOKENS} positions, keeping the order of neighbouring keys) or grouped ({GROUP_TOKENS} "
+                  "far keys to a position, in order) [default: the profile's].")
 
 
 def positions_option(command):

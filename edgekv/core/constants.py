@@ -14,8 +14,9 @@ POLICIES = ("quest", "rerank", "streaming", "dense")
 DEFAULT_POLICY = "rerank"  # what generate, chat and Engine.open use when given none (README: why)
 
 # Where the paged cache's keys sit for the step's queries (runtime/positions.py): each at its own position,
-# or the far pages clamped to one position, or folded into a few hundred, inside the trained context.
-POSITION_SCHEMES = ("absolute", "clamped", "folded")
+# or the far pages clamped to one position, folded into a few hundred, or grouped several to a position,
+# inside the trained context.
+POSITION_SCHEMES = ("absolute", "clamped", "folded", "grouped")
 
 # The model `edgekv export` uses when given none.
 DEFAULT_MODEL = "smollm2-135m-instruct"

@@ -16,7 +16,7 @@ permuted layout is still exact. New middle pages take the lowest free slots, and
 same number of middle pages for every head: middle slots 1..m are therefore the filled ones for every
 head and every layer of one budget, and one mask [S, B] serves them all.
 
-Under the clamped and folded position schemes (positions.py) the far pages' keys are rotated in their
+Under a far position scheme (clamped, folded, grouped; positions.py) the far pages' keys are rotated in their
 slots to their far positions (place_far); each slot-page records the base its keys were rotated to, so a
 resident far page is rotated again only when the base moves.
 """

@@ -34,18 +34,19 @@ from edgekv.runtime.tiers import LayerKeys, TieredPool
 
 class LayerPages:
     """One layer's handle on the pool: how many tokens it holds, their pages' bounds, and its writes and
-    reads. Page i holds the tokens at positions i*page_size .. (i+1)*page_size-1. Given a Rope and a fold
-    (the clamped and folded position schemes), it also keeps the bounds of the keys rotated to their
-    positions n % fold (`folded`)."""
+    reads. Page i holds the tokens at positions i*page_size .. (i+1)*page_size-1. Given a Rope and a far
+    position scheme (clamped, folded, grouped), it also keeps the bounds of the keys rotated to their offsets
+    from the far base (FarPositions.offsets: n % fold, n // group), in `folded`."""
 
-    def __init__(self, layer: int, pool: TieredPool, rope: Rope | None = None, fold: int = 1):
+    def __init__(self, layer: int, pool: TieredPool, rope: Rope | None = None,
+                 far_positions: FarPositions | None = None):
         self.layer = layer
         self.pool = pool
         self.page_size = pool.page_size
         self.length = 0  # tokens stored
         self.metadata = PageBounds(pool.kv_heads, pool.head_dim)
-        self.rope, self.fold = rope, fold
-        self.folded = PageBounds(pool.kv_heads, pool.head_dim) if rope is not None else None
+        self.rope, self.far_positions = rope, far_positions
+        self.folded = PageBounds(pool.kv_heads, pool.head_dim) if far_positions is not None else None
 
     @property
     def n_pages(self) -> int:
@@ -56,7 +57,7 @@ class LayerPages:
         n, p = keys.shape[1], self.page_size
         if self.folded is not None:
             own = np.arange(self.length, self.length + n)
-            folded = self.rope.rotate(keys, own % self.fold - own)
+            folded = self.rope.rotate(keys, self.far_positions.offsets(own) - own)
         written = 0
         while written < n:
             page, offset = divmod(self.length, p)
@@ -98,7 +99,7 @@ class LayerPages:
 
 @dataclass
 class FarKeys:
-    """A layer's keys as a step's queries see them under the clamped or folded scheme: the far pages'
+    """A layer's keys as a step's queries see them under a far position scheme: the far pages'
     rotated from their own positions to their far ones (rerank reads them)."""
 
     keys: LayerKeys
@@ -136,7 +137,7 @@ class PagedCache:
     timers: HostTimers
     reselect: Reselect | None = None
     mask_value: float = MASK_VALUE
-    far_positions: FarPositions | None = None  # the clamped or folded scheme (positions.py); None: absolute
+    far_positions: FarPositions | None = None  # clamped, folded or grouped (positions.py); None: absolute
     rope: Rope | None = None  # the model's RoPE, which those schemes rotate keys with
     local_pages: int = 0  # the most recent pages every quest or rerank selection keeps
     family = "budget"
@@ -159,7 +160,7 @@ class PagedCache:
     def _new_layers(self) -> list[LayerPages]:
         if self.far_positions is None:
             return [LayerPages(layer, self.pool) for layer in range(self.pool.table.layers)]
-        return [LayerPages(layer, self.pool, self.rope, self.far_positions.fold)
+        return [LayerPages(layer, self.pool, self.rope, self.far_positions)
                 for layer in range(self.pool.table.layers)]
 
     @property

@@ -49,7 +49,7 @@ class Rope:
 @dataclass
 class KeyShifter:
     """Rotates cached keys by whole numbers of positions (kernels/rotation.py), from a table of cos/sin per
-    shift that grows with the largest shift asked for: the clamped and folded schemes shift far keys by up
+    shift that grows with the largest shift asked for: the far position schemes shift far keys by up
     to the context's length, page after page, every step."""
 
     rope: Rope

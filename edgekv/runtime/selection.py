@@ -76,9 +76,9 @@ class Selection:
 
 @dataclass(frozen=True)
 class FarView:
-    """Pages 0..pages-1 as a step sees them under the clamped or folded position scheme (runtime/positions.py):
-    the key at n sits at base + n % fold. They are scored on the bounds of their keys rotated to n % fold
-    (`bounds`) with the query rows rotated back by the base (`q`): q·R(b + m)k = (R(-b)q)·R(m)k, so the
+    """Pages 0..pages-1 as a step sees them under a far position scheme (runtime/positions.py): the key at
+    n sits at base + m(n) (m: n % fold, n // group). They are scored on the bounds of their keys rotated to
+    m(n) (`bounds`) with the query rows rotated back by the base (`q`): q·R(b + m)k = (R(-b)q)·R(m)k, so the
     bound holds for the keys the graph receives. rerank reads their keys rotated to those positions (`keys`)."""
 
     pages: int
@@ -128,7 +128,7 @@ def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, f
     """The selection of one layer and step (quest, rerank or streaming).
 
     `first_new` is the first page the step writes. rerank also needs the layer's `keys` and the positions
-    of q's rows. `far`: the far pages under the clamped or folded scheme, if any. `local_pages`:
+    of q's rows. `far`: the far pages under a far position scheme, if any. `local_pages`:
     the most recent pages before the step's, kept whatever their score (a local window), the rest of the
     room chosen by the policy among the older pages.
     """

@@ -151,7 +151,7 @@ def record_page_mass(rows: np.ndarray, records: np.ndarray, scales: np.ndarray |
                      shifts: np.ndarray | None, cos: np.ndarray, sin: np.ndarray, mass: np.ndarray) -> None:
     """record_page_mass_reference into mass [kv_heads, c], reading the keys in place: copying the shortlist's
     keys out of the records first (numpy's fancy index) cost more than the product. A key with a shift is
-    dequantized and rotated into a buffer first (the far keys of the clamped and folded schemes)."""
+    dequantized and rotated into a buffer first (the far keys of a far position scheme)."""
     kv_heads, n_rows, head_dim = rows.shape
     n, n_local, steps = slots.shape[1], local_keys.shape[1], len(row_positions)
     span = page_size * head_dim  # one KV head's keys of a page, contiguous in its record

@@ -1,7 +1,7 @@
 """RoPE's rotation of cached keys by a number of positions, with cos/sin read from a table of shifts.
 
 A key rotated at position n and rotated again by s positions is the key rotated at n + s (rotations
-compose), so the clamped and folded position schemes move a far key to its far position by rotating it
+compose), so the far position schemes move a far key to its far position by rotating it
 by the difference. The table holds cos/sin of s x inv_freq for s = 0..n-1 (float64 angles, float32 values); a
 negative shift reads the table at -s with the sine's sign flipped.
 """
