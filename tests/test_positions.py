@@ -166,6 +166,31 @@ def test_far_keys_reach_the_graph_rotated_and_their_bounds_hold(tiny_artifacts, 
         engine.close()
 
 
+@pytest.mark.parametrize("policy,scheme", [("quest", "grouped"), ("streaming", "clamped")])
+def test_a_prefill_chunks_far_keys_reach_its_graph_rotated(tiny_artifacts, policy, scheme):
+    """A prefill chunk's budget buffer (one per budget, refilled layer after layer) holds its far pages'
+    keys at their far positions and its near pages' at their own: checked on the last layer of each budget
+    after the prompt's last chunk (tokens 1435..1498)."""
+    engine = Engine.open(tiny_artifacts["qwen2"], policy, positions=scheme)
+    try:
+        engine.prefill(random_ids(1500))
+        far, page_size, checked = engine.cache.far_positions.far(1435, 8), engine.cache.page_size, 0
+        last = {budget: (layer, buffer) for layer, (budget, buffer, _) in enumerate(engine.cache.buffers[False])}
+        for layer, buffer in last.values():
+            keys, _ = engine.cache.layers[layer].read()
+            sink = np.full((buffer.table.shape[0], 1), 0 if buffer.holds_sink else EMPTY)
+            held = np.concatenate([sink, buffer.table], axis=1)
+            for head, slot in zip(*np.nonzero(held != EMPTY)):
+                own = held[head, slot] * page_size + np.arange(page_size)
+                want = engine.rope.rotate(keys[head, own], far.positions(own) - own) if own[0] < far.pages * page_size \
+                    else keys[head, own]
+                np.testing.assert_allclose(buffer.pages_k[head, slot], want, atol=1e-5)
+                checked += own[0] < far.pages * page_size
+        assert checked > 0
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("policy,scheme", [("quest", "clamped"), ("rerank", "folded"), ("rerank", "grouped")])
 def test_a_long_far_run_spilled_to_disk_equals_it_in_memory(tiny_artifacts, tmp_path, policy, scheme):
     ids = random_ids(2500)

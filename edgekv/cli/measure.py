@@ -169,7 +169,7 @@ def calibrate(directory, target_agreement, text_file, context, scored_tokens, qu
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="PNG of accuracy (or agreement) against budget.")
 @click.option("--positions", default=None,
-              help="Position schemes, comma-separated: absolute, clamped, folded (as in generate) "
+              help="Position schemes, comma-separated: absolute, clamped, folded, grouped (as in generate) "
                    "[default: the profile's].")
 @click.option("--local-windows", default=None,
               help="Tokens of the most recent pages every quest or rerank selection keeps, comma-separated, "
