@@ -123,6 +123,27 @@ def test_far_schemes_are_exactly_absolute_inside_their_near_window(tiny_artifact
     np.testing.assert_array_equal(absolute, far)
 
 
+def far_keys_placed(engine: Engine, layer: int, buffer, far: FarPages) -> int:
+    """Assert that each page a layer's budget buffer holds sits at the position the step sees it at: a far
+    page's keys rotated to far.positions (recorded at far.base), a near page's as stored. Returns the number
+    of far slot-pages checked."""
+    keys, _ = engine.cache.layers[layer].read()  # post-RoPE, at their own positions
+    held, page_size, checked = buffer.held_pages(), engine.cache.page_size, 0
+    for head, slot in zip(*np.nonzero(held != EMPTY)):
+        page = held[head, slot]
+        own = page * page_size + np.arange(page_size)
+        stored = keys[head, own]
+        if page < far.pages:
+            want = engine.rope.rotate(stored, far.positions(own) - own)
+            assert buffer.rotated_to[head, slot] == far.base
+            np.testing.assert_allclose(buffer.pages_k[head, slot], want, atol=1e-5)
+            checked += 1
+        else:
+            assert buffer.rotated_to[head, slot] == OWN_POSITIONS
+            np.testing.assert_array_equal(buffer.pages_k[head, slot], stored)
+    return checked
+
+
 @pytest.mark.parametrize("scheme,fold", [("clamped", 1), ("folded", 64), ("grouped", 0)])
 @pytest.mark.parametrize("policy", ["quest", "rerank"])
 def test_far_keys_reach_the_graph_rotated_and_their_bounds_hold(tiny_artifacts, policy, scheme, fold, monkeypatch):
@@ -138,20 +159,9 @@ def test_far_keys_reach_the_graph_rotated_and_their_bounds_hold(tiny_artifacts, 
             assert far == FarPages(pages=boundary // 8, base=boundary - fold, fold=fold)
         page_size, checked = engine.cache.page_size, 0
         for layer, (_, buffer, _) in enumerate(engine.cache.buffers[True]):
+            assert buffer.holds_sink
+            checked += far_keys_placed(engine, layer, buffer, far)
             keys, _ = engine.cache.layers[layer].read()  # post-RoPE, at their own positions
-            held = np.concatenate([np.zeros((buffer.table.shape[0], 1), np.int64), buffer.table], axis=1)
-            for head, slot in zip(*np.nonzero(held != EMPTY)):
-                page = held[head, slot]
-                own = page * page_size + np.arange(page_size)
-                stored = keys[head, own]
-                if page < far.pages:
-                    want = engine.rope.rotate(stored, far.positions(own) - own)
-                    assert buffer.rotated_to[head, slot] == far.base
-                    np.testing.assert_allclose(buffer.pages_k[head, slot], want, atol=1e-5)
-                    checked += 1
-                else:
-                    assert buffer.rotated_to[head, slot] == OWN_POSITIONS
-                    np.testing.assert_array_equal(buffer.pages_k[head, slot], stored)
             # Every full page's far bounds hold its keys rotated to their offsets from the base.
             full = engine.cache.layers[layer].length // page_size
             own = np.arange(full * page_size)
@@ -174,19 +184,9 @@ def test_a_prefill_chunks_far_keys_reach_its_graph_rotated(tiny_artifacts, polic
     engine = Engine.open(tiny_artifacts["qwen2"], policy, positions=scheme)
     try:
         engine.prefill(random_ids(1500))
-        far, page_size, checked = engine.cache.far_positions.far(1435, 8), engine.cache.page_size, 0
+        far = engine.cache.far_positions.far(1435, engine.cache.page_size)
         last = {budget: (layer, buffer) for layer, (budget, buffer, _) in enumerate(engine.cache.buffers[False])}
-        for layer, buffer in last.values():
-            keys, _ = engine.cache.layers[layer].read()
-            sink = np.full((buffer.table.shape[0], 1), 0 if buffer.holds_sink else EMPTY)
-            held = np.concatenate([sink, buffer.table], axis=1)
-            for head, slot in zip(*np.nonzero(held != EMPTY)):
-                own = held[head, slot] * page_size + np.arange(page_size)
-                want = engine.rope.rotate(keys[head, own], far.positions(own) - own) if own[0] < far.pages * page_size \
-                    else keys[head, own]
-                np.testing.assert_allclose(buffer.pages_k[head, slot], want, atol=1e-5)
-                checked += own[0] < far.pages * page_size
-        assert checked > 0
+        assert sum(far_keys_placed(engine, layer, buffer, far) for layer, buffer in last.values()) > 0
     finally:
         engine.close()
 

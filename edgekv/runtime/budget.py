@@ -87,11 +87,15 @@ class BudgetBuffer:
         pool.copy(layer, pages, page_heads, self.pages_k, self.pages_v, slots)
         self.rotated_to[page_heads, slots] = OWN_POSITIONS
 
+    def held_pages(self) -> np.ndarray:
+        """The page in each slot-page but the last (the sink's, then the table's), or EMPTY: [kv_heads, n]."""
+        sink = np.full((self.table.shape[0], 1), 0 if self.holds_sink else EMPTY, np.int64)
+        return np.concatenate([sink, self.table], axis=1)
+
     def place_far(self, far: FarPages, shifter: KeyShifter) -> None:
         """Rotate the keys of the resident far pages (the sink and middle pages before far.pages) to their
         far positions, from their own positions or from an earlier base."""
-        sink = np.full((self.table.shape[0], 1), 0 if self.holds_sink else EMPTY, np.int64)
-        held = np.concatenate([sink, self.table], axis=1)  # [kv_heads, slot-pages but the last]: page or EMPTY
+        held = self.held_pages()
         heads, slots = np.nonzero((held != EMPTY) & (held < far.pages)
                                   & (self.rotated_to[:, :held.shape[1]] != far.base))
         if len(heads) == 0:
