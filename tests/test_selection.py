@@ -12,6 +12,7 @@ from edgekv.runtime.budget import BudgetBuffer
 from edgekv.runtime.kernels.attention import attention_mass, record_page_mass
 from edgekv.runtime.host_arena import RELEASE_RECORDS, SpillFile
 from edgekv.runtime.kernels.pages import DISK
+from edgekv.runtime.page_bounds import PageBounds
 from edgekv.runtime.paged_cache import FarKeys, LayerPages
 from edgekv.runtime.positions import FarPages
 from edgekv.runtime.rope import KeyShifter, Rope
@@ -49,6 +50,19 @@ def test_page_min_max_follow_appends_in_uneven_chunks(tmp_path):
         assert (high >= chunk.max(axis=1)).all() and (low <= chunk.min(axis=1)).all()
         np.testing.assert_allclose(high, chunk.max(axis=1), rtol=2 ** -7)
         np.testing.assert_allclose(low, chunk.min(axis=1), rtol=2 ** -7)
+
+
+def test_page_bounds_keep_every_page_as_they_grow_and_their_rows_never_stride_a_multiple_of_4k():
+    bounds, rng = PageBounds(3, 64), np.random.default_rng(2)
+    sealed = []
+    for page in range(2100):  # past the 2048-page doubling, where a power-of-two row is 4 KiB
+        bounds.add_page(page)
+        bounds.open[:] = rng.normal(size=bounds.open.shape)
+        sealed.append(bfloat16_outward(bounds.open))
+        bounds.seal(page)
+        # a channel row's stride a multiple of 4 KiB puts the rows a score pass streams in the same L1 sets
+        assert bounds.full.strides[1] % 4096 != 0
+    np.testing.assert_array_equal(bounds.full[:, :, :2100], np.stack(sealed, axis=-1))
 
 
 @pytest.mark.parametrize("steps", [1, 8])  # decode's few rows (compiled loop) and a chunk's many (BLAS)

@@ -14,10 +14,15 @@ import numpy as np
 
 from edgekv.runtime.bfloat16 import bfloat16_outward
 
+# Pages of slack past each doubling of the capacity: 64 bytes, so that a channel row's stride is never a
+# multiple of 4 KiB. At power-of-two strides the sixteen rows a score pass streams map to the same L1
+# sets and evict each other (the score at 4096 pages took 1.9x as long; benchmarks/RESULTS.md).
+ROW_PAD_PAGES = 32
+
 
 class PageBounds:
     def __init__(self, kv_heads: int, head_dim: int):
-        self.full = np.empty((kv_heads, 2 * head_dim, 64), dtype=np.uint16)  # full pages, bfloat16 bits
+        self.full = np.empty((kv_heads, 2 * head_dim, 64 + ROW_PAD_PAGES), dtype=np.uint16)  # full pages, bfloat16 bits
         # The open page's bounds, updated at every token, are kept apart in one contiguous block: its
         # column of `full` spans kv_heads*2*head_dim cache lines, each a likely miss after a graph call has
         # streamed the weights through the caches. No selection reads them: the open page is always selected.
@@ -26,7 +31,7 @@ class PageBounds:
     def add_page(self, page: int) -> None:
         if page == self.full.shape[2]:  # grow by doubling: amortised O(1) per page
             # Only the old columns are copied: the new half stays untouched, so not resident, until pages fill it.
-            grown = np.empty(self.full.shape[:2] + (2 * page,), self.full.dtype)
+            grown = np.empty(self.full.shape[:2] + (2 * page + ROW_PAD_PAGES,), self.full.dtype)
             grown[:, :, :page] = self.full
             self.full = grown
 
