@@ -20,6 +20,7 @@ from edgekv.core.errors import EdgekvError
 from edgekv.runtime.conversation import Conversation, Turn
 from edgekv.runtime.session_file import apply_session, load_session, save_session
 from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S
+from edgekv.runtime.tokens import ReplyText
 
 HELP = f"""commands:
   /help           this text
@@ -125,7 +126,10 @@ class ChatLoop:
             def write(text: str) -> None:
                 print(label.pop() if label else "", text, sep="", end="", file=self.out, flush=True)
 
-            stream = self.conversation.tokenizer.streamer(write)
+            text = ReplyText(self.conversation.tokenizer)
+
+            def stream(token: int) -> None:
+                write(text.add(token))
         with self.interrupt:
             turn = self.conversation.reply(message, self.max_new_tokens, on_token=stream,
                                            interrupted=lambda: self.interrupt.hit,

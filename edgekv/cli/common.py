@@ -9,9 +9,8 @@ from typing import Callable, Iterator
 import click
 from rich.console import Console
 
-from edgekv.core.constants import BACKENDS, DEFAULT_MODEL, DEFAULT_POLICY, POLICIES, POSITION_SCHEMES
+from edgekv.core.constants import BACKENDS, DEFAULT_POLICY, POLICIES, POSITION_SCHEMES
 from edgekv.core.errors import EdgekvError
-from edgekv.core.manifest import default_artifact_dir, read_manifest
 from edgekv.runtime.positions import FOLD_TOKENS, GROUP_TOKENS
 
 POLICY_HELP = ("rerank: Quest's shortlist re-ranked by attention (finds what dense finds where quest can miss "
@@ -69,32 +68,12 @@ def sampling_options(command):
     return command
 
 
-def artifact_dir(directory: Path | None) -> Path:
-    """DIR, or the default export; a missing default says which command makes it."""
-    if directory is not None:
-        return directory
-    default = default_artifact_dir(DEFAULT_MODEL, "npu-small")
-    if not default.exists():
-        raise EdgekvError(f"no artifact at {default}; create it with `edgekv export --profile npu-small` "
-                          "or pass an artifact directory")
-    return default
-
-
 def backend_option(command):
     """--backend, shared by the commands that run a model."""
     return click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
                         help="cpu: onnxruntime's CPU provider; qnn-htp, openvino, rknn: the graphs `edgekv compile` "
                              "made for that target [default: the profile's runtime.backend if compiled, "
                              "else cpu].")(command)
-
-
-def open_engine(directory: Path | None, policy: str, backend: str | None, **options):
-    """Engine.open on DIR (or the default export) with the named backend (or the default one)."""
-    from edgekv.runtime.engine import Engine
-    from edgekv.targets.registry import backend_for
-
-    directory = artifact_dir(directory)
-    return Engine.open(directory, policy, backend=backend_for(backend, read_manifest(directory)), **options)
 
 
 def parse_policies(text: str) -> list[str]:

@@ -11,6 +11,7 @@ from edgekv.cli.artifacts import compile_command, export, install_rknn, profiles
 from edgekv.cli.common import console
 from edgekv.cli.measure import bench, calibrate, evaluate
 from edgekv.cli.run import chat, generate
+from edgekv.cli.serve import serve
 from edgekv.core.errors import EdgekvError
 
 
@@ -20,7 +21,8 @@ def cli() -> None:
     """edgekv: unbounded-context LLMs on static-shape NPUs."""
 
 
-for command in (profiles, export, validate, compile_command, install_rknn, generate, chat, bench, calibrate, evaluate):
+for command in (profiles, export, validate, compile_command, install_rknn, generate, chat, serve, bench, calibrate,
+                evaluate):
     cli.add_command(command)
 
 

@@ -12,10 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekv.cli.artifacts import print_violations
-from edgekv.cli.common import (POSITIONS_HELP, artifact_dir, backend_option, int_list, out, parse_policies,
+from edgekv.cli.common import (POSITIONS_HELP, backend_option, int_list, out, parse_policies,
                                parse_positions, positions_option)
 from edgekv.core.constants import DEFAULT_POLICY, KV_DTYPES, POLICIES
 from edgekv.core.errors import EdgekvError
+from edgekv.core.manifest import artifact_dir
 from edgekv.core.manifest import load_verified, read_manifest
 from edgekv.core.profiles import QUANTIZED_WEIGHT_DTYPES
 from edgekv.evaluation.tasks import TASKS

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgekv.cli.common import (backend_option, console, open_engine, policy_option, positions_option,
-                               prefill_bar, sampling_options)
+from edgekv.cli.common import backend_option, console, policy_option, positions_option, prefill_bar, sampling_options
 from edgekv.core.errors import EdgekvError
 
 
@@ -31,8 +30,7 @@ def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops,
     """Generate a reply through the static graphs with the paged KV cache."""
     import json
 
-    from edgekv.runtime.sampling import Sampler, SamplingConfig
-    from edgekv.runtime.tokens import ArtifactTokenizer
+    from edgekv.api import Model
 
     if (prompt is None) == (prompt_file is None):
         raise EdgekvError("give exactly one of --prompt TEXT or --prompt-file FILE")
@@ -42,20 +40,18 @@ def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops,
         prompt = prompt_file.read_text()
     if not prompt.strip():
         raise EdgekvError("empty prompt: give some text with --prompt or --prompt-file")
-    engine = open_engine(directory, policy, backend, spill_dir=spill_dir, positions=positions)
+    model = Model.open(directory, policy, backend, positions, spill_dir)
     try:
-        tokenizer = ArtifactTokenizer.load(engine.manifest)
-        ids = tokenizer.encode(prompt) if raw else tokenizer.chat_prompt([{"role": "user", "content": prompt}])
-        sampler = Sampler(SamplingConfig.from_generation_defaults(
-            engine.manifest.data["generation"], temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed))
-        stream = None if as_json else tokenizer.streamer(lambda text: print(text, end="", flush=True))
+        ids = model.prompt_tokens(prompt if raw else [{"role": "user", "content": prompt}])
+        sampling = model.sampling(temperature=temperature, top_k=top_k, top_p=top_p,
+                                  repetition_penalty=repetition_penalty, seed=seed)
+        show = None if as_json else (lambda text: print(text, end="", flush=True))
         with prefill_bar(len(ids)) as on_prefill:
-            tokens, stats = engine.run(ids, max_new_tokens, sampler, tokenizer.eos_ids, tokenizer.decode,
-                                       stop=tokenizer.stop_check(stops), on_token=stream, on_prefill=on_prefill)
-        text = tokenizer.decode(tokens)
+            reply = model.generate(ids, max_new_tokens, sampling, stops, on_text=show, on_prefill=on_prefill)
+        stats = reply.stats
         if as_json:
-            print(json.dumps({"text": text, "token_ids": tokens, "stats": stats.to_dict()}))
+            print(json.dumps({"text": reply.text, "token_ids": reply.tokens, "finish_reason": reply.finish_reason,
+                              "stats": stats.to_dict()}))
         else:
             print(flush=True)  # the status line goes to stderr: end the reply first
             console.print(f"[dim]{stats.generated_tokens} tokens, {stats.decode_tok_s:.1f} tok/s decode "
@@ -67,7 +63,7 @@ def generate(directory, prompt, prompt_file, raw, policy, max_new_tokens, stops,
         console.print("\n[yellow]interrupted[/yellow]")
         sys.exit(130)
     finally:
-        engine.close()
+        model.close()
 
 
 @click.command()
@@ -88,24 +84,20 @@ def chat(directory, system, policy, max_new_tokens, spill_dir, as_json, position
     On a terminal: an interactive chat (/help lists the commands). Otherwise each input line is one
     user turn and replies go to standard output.
     """
+    from edgekv.api import Model
     from edgekv.cli.chat import ChatLoop
-    from edgekv.runtime.conversation import Conversation
-    from edgekv.runtime.sampling import SamplingConfig
-    from edgekv.runtime.tokens import ArtifactTokenizer
 
-    engine = open_engine(directory, policy, backend, spill_dir=spill_dir, positions=positions)
+    model = Model.open(directory, policy, backend, positions, spill_dir)
     try:
-        tokenizer = ArtifactTokenizer.load(engine.manifest)
-        sampling = SamplingConfig.from_generation_defaults(
-            engine.manifest.data["generation"], temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed)
+        sampling = model.sampling(temperature=temperature, top_k=top_k, top_p=top_p,
+                                  repetition_penalty=repetition_penalty, seed=seed)
         interactive = sys.stdin.isatty()
         if interactive:
             import readline  # noqa: F401 (imported for its effect: line editing and history for input())
-        loop = ChatLoop(Conversation(engine, tokenizer, sampling, system), max_new_tokens, interactive, as_json)
+        loop = ChatLoop(model.chat(system, sampling), max_new_tokens, interactive, as_json)
         loop.run(input if interactive else _read_stdin_line)
     finally:
-        engine.close()
+        model.close()
 
 
 def _read_stdin_line(_prompt: str) -> str:

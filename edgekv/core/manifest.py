@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import edgekv
+from edgekv.core.constants import DEFAULT_MODEL
 from edgekv.core.errors import EdgekvError
 from edgekv.core.hashing import cached_sha256s, file_sha256
 from edgekv.core.profiles import Profile, profile_from_dict
@@ -24,6 +25,18 @@ ARTIFACTS_DIR = "artifacts"  # where exports go by default, relative to the work
 def default_artifact_dir(model_name: str, profile_name: str, weight_dtype: str = "float32") -> Path:
     suffix = "" if weight_dtype == "float32" else f"-{weight_dtype}"
     return Path(ARTIFACTS_DIR) / f"{model_name}-{profile_name}{suffix}"
+
+
+def artifact_dir(directory: Path | str | None) -> Path:
+    """DIR, or the default export (the default model for npu-small); a missing default says which command
+    makes it."""
+    if directory is not None:
+        return Path(directory)
+    default = default_artifact_dir(DEFAULT_MODEL, "npu-small")
+    if not default.exists():
+        raise EdgekvError(f"no artifact at {default}; create it with `edgekv export --profile npu-small` "
+                          "or pass an artifact directory")
+    return default
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -103,22 +102,38 @@ class ArtifactTokenizer:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return clean_up_spaces(text) if self.clean_up else text
 
-    def streamer(self, emit: Callable[[str], None]) -> Callable[[int], None]:
-        """on_token callback that emits the new text of each token (held back mid UTF-8 sequence)."""
-        tokens: list[int] = []
-        shown = [0]
 
-        def on_token(token: int) -> None:
-            tokens.append(token)
-            text = self.decode(tokens)
-            if text.endswith("\ufffd"):
-                return
-            emit(text[shown[0]:])
-            shown[0] = len(text)
+class ReplyText:
+    """A reply's text as its tokens arrive: `add` returns the new text safe to show, never half a UTF-8
+    character nor the start of what may become a stop string, and sets `stopped` once a stop string
+    appears (the text ends before it)."""
 
-        return on_token
+    def __init__(self, tokenizer: ArtifactTokenizer, stops: tuple[str, ...] = ()):
+        if any(not stop for stop in stops):
+            raise EdgekvError("an empty stop string would stop every reply at once; drop it")
+        self.tokenizer, self.stops = tokenizer, stops
+        self.tokens: list[int] = []
+        self.text = ""  # the reply so far, up to a stop string
+        self.shown = 0
+        self.stopped = False
 
-    def stop_check(self, stops: tuple[str, ...]) -> Callable[[list[int]], bool] | None:
-        if not stops:
-            return None
-        return lambda tokens: any(stop in self.decode(tokens) for stop in stops)
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):  # mid UTF-8 sequence: wait for the rest
+            return ""
+        cuts = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
+        if cuts:
+            self.stopped, text = True, text[:min(cuts)]
+            safe = len(text)
+        else:  # hold back a tail that a stop string starts with
+            safe = len(text) - max((n for stop in self.stops for n in range(len(stop) - 1, 0, -1)
+                                    if text.endswith(stop[:n])), default=0)
+        self.text = text
+        piece, self.shown = text[self.shown:safe], max(self.shown, safe)
+        return piece
+
+    def rest(self) -> str:
+        """What was held back, once the reply is over."""
+        piece, self.shown = self.text[self.shown:], len(self.text)
+        return piece

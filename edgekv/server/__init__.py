@@ -1,0 +1,1 @@
+"""`edgekv serve`: the OpenAI-compatible HTTP server over one Model (api.py)."""
