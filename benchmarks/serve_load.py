@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     artifact = artifact_dir(args.artifact)
     manifest = read_manifest(artifact)
-    weights_mib = sum(f.stat().st_size for f in (artifact / "graphs").iterdir()) / 2**20  # one weights file, shared
+    weights_mib = sum(f.stat().st_size for f in (artifact / "graphs").rglob("*") if f.is_file()) / 2**20
     host_budget_mib = manifest.profile.host_kv_bytes / 2**20
     with running_server(artifact, "--queue-size", str(args.queue_size)) as server:
         name = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]

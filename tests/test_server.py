@@ -201,6 +201,20 @@ def test_a_full_queue_refuses_with_503_and_retry_after(tiny_artifacts, tmp_path)
         assert all(r is not None for s, r in zip(statuses, retry_after) if s == 503)
 
 
+def test_a_request_past_its_timeout_ends_with_504_and_the_next_is_served(tiny_artifacts, tmp_path):
+    with serving(tiny_artifacts["llama"], tmp_path, "--timeout", "0.2") as server:
+        name = tiny_model_name(server)
+        body = {"model": name, "messages": ask("a long story"), "max_tokens": 480, "temperature": 1.0, "seed": 0}
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 504 and "timed out" in response.json()["error"]["message"]
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body | {"stream": True},
+                          timeout=60) as response:
+            streamed = [line for line in response.iter_lines() if line]
+        assert "timed out" in streamed[-2] and streamed[-1] == "data: [DONE]"
+        reply = server.client().chat.completions.create(model=name, messages=ask("hi"), max_tokens=1)
+        assert reply.usage.completion_tokens == 1
+
+
 def test_sigterm_during_a_stream_exits_0_and_leaves_no_files(tiny_artifacts, tmp_path):
     spill = tmp_path / "spill"
     spill.mkdir()

@@ -41,7 +41,7 @@ def check_port_free(host: str, port: int) -> None:
               help="max_tokens of a request that gives none.")
 @click.option("--queue-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Requests that may wait for the engine; more are refused with 503.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=600, show_default=True,
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=600, show_default=True,
               help="Seconds a request may take, waiting included; then it stops with 504.")
 @click.option("--cache-disk-mib", type=click.IntRange(min=0), default=4096, show_default=True,
               help="Conversations' KV caches kept in files once the host budget is full; the least recent "
