@@ -128,6 +128,7 @@ def test_a_conversation_prefills_only_its_new_turn_and_replies_as_if_fed_whole(t
     assert again.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
     assert again.choices[0].message.content == second.choices[0].message.content
     assert tiny_server.metric("edgekv_cache_hits_total") >= 2
+    assert tiny_server.metric('edgekv_stored_conversation_bytes{tier="memory"}') > 0  # "a different story", kept
 
 
 @pytest.mark.parametrize("body, reason", [

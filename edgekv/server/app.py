@@ -16,6 +16,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,7 +47,7 @@ class ServerSettings:
 
 
 class Metrics:
-    def __init__(self, worker_depth):
+    def __init__(self, worker: Callable[[], EngineWorker | None]):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("edgekv_requests", "Chat requests by outcome", ["status"], registry=r)
@@ -58,7 +59,16 @@ class Metrics:
         self.decode_rate = Histogram("edgekv_decode_tokens_per_second", "Decode speed per request", registry=r,
                                      buckets=(1, 2, 5, 10, 20, 50, 100))
         self.queue_wait = Histogram("edgekv_queue_wait_seconds", "Time from arrival to the engine", registry=r)
-        Gauge("edgekv_queue_depth", "Requests waiting or running", registry=r).set_function(worker_depth)
+        def of(read: Callable[[EngineWorker], float]) -> Callable[[], float]:  # 0 before start-up
+            return lambda: read(worker()) if worker() else 0
+
+        Gauge("edgekv_queue_depth", "Requests waiting or running", registry=r).set_function(of(lambda w: w.depth))
+        stored = Gauge("edgekv_stored_conversation_bytes", "KV bytes of the conversations kept besides the live one",
+                       ["tier"], registry=r)
+        stored.labels("memory").set_function(of(lambda w: w.store.memory_used))
+        stored.labels("disk").set_function(of(lambda w: w.store.disk_used))
+        Gauge("edgekv_dropped_conversations", "Stored conversations dropped whole past the disk limit",
+              registry=r).set_function(of(lambda w: w.store.dropped))
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -69,7 +79,7 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 def create_app(model: Model, settings: ServerSettings) -> FastAPI:
     name = model.name
     worker_box: list[EngineWorker] = []  # set by the lifespan: the engine thread lives while the app serves
-    metrics = Metrics(lambda: worker_box[0].depth if worker_box else 0)
+    metrics = Metrics(lambda: worker_box[0] if worker_box else None)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -49,7 +49,7 @@ class ConversationStore:
         self.memory_bytes, self.disk_bytes = memory_bytes, disk_bytes
         self.stored: OrderedDict[int, Stored] = OrderedDict()  # least recently used first
         self.ids = count()
-        self.hits = self.misses = self.dropped = 0
+        self.dropped = 0  # caches dropped whole past disk_bytes
 
     def shared_prefix(self, tokens: list[int], text: str) -> int:
         """The most leading tokens whose text is a prefix of `text` (binary search: a longer prefix's text
@@ -94,10 +94,6 @@ class ConversationStore:
             else:
                 engine.reset()
         self._bound()
-        if reused:
-            self.hits += 1
-        else:
-            self.misses += 1
         new = self.tokenizer.encode_continuation(text[len(self.tokenizer.decode_exact(tokens[:reused])):])
         return Placed(reused, new)
 
@@ -139,8 +135,8 @@ class ConversationStore:
 
     @property
     def memory_used(self) -> int:
-        return sum(e.nbytes for e in self.stored.values() if e.kv is not None)
+        return sum(e.nbytes for e in list(self.stored.values()) if e.kv is not None)  # list(): read from another thread
 
     @property
     def disk_used(self) -> int:
-        return sum(e.nbytes for e in self.stored.values() if e.kv is None)
+        return sum(e.nbytes for e in list(self.stored.values()) if e.kv is None)
