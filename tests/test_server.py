@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -165,18 +167,29 @@ def test_the_api_key_is_checked_on_every_request(tiny_artifacts, tmp_path):
         assert reply.usage.completion_tokens >= 1
 
 
-def test_a_client_gone_mid_stream_stops_its_generation_and_the_next_request_is_served(tiny_server):
+STREAMING_CLIENT = """
+import json, sys, httpx
+with httpx.stream("POST", sys.argv[1], json=json.loads(sys.argv[2]), timeout=60) as response:
+    for line in response.iter_lines():
+        print(line, flush=True)
+"""
+
+
+def test_a_client_killed_mid_stream_stops_its_generation_and_the_next_request_is_served(tiny_server):
     name = tiny_model_name(tiny_server)
-    cancelled = tiny_server.metric('edgekv_requests_total{status="cancelled"}')
     body = {"model": name, "messages": ask("tell me a long story"), "max_tokens": 400, "stream": True,
             "temperature": 1.0, "seed": 1}
-    with httpx.stream("POST", f"{tiny_server.url}/v1/chat/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        assert next(lines).startswith("data: ")  # the first chunk arrived; now hang up
+    client = subprocess.Popen([sys.executable, "-c", STREAMING_CLIENT, f"{tiny_server.url}/v1/chat/completions",
+                               json.dumps(body)], stdout=subprocess.PIPE, text=True)
+    assert client.stdout.readline().startswith("data: ")  # the first chunk arrived
+    client.kill()
+    client.wait()
     deadline = time.monotonic() + 30
-    while tiny_server.metric('edgekv_requests_total{status="cancelled"}') == cancelled:
+    while not (stopped := re.search(r"stopped after (\d+) tokens \(cancelled\)", tiny_server.log.read_text())):
         assert time.monotonic() < deadline, "the server never noticed the client had gone"
         time.sleep(0.2)
+    assert int(stopped.group(1)) < 400  # stopped at the next token, not at the end of the reply
+    assert tiny_server.metric('edgekv_requests_total{status="cancelled"}') == 1
     reply = tiny_server.client().chat.completions.create(model=name, messages=ask("tell me a long story"),
                                                          max_tokens=3, temperature=0)
     assert reply.usage.completion_tokens >= 1

@@ -98,6 +98,9 @@ class EngineWorker:
         reply = self.model.extend(placed.new, job.max_tokens, job.sampling, job.stop,
                                   on_text=lambda piece: job.emit("text", piece), cancelled=job.cancelled)
         timed_out = reply.finish_reason == "cancelled" and not job.cancel.is_set()
+        if reply.finish_reason == "cancelled":
+            log.info("%s stopped after %d tokens (%s)", job.id, len(reply.tokens),
+                     "timed out" if timed_out else "cancelled")
         job.emit("done", Outcome(reply, placed.reused, started - job.submitted, timed_out))
 
     def shutdown(self) -> None:
