@@ -91,9 +91,9 @@ class Model:
         return self.extend(tokens, max_new_tokens, sampling, stop, on_text, cancelled, on_prefill)
 
     def extend(self, tokens: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None,
-                  stop: tuple[str, ...] = (), on_text: Callable[[str], None] | None = None,
-                  cancelled: Callable[[], bool] = lambda: False,
-                  on_prefill: Callable[[int], None] | None = None) -> Reply:
+               stop: tuple[str, ...] = (), on_text: Callable[[str], None] | None = None,
+               cancelled: Callable[[], bool] = lambda: False,
+               on_prefill: Callable[[int], None] | None = None) -> Reply:
         """generate() on top of what the cache already holds: only `tokens` are prefilled."""
         if max_new_tokens < 1:
             raise EdgekvError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from edgekv.api import Model
 from edgekv.server import protocol
 from edgekv.server.conversations import ConversationStore
-from edgekv.server.worker import EngineWorker, Job, Outcome, QueueFull
+from edgekv.server.worker import EngineWorker, Failure, Job, Outcome, QueueFull
 
 log = logging.getLogger("edgekv.server")
 
@@ -174,7 +174,7 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
                 return failed(job, value)
             if kind == "done":
                 if value.timed_out:
-                    return failed(job, f"timed out after {settings.timeout_s:g} s")
+                    return failed(job, timeout())
                 finished(job, value, "ok")
                 return JSONResponse(protocol.completion(job.id, name, value.reply.text, value.reply.finish_reason,
                                                         usage_of(value)))
@@ -197,11 +197,14 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
                  job.id, stats.prompt_tokens + outcome.reused_tokens, outcome.reused_tokens, stats.generated_tokens,
                  stats.decode_tok_s, stats.ttft_s, outcome.queue_wait_s, outcome.reply.finish_reason)
 
-    def failed(job: Job, reason: str) -> JSONResponse:
-        timed_out = "timed out" in reason
-        metrics.requests.labels("timeout" if timed_out else "error").inc()
-        log.warning("%s failed: %s", job.id, reason)
-        return error_response(504 if timed_out else 500, reason, "timeout" if timed_out else "server_error")
+    def timeout() -> Failure:
+        return Failure(f"timed out after {settings.timeout_s:g} s", timed_out=True)
+
+    def failed(job: Job, failure: Failure) -> JSONResponse:
+        metrics.requests.labels("timeout" if failure.timed_out else "error").inc()
+        log.warning("%s failed: %s", job.id, failure.reason)
+        return error_response(504 if failure.timed_out else 500, failure.reason,
+                              "timeout" if failure.timed_out else "server_error")
 
     async def stream(job: Job, include_usage: bool):
         def event(body: dict) -> str:
@@ -217,9 +220,9 @@ def create_app(model: Model, settings: ServerSettings) -> FastAPI:
                     continue
                 ended = True
                 if kind == "error" or value.timed_out:
-                    reason = value if kind == "error" else f"timed out after {settings.timeout_s:g} s"
-                    failed(job, reason)
-                    yield event(protocol.error(reason, "timeout" if "timed out" in reason else "server_error"))
+                    failure = value if kind == "error" else timeout()
+                    failed(job, failure)
+                    yield event(protocol.error(failure.reason, "timeout" if failure.timed_out else "server_error"))
                     continue
                 finished(job, value, "ok")
                 yield event(protocol.chunk(job.id, name, {}, value.reply.finish_reason))

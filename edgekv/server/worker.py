@@ -39,7 +39,7 @@ class Job:
     stop: tuple[str, ...]
     deadline: float  # time.monotonic() after which it is cancelled
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("text", str), then ("done", Outcome) or ("error", str)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("text", str), then ("done", Outcome) or ("error", Failure)
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
 
@@ -48,6 +48,12 @@ class Job:
 
     def emit(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+@dataclass
+class Failure:
+    reason: str
+    timed_out: bool = False
 
 
 @dataclass
@@ -85,14 +91,15 @@ class EngineWorker:
             except Exception as e:  # the job's client gets the reason; the next job starts from a clean cache
                 log.exception("request %s failed", job.id)
                 self.model.engine.reset()
-                job.emit("error", f"generation failed: {e}")
+                job.emit("error", Failure(f"generation failed: {e}"))
             finally:
                 self.running = None
 
     def _run(self, job: Job) -> None:
         started = time.monotonic()
         if job.cancelled():
-            job.emit("error", "timed out in the queue" if not job.cancel.is_set() else "cancelled")
+            timed_out = not job.cancel.is_set()
+            job.emit("error", Failure("timed out in the queue" if timed_out else "cancelled", timed_out))
             return
         placed = self.store.place(job.text)
         reply = self.model.extend(placed.new, job.max_tokens, job.sampling, job.stop,
@@ -112,7 +119,7 @@ class EngineWorker:
                 break
             if job is not None:
                 job.cancel.set()
-                job.emit("error", "the server is shutting down")
+                job.emit("error", Failure("the server is shutting down"))
         if self.running is not None:
             self.running.cancel.set()
         self.jobs.put(None)
