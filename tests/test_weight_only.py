@@ -1,11 +1,11 @@
-"""INT8 weight-only artifacts for CPU profiles: onnxruntime's MatMulNBits kernels."""
+"""Weight-only artifacts for CPU profiles (8-bit and 4-bit): onnxruntime's MatMulNBits kernels."""
 
 import numpy as np
 import onnx
 import pytest
 
 from conftest import error_line, run_edgekv
-from edgekv.calibration.weight_only import WEIGHT_ONLY_BLOCK
+from edgekv.calibration.weight_only import INT4_FORMAT, INT8_FORMAT
 from edgekv.core.manifest import load_verified
 from edgekv.core.profiles import load_profile
 from edgekv.evaluation.evaluate import EvalRun, forced_logits
@@ -22,39 +22,73 @@ def tiny_weight_only(tiny_model_dirs, tmp_path_factory):
     return export_for_profile(str(tiny_model_dirs["llama"]), "cpu", out, progress=lambda _: None).directory
 
 
-def test_every_projection_is_matmulnbits_over_8bit_blocks(tiny_weight_only):
-    manifest = load_verified(tiny_weight_only)
+@pytest.fixture(scope="module")
+def tiny_int4(tiny_model_dirs, tmp_path_factory):
+    from edgekv.calibration.int8_export import export_for_profile
+
+    out = tmp_path_factory.mktemp("tiny-int4") / "llama-cpu-int4"
+    return export_for_profile(str(tiny_model_dirs["llama"]), "cpu", out, progress=lambda _: None,
+                              quantize="int4-weight-only").directory
+
+
+def kernel_formats(artifact) -> dict[str, tuple[int, int, bool]]:
+    """(bits, block_size, has zero points) of every MatMulNBits node, by the float weight it replaced; no MatMul by a weight left."""
+    manifest = load_verified(artifact)
     assert manifest.data["quantization"]["format"] == "MatMulNBits"
+    formats = {}
     for entry in manifest.graphs.values():
-        model = onnx.load(tiny_weight_only / entry.file, load_external_data=False)
+        model = onnx.load(artifact / entry.file, load_external_data=False)
         weights = {t.name for t in model.graph.initializer}
         assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights], entry.name
         kernels = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
         assert kernels, entry.name
         for node in kernels:
             attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            assert (attributes["bits"], attributes["block_size"]) == (8, WEIGHT_ONLY_BLOCK)
-    stored = manifest.data["weights"]
-    assert {e["dtype"] for n, e in stored.items() if n.endswith("_Q8")} == {"uint8"}
+            formats[node.input[1].rsplit("_Q", 1)[0]] = (attributes["bits"], attributes["block_size"],
+                                                          len(node.input) > 3)
     # The variants of a step share one stored copy of each quantized weight.
     for index in range(manifest.model["layers"] + 1):
         used = {tuple(sorted(manifest.variant(v)[index].weights)) for v in manifest.data["variants"]}
         assert len(used) == 1
+    return formats
 
 
-def test_weight_only_artifact_validates_and_tracks_float32(tiny_weight_only, tiny_artifacts):
-    assert validate_artifact(load_verified(tiny_weight_only)).ok
+def test_every_projection_is_matmulnbits_over_8bit_blocks(tiny_weight_only):
+    formats = kernel_formats(tiny_weight_only)
+    assert set(formats.values()) == {(8, INT8_FORMAT.block_size, False)}
+    stored = load_verified(tiny_weight_only).data["weights"]
+    assert {e["dtype"] for n, e in stored.items() if n.endswith("_Q8")} == {"uint8"}
+
+
+def test_int4_keeps_the_lm_head_8bit(tiny_int4):
+    formats = kernel_formats(tiny_int4)
+    head = {w for w in formats if any(part in w for part in INT4_FORMAT.eight_bit)}
+    assert len(head) == 1  # the tied LM head: the embedding table, transposed
+    assert {formats[w] for w in head} == {(8, INT8_FORMAT.block_size, False)}
+    assert {formats[w] for w in set(formats) - head} == {(4, INT4_FORMAT.block_size, not INT4_FORMAT.symmetric)}
+    # Two 4-bit weights a byte: a block of input channels is block_size / 2 bytes
+    q4 = [e for n, e in load_verified(tiny_int4).data["weights"].items() if n.endswith("_Q4")]
+    assert q4 and {e["dtype"] for e in q4} == {"uint8"}
+    assert all(e["shape"][-1] == INT4_FORMAT.block_size // 2 for e in q4)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("int8-weight-only", 0.05), ("int4-weight-only", 0.2)])
+def test_weight_only_artifact_validates_and_tracks_float32(dtype, tolerance, tiny_weight_only, tiny_int4,
+                                                           tiny_artifacts):
+    artifact = tiny_weight_only if dtype == "int8-weight-only" else tiny_int4
+    assert validate_artifact(load_verified(artifact)).ok
     tokens = list(range(3, 200))
     # The tiny float artifact is npu-small's, whose KV side the cpu profile shares: only the weights differ.
-    got = forced_logits(tiny_weight_only, EvalRun("quest", None), tokens, 32)[0]
+    got = forced_logits(artifact, EvalRun("quest", None), tokens, 32)[0]
     want = forced_logits(tiny_artifacts["llama"], EvalRun("quest", None), tokens, 32)[0]
     relative = np.linalg.norm(got - want) / np.linalg.norm(want)
-    assert relative < 0.05, relative
+    assert relative < tolerance, relative
 
 
-def test_npu_profile_refuses_weight_only_kernels(tiny_model_dirs, tmp_path):
+@pytest.mark.parametrize("dtype", ["int8-weight-only", "int4-weight-only"])
+def test_npu_profile_refuses_weight_only_kernels(dtype, tiny_model_dirs, tmp_path):
     result = run_edgekv("export", "--model", str(tiny_model_dirs["llama"]), "--profile", "npu-small",
-                        "--quantize", "int8-weight-only", "--out", str(tmp_path / "out"))
+                        "--quantize", dtype, "--out", str(tmp_path / "out"))
     last = error_line(result)
     assert "MatMulNBits" in last and "cpu" in last
     assert not (tmp_path / "out").exists()

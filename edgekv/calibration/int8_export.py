@@ -14,7 +14,7 @@ import numpy as np
 from edgekv.calibration.float16_weights import FLOAT16_SUFFIX, convert_float16_weights
 from edgekv.calibration.prompts import read_text_tokens
 from edgekv.calibration.quantize import CALIBRATION_TOKENS, QDQ_OPS, quantize_qdq, vocabulary_int16
-from edgekv.calibration.weight_only import WEIGHT_ONLY_OPS, quantize_weight_only
+from edgekv.calibration.weight_only import WEIGHT_ONLY_FORMATS, WEIGHT_ONLY_OPS, WeightOnlyFormat, quantize_weight_only
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import Manifest, default_artifact_dir, read_manifest, write_manifest
 from edgekv.core.profiles import QUANTIZED_WEIGHT_DTYPES, SUPPORTED_WEIGHT_DTYPES, Profile, load_profile
@@ -29,8 +29,8 @@ def export_for_profile(model_spec: str, profile_spec: str, out_dir: Path | None 
                        quantize: str | None = None, calibration_text: Path | None = None) -> ExportResult:
     """What `edgekv export` runs: float32 graphs (export/exporter.py), or with `quantize` (default: the
     profile's weight_dtype) float32 graphs first and then the INT8 artifact quantized from them: "int8" QDQ
-    graphs calibrated on real activations, or "int8-weight-only" MatMulNBits graphs for onnxruntime's CPU
-    kernels."""
+    graphs calibrated on real activations, or "int8-weight-only" / "int4-weight-only" MatMulNBits graphs for
+    onnxruntime's CPU kernels."""
     start = time.perf_counter()
     profile = load_profile(profile_spec)
     weight_dtype = quantize or profile.weight_dtype
@@ -62,18 +62,19 @@ def export_for_profile(model_spec: str, profile_spec: str, out_dir: Path | None 
 
 def check_profile_allows(profile: Profile, weight_dtype: str) -> None:
     """The operators the quantized graphs add must be in the profile's list."""
-    needed = {"int8": QDQ_OPS, "int8-weight-only": WEIGHT_ONLY_OPS, "float16": ("Cast",)}[weight_dtype]
+    needed = QDQ_OPS if weight_dtype == "int8" else ("Cast",) if weight_dtype == "float16" else WEIGHT_ONLY_OPS
     missing = [op for op in needed if op not in profile.allowed_ops]
     if missing:
         hint = ("use a CPU profile such as `cpu`, or --quantize int8 for QDQ graphs"
-                if weight_dtype == "int8-weight-only" else "export float32")
+                if weight_dtype in WEIGHT_ONLY_FORMATS else "export float32")
         raise EdgekvError(f"profile {profile.name} does not allow {', '.join(missing)}, which {weight_dtype} graphs "
                           f"need; add them to its [graph] allowed_ops or {hint}")
 
 
 def quantize_artifact(float_dir: Path, out_dir: Path, weight_dtype: str = "int8", text_file: Path | None = None,
-                      progress: Callable[[str], None] = print) -> None:
-    """Write the quantized artifact of a float32 artifact into out_dir (staged, then renamed)."""
+                      progress: Callable[[str], None] = print, weight_only: WeightOnlyFormat | None = None) -> None:
+    """Write the quantized artifact of a float32 artifact into out_dir (staged, then renamed). `weight_only`
+    replaces a weight-only dtype's format (benchmarks/weight_only_formats.py compares them)."""
     source = read_manifest(float_dir)
     if "quantization" in source.data:
         raise EdgekvError(f"{float_dir} is already quantized ({source.data['quantization']['weight_dtype']}); "
@@ -91,7 +92,8 @@ def quantize_artifact(float_dir: Path, out_dir: Path, weight_dtype: str = "int8"
     elif weight_dtype == "float16":
         graphs, quantization = convert_float16_weights(source, float_dir, staging, writer, progress)
     else:
-        graphs, quantization = quantize_weight_only(source, float_dir, staging, writer, progress)
+        form = weight_only or WEIGHT_ONLY_FORMATS[weight_dtype]
+        graphs, quantization = quantize_weight_only(source, float_dir, staging, writer, progress, form)
     embedding = write_embedding(source, weight_dtype, writer)
     writer.close()
     shutil.copytree(float_dir / source.data["tokenizer"]["dir"], staging / source.data["tokenizer"]["dir"])

@@ -1,12 +1,14 @@
-"""INT8 weight-only graphs for CPUs: onnxruntime's MatMulNBits kernel (com.microsoft) over 8-bit weights.
+"""Weight-only graphs for CPUs: onnxruntime's MatMulNBits kernel (com.microsoft) over 8-bit or 4-bit weights.
 
 The QDQ graphs (quantize.py) are for NPUs, whose compilers fold the dequantization into their INT8
-kernels; onnxruntime's CPU provider runs them slowly. Its weight-only kernel is what makes INT8 fast on
-a CPU.
+kernels; onnxruntime's CPU provider runs them slowly. Its weight-only kernel is what makes low-bit
+weights fast on a CPU, where every weight is read at every token.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,17 +18,39 @@ from edgekv.core.manifest import Manifest
 from edgekv.export.weights import WeightWriter
 
 WEIGHT_ONLY_OPS = ("MatMulNBits",)  # onnxruntime's CPU weight-only kernel (com.microsoft), for CPU profiles
-WEIGHT_ONLY_BLOCK = 32  # input channels per weight scale
-WEIGHT_ONLY_ACCURACY_LEVEL = 4  # int8 activations per block inside the kernel (onnxruntime's fastest on x86/ARM)
+
+
+@dataclass(frozen=True)
+class WeightOnlyFormat:
+    """How MatMulNBits stores the weights: `bits` per weight in blocks of `block_size` input channels, each
+    with a float32 scale (and, unless symmetric, a zero point); weights whose name contains one of
+    `eight_bit` stay 8-bit (INT8_FORMAT). accuracy_level 4 lets the kernel quantize each activation
+    block to int8 on the fly and multiply in integers."""
+
+    bits: int
+    block_size: int
+    symmetric: bool
+    accuracy_level: int
+    eight_bit: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        kept = f"; 8-bit: {', '.join(self.eight_bit)}" if self.eight_bit else ""
+        return (f"int{self.bits} {'symmetric' if self.symmetric else 'with a zero point'}, a float32 scale per "
+                f"{self.block_size} input channels{kept}")
+
+
+# The massive activations that defeat one static 8-bit range (quantize.py's docstring) only blur their
+# own block inside the kernel.
+INT8_FORMAT = WeightOnlyFormat(bits=8, block_size=32, symmetric=True, accuracy_level=4)
+INT4_FORMAT = WeightOnlyFormat(bits=4, block_size=32, symmetric=False, accuracy_level=4,
+                               eight_bit=("embed_tokens", "lm_head"))
+WEIGHT_ONLY_FORMATS = {"int8-weight-only": INT8_FORMAT, "int4-weight-only": INT4_FORMAT}
 
 
 def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, writer: WeightWriter,
-                          progress: Callable[[str], None]) -> tuple[dict, dict]:
+                          progress: Callable[[str], None], form: WeightOnlyFormat) -> tuple[dict, dict]:
     """onnxruntime's CPU weight-only kernel: every MatMul by a constant weight becomes MatMulNBits over
-    8-bit weights with a float32 scale per block of WEIGHT_ONLY_BLOCK input channels. accuracy_level 4
-    lets the kernel quantize each activation block of the same size to int8 on the fly and multiply in
-    integers: the massive activations that defeat one static 8-bit range (quantize.py's docstring) only blur
-    their own block of 32. The embedding lookup stays float32."""
+    `form`'s weights. The embedding lookup stays on the host (runtime/embedding.py)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     quantized: dict[str, tuple[onnx.NodeProto, list[onnx.TensorProto]]] = {}
@@ -34,19 +58,24 @@ def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, write
     entries = list(source.graphs.values())
     for i, entry in enumerate(entries):
         model = onnx.load(float_dir / entry.file)
+        weights = {t.name for t in model.graph.initializer}
+        matmuls = {n.name: n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights}
         # The variants of a step multiply the same weights: quantize each weight once, in its first graph.
-        seen = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in quantized]
-        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
-                                         accuracy_level=WEIGHT_ONLY_ACCURACY_LEVEL, nodes_to_exclude=seen)
-        quantizer.process()
-        model = quantizer.model.model
+        fresh = {name for name, weight in matmuls.items() if weight not in quantized}
+        kept = {name for name in fresh if any(part in matmuls[name] for part in form.eight_bit)}
+        for part, names in ((form, fresh - kept), (INT8_FORMAT, kept)):
+            if names:
+                quantizer = MatMulNBitsQuantizer(model, bits=part.bits, block_size=part.block_size,
+                                                 is_symmetric=part.symmetric, accuracy_level=part.accuracy_level,
+                                                 nodes_to_exclude=sorted(set(matmuls) - names))
+                quantizer.process()
+                model = quantizer.model.model
         reuse_weight_only_kernels(model, quantized)
         graphs[entry.name] = {**source.data["graphs"][entry.name], "weights": writer.save(model, staging / entry.file)}
         if (i + 1) % 10 == 0 or i + 1 == len(entries):
             progress(f"quantized {i + 1}/{len(entries)} graphs to MatMulNBits")
-    return graphs, {"format": "MatMulNBits", "weights": f"int8 symmetric, a float32 scale per {WEIGHT_ONLY_BLOCK} "
-                    "input channels; embedding float32", "activations": "float32 (int8 per block inside the kernel, "
-                    f"accuracy_level {WEIGHT_ONLY_ACCURACY_LEVEL})"}
+    return graphs, {"format": "MatMulNBits", "weights": f"{form.describe()}; embedding float32 on the host",
+                    "activations": f"float32 (int8 per block inside the kernel, accuracy_level {form.accuracy_level})"}
 
 
 def reuse_weight_only_kernels(model: onnx.ModelProto,
@@ -57,10 +86,10 @@ def reuse_weight_only_kernels(model: onnx.ModelProto,
     tensors = {t.name: t for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "MatMulNBits":
-            weight = node.input[1].removesuffix("_Q8")
+            weight = re.sub(r"_Q\d$", "", node.input[1])
             if weight not in quantized:
-                copies = [onnx.TensorProto(), onnx.TensorProto()]
-                for copy, name in zip(copies, node.input[1:3]):
+                copies = [onnx.TensorProto() for _ in node.input[1:]]
+                for copy, name in zip(copies, node.input[1:]):
                     copy.CopyFrom(tensors[name])
                 quantized[weight] = (onnx.NodeProto(), copies)
                 quantized[weight][0].CopyFrom(node)
@@ -71,6 +100,9 @@ def reuse_weight_only_kernels(model: onnx.ModelProto,
             node.input[0], node.output[0], node.name = a, out, name
             graph.initializer.extend(t for t in kernel_tensors if t.name not in tensors)
             tensors.update({t.name: t for t in kernel_tensors})
+    if any(node.op_type == "MatMulNBits" for node in graph.node) and \
+            not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     used = {name for node in graph.node for name in node.input}
     for tensor in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(tensor)

@@ -1,0 +1,175 @@
+"""Which weight-only format for the `cpu` profile: MatMulNBits over 8-bit or 4-bit weights, by block size,
+zero points, accuracy level and which weights stay 8-bit, measured on agreement, bytes and decode speed.
+
+Usage: .venv/bin/python benchmarks/weight_only_formats.py [--formats int8,int4-b32,...] [--context 2048]
+       [--scored 256] [--rounds 3] [--json FILE]
+
+The float32 graphs of the `cpu` profile are exported once (into WORK_DIR/float32) and every format is
+quantized from them, as `edgekv export --profile cpu --quantize ...` does. For each format and text,
+`quest` (the profile's budgets) and `dense` are teacher-forced over the last `scored` tokens of `context`
+tokens, against the float32 npu-small artifact under the same policy (the cpu profile's KV side is
+npu-small's): top-1 agreement and mean KL, as the INT8 work measured them. The texts: the README at
+3d57c8d (the INT8 tables' text) and Python's language reference (`pydoc_data/topics.py`).
+
+Speed: every format's engine is open at once in this process; each round prefills the same 1K random
+tokens into each and times DECODE_STEPS greedy steps, formats interleaved: medians over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from edgekv.calibration.int8_export import quantize_artifact  # noqa: E402
+from edgekv.calibration.weight_only import INT4_FORMAT, INT8_FORMAT, WeightOnlyFormat  # noqa: E402
+from edgekv.core.manifest import read_manifest  # noqa: E402
+from edgekv.evaluation.evaluate import DENSE_RUN, EvalRun, forced_logits  # noqa: E402
+from edgekv.evaluation.metrics import mean_kl, top1_agreement  # noqa: E402
+from edgekv.runtime.engine import Engine  # noqa: E402
+from edgekv.runtime.tokens import ArtifactTokenizer  # noqa: E402
+
+WORK_DIR = REPO / "artifacts" / "weight-only-formats"
+REFERENCE = REPO / "artifacts" / "smollm2-135m-instruct-npu-small"
+README_COMMIT = "3d57c8d"
+FORMATS: dict[str, tuple[str, WeightOnlyFormat]] = {
+    "int8": ("int8-weight-only", INT8_FORMAT),
+    "int4-b32": ("int4-weight-only", replace(INT4_FORMAT, block_size=32)),
+    "int4-b32-sym": ("int4-weight-only", replace(INT4_FORMAT, block_size=32, symmetric=True)),
+    "int4-b64": ("int4-weight-only", replace(INT4_FORMAT, block_size=64)),
+    "int4-b128": ("int4-weight-only", replace(INT4_FORMAT, block_size=128)),
+    "int4-b32-head4": ("int4-weight-only", replace(INT4_FORMAT, block_size=32, eight_bit=())),
+    "int4-b32-v8": ("int4-weight-only", replace(INT4_FORMAT, block_size=32,
+                                                 eight_bit=INT4_FORMAT.eight_bit + ("v_proj",))),
+    "int4-b32-acc0": ("int4-weight-only", replace(INT4_FORMAT, block_size=32, accuracy_level=0)),
+}
+PROMPT_TOKENS = 1024
+DECODE_STEPS = 16
+
+
+def float_artifact() -> Path:
+    """The cpu profile's float32 graphs, with the LM head's weight on the right as the quantizers need."""
+    out = WORK_DIR / "float32"
+    if (out / "manifest.json").exists():
+        return out
+    from edgekv.core.profiles import load_profile
+    from edgekv.export.exporter import write_float_artifact
+    from edgekv.export.models import load_model
+
+    write_float_artifact(load_model("smollm2-135m-instruct", print), load_profile("cpu"), out, None,
+                         head_weight_on_right=True)
+    return out
+
+
+def graph_weight_bytes(artifact: Path) -> int:
+    """Bytes of the weights the graphs read (the host's embedding table excluded: a step reads one row)."""
+    manifest = read_manifest(artifact)
+    embedding = manifest.data["embedding"]["weight"]
+    return sum(int(np.prod(e["shape"])) * np.dtype(e["dtype"]).itemsize
+               for name, e in manifest.data["weights"].items() if name != embedding)
+
+
+def texts(tokenizer: ArtifactTokenizer, context: int) -> dict[str, list[int]]:
+    import pydoc_data.topics
+
+    readme = subprocess.run(["git", "show", f"{README_COMMIT}:README.md"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout
+    found = {f"README at {README_COMMIT}": tokenizer.encode(readme),
+             "Python language reference": tokenizer.encode(Path(pydoc_data.topics.__file__).read_text())}
+    for name, tokens in found.items():
+        if len(tokens) < context:
+            raise SystemExit(f"{name} has {len(tokens)} tokens, fewer than --context {context}")
+    return {name: tokens[:context] for name, tokens in found.items()}
+
+
+def decode_speed(artifacts: dict[str, Path], rounds: int) -> dict[str, list[float]]:
+    """tok/s of DECODE_STEPS greedy `quest` steps after a 1K prompt, formats interleaved in each round."""
+    engines = {label: Engine.open(path, "quest") for label, path in artifacts.items()}
+    rng = np.random.default_rng(0)
+    speeds: dict[str, list[float]] = {label: [] for label in engines}
+    try:
+        for r in range(rounds):
+            prompt = rng.integers(1000, 40000, PROMPT_TOKENS).tolist()
+            for label, engine in engines.items():
+                engine.reset()
+                token = int(np.argmax(engine.prefill(prompt)))
+                times = []
+                for _ in range(DECODE_STEPS):
+                    start = time.perf_counter()
+                    token = int(np.argmax(engine.decode(token)))
+                    times.append(time.perf_counter() - start)
+                speeds[label].append(1 / float(np.median(times)))
+                print(f"  round {r + 1}: {label:<16} {speeds[label][-1]:6.1f} tok/s", flush=True)
+    finally:
+        for engine in engines.values():
+            engine.close()
+    return speeds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--scored", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    labels = args.formats.split(",")
+    unknown = [label for label in labels if label not in FORMATS]
+    if unknown:
+        raise SystemExit(f"unknown format {unknown[0]}; choose from {', '.join(FORMATS)}")
+
+    float_dir = float_artifact()
+    artifacts = {}
+    for label in labels:
+        dtype, form = FORMATS[label]
+        out = WORK_DIR / label
+        if not (out / "manifest.json").exists():
+            start = time.perf_counter()
+            quantize_artifact(float_dir, out, dtype, progress=lambda _: None, weight_only=form)
+            print(f"{label}: quantized in {time.perf_counter() - start:.0f} s", flush=True)
+        artifacts[label] = out
+
+    tokenizer = ArtifactTokenizer.load(read_manifest(REFERENCE))
+    rows = []
+    for text, tokens in texts(tokenizer, args.context).items():
+        for run in (EvalRun("quest", None), DENSE_RUN):
+            reference, _ = forced_logits(REFERENCE, run, tokens, args.scored)
+            for label, artifact in artifacts.items():
+                logits, _ = forced_logits(artifact, run, tokens, args.scored)
+                row = {"format": label, "text": text, "policy": run.policy,
+                       "top1_agreement": top1_agreement(logits, reference), "mean_kl": mean_kl(logits, reference)}
+                rows.append(row)
+                print(f"{label:<16} {run.policy:<6} {text:<26} top-1 {row['top1_agreement']:.3f} "
+                      f"KL {row['mean_kl']:.4f}", flush=True)
+
+    speeds = decode_speed(artifacts, args.rounds)
+    summary = []
+    for label in labels:
+        mine = [r for r in rows if r["format"] == label]
+        summary.append({"format": label, **asdict(FORMATS[label][1]),
+                        "graph_weight_mib": graph_weight_bytes(artifacts[label]) / 2**20,
+                        "min_top1": min(r["top1_agreement"] for r in mine),
+                        "mean_top1": float(np.mean([r["top1_agreement"] for r in mine])),
+                        "mean_kl": float(np.mean([r["mean_kl"] for r in mine])),
+                        "decode_tok_s": float(np.median(speeds[label])), "decode_rounds": speeds[label]})
+    print(f"\n{'format':<16} {'weights MiB':>11} {'min top-1':>9} {'mean top-1':>10} {'mean KL':>8} {'tok/s':>6}")
+    for s in summary:
+        print(f"{s['format']:<16} {s['graph_weight_mib']:11.1f} {s['min_top1']:9.3f} {s['mean_top1']:10.3f} "
+              f"{s['mean_kl']:8.4f} {s['decode_tok_s']:6.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({"context": args.context, "scored": args.scored, "rows": rows,
+                                         "summary": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
