@@ -1,7 +1,7 @@
 """Prefill and decode speed of edgekv against its peers: same machine, same prompts, one process tree.
 
 Usage: .venv/bin/python benchmarks/peers.py [--contexts 1024,4096,8128,16384]
-       [--systems transformers,optimum,llama.cpp,quest,rerank,dense] [--steps 16] [--artifact DIR]
+       [--systems transformers,optimum,llama.cpp,quest,rerank,dense] [--steps 16] [--artifact DIR[,DIR...]]
        [--json FILE] [--plot FILE.png]
 
 Needs the `peers` extra for two of the systems: `.venv/bin/pip install -e '.[peers]'`.
@@ -12,7 +12,8 @@ Systems (SmolLM2-135M-Instruct, CPU, greedy, THREADS threads each):
                 and cached in cache_dir()/peers/optimum-<sha>; dynamic KV cache (tensors in, tensors out)
   llama.cpp     llama-cpp-python on the same GGUF file, so with its Q4_1 weights (the others are float32)
   quest, rerank, dense
-                edgekv's Engine over ARTIFACT with that policy; dense's static context is 8192, so it skips 16K
+                edgekv's Engine over ARTIFACT with that policy; dense's static context is 8192, so it skips 16K.
+                With several artifacts, each policy runs on each, named "policy WEIGHT_DTYPE".
 
 Every system gets the same seeded token ids. At each context it starts from an empty cache, prefills the
 first `context` ids (timed: prefill tok/s), decodes WARMUP greedy tokens, then `steps` timed greedy
@@ -20,6 +21,7 @@ tokens: the median step gives decode tok/s. The peers prefill in PREFILL_CHUNK-t
 default batch; it also bounds the attention scores' memory at 16K), edgekv in its profile's chunk. Each
 system runs in its own child process, one after the other, so no thread pool or memory of one competes
 with the next. The 8K point is 8128 tokens so the dense baseline's decoded tokens fit its 8192 slots.
+Each row carries its process's peak RSS so far (the contexts run in increasing order).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ SYSTEMS = "transformers,optimum,llama.cpp,quest,rerank,dense"
 STEPS = 16
 WARMUP = 4  # untimed decode steps after each prefill
 WARMUP_PROMPT = 64  # untimed prefill + WARMUP decodes once per system, before any timing
+EDGEKV_POLICIES = ("quest", "rerank", "dense")
 THREADS = 2  # every system: torch, onnxruntime and llama.cpp threads (this machine has 2 cores)
 PREFILL_CHUNK = 512  # tokens per prefill call for the peers (llama.cpp's default n_batch)
 SEED = 0
@@ -224,6 +227,11 @@ class Edgekv:
         return int(np.argmax(self.engine.decode(token)))
 
 
+def weight_dtype(artifact: str) -> str:
+    manifest = json.loads((Path(artifact) / "manifest.json").read_text())
+    return manifest.get("quantization", {}).get("weight_dtype", "float32")
+
+
 def open_system(name: str, artifact: str, n_ctx: int):
     if name == "transformers":
         return Transformers()
@@ -231,7 +239,7 @@ def open_system(name: str, artifact: str, n_ctx: int):
         return Optimum()
     if name == "llama.cpp":
         return LlamaCpp(n_ctx)
-    return Edgekv(artifact, name)
+    return Edgekv(artifact, name.split()[0])
 
 
 def measure(name: str, artifact: str, contexts: list[int], steps: int) -> tuple[dict, list[dict]]:
@@ -241,8 +249,8 @@ def measure(name: str, artifact: str, contexts: list[int], steps: int) -> tuple[
     ids = np.random.default_rng(SEED).integers(*TOKEN_IDS, max(contexts)).tolist()
     start = time.perf_counter()
     system = open_system(name, artifact, max(contexts) + WARMUP + steps)
-    info = {"system": name, "label": getattr(system, "label", LABELS[name]), "version": system.version,
-            "open_s": time.perf_counter() - start}
+    info = {"system": name, "label": system.label if isinstance(system, Edgekv) else LABELS[name],
+            "version": system.version, "open_s": time.perf_counter() - start}
     system.reset()
     token = system.prefill(ids[:WARMUP_PROMPT])
     for _ in range(WARMUP):
@@ -266,11 +274,12 @@ def measure(name: str, artifact: str, contexts: list[int], steps: int) -> tuple[
         step_s = float(np.median(times))
         row = {"system": name, "context": context, "prefill_tok_s": context / prefill_s,
                "decode_step_ms": 1000 * step_s, "decode_tok_s": 1 / step_s,
-               "reading_speed_ratio": 1 / step_s / READING_SPEED_TOKENS_PER_S}
+               "reading_speed_ratio": 1 / step_s / READING_SPEED_TOKENS_PER_S,
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         rows.append(row)
         print(f"{name:<12} {context:>6} tokens: prefill {row['prefill_tok_s']:7.0f} tok/s, decode "
               f"{row['decode_tok_s']:6.2f} tok/s ({row['decode_step_ms']:6.1f} ms, "
-              f"{row['reading_speed_ratio']:4.1f}x reading)", flush=True)
+              f"{row['reading_speed_ratio']:4.1f}x reading), peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
     info["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return info, rows
 
@@ -293,11 +302,11 @@ def print_table(infos: list[dict], rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title=f"SmolLM2-135M-Instruct, {THREADS} threads, median decode step")
-    for column in ("system", "context", "prefill tok/s", "decode tok/s", "ms/token", "x reading"):
+    for column in ("system", "context", "prefill tok/s", "decode tok/s", "ms/token", "x reading", "peak RSS MiB"):
         table.add_column(column, justify="left" if column == "system" else "right")
     for row in rows:
         table.add_row(row["system"], str(row["context"]), f"{row['prefill_tok_s']:.0f}", f"{row['decode_tok_s']:.2f}",
-                      f"{row['decode_step_ms']:.1f}", f"{row['reading_speed_ratio']:.1f}")
+                      f"{row['decode_step_ms']:.1f}", f"{row['reading_speed_ratio']:.1f}", f"{row['peak_rss_mib']:.0f}")
     Console().print(table)
     for info in infos:
         if "skipped" in info:
@@ -347,11 +356,14 @@ def main() -> None:
     unknown = set(args.systems.split(",")) - set(LABELS)
     if unknown:
         parser.error(f"unknown system(s) {', '.join(sorted(unknown))}; choose from {SYSTEMS}")
+    artifacts = args.artifact.split(",")
     infos, rows = [], []
     for name in args.systems.split(","):
-        info, measured = run_isolated(name, args.artifact, contexts, args.steps)
-        infos.append(info)
-        rows.extend(measured)
+        for artifact in artifacts if name in EDGEKV_POLICIES else artifacts[:1]:
+            system = f"{name} {weight_dtype(artifact)}" if name in EDGEKV_POLICIES and len(artifacts) > 1 else name
+            info, measured = run_isolated(system, artifact, contexts, args.steps)
+            infos.append(info)
+            rows.extend(measured)
     if rows:
         print_table(infos, rows)
     settings = {"model": MODEL, "contexts": contexts, "steps": args.steps, "warmup": WARMUP, "threads": THREADS,

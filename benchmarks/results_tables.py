@@ -89,7 +89,7 @@ def peers_table(data) -> str:
                  for c in contexts]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines.append("")
-    for policy in ("quest", "rerank"):
+    for policy in [s for s in systems if s.split()[0] in ("quest", "rerank")]:
         for c in contexts:
             ours = by.get((policy, c))
             if ours:

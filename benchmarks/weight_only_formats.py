@@ -43,14 +43,11 @@ REFERENCE = REPO / "artifacts" / "smollm2-135m-instruct-npu-small"
 README_COMMIT = "3d57c8d"
 FORMATS: dict[str, tuple[str, WeightOnlyFormat]] = {
     "int8": ("int8-weight-only", INT8_FORMAT),
-    "int4-b32": ("int4-weight-only", replace(INT4_FORMAT, block_size=32)),
-    "int4-b32-sym": ("int4-weight-only", replace(INT4_FORMAT, block_size=32, symmetric=True)),
-    "int4-b64": ("int4-weight-only", replace(INT4_FORMAT, block_size=64)),
-    "int4-b128": ("int4-weight-only", replace(INT4_FORMAT, block_size=128)),
-    "int4-b32-head4": ("int4-weight-only", replace(INT4_FORMAT, block_size=32, eight_bit=())),
-    "int4-b32-v8": ("int4-weight-only", replace(INT4_FORMAT, block_size=32,
-                                                 eight_bit=INT4_FORMAT.eight_bit + ("v_proj",))),
-    "int4-b32-acc0": ("int4-weight-only", replace(INT4_FORMAT, block_size=32, accuracy_level=0)),
+    "int4": ("int4-weight-only", INT4_FORMAT),  # a float offset per block, the LM head 8-bit
+    "int4-head4": ("int4-weight-only", replace(INT4_FORMAT, eight_bit=())),
+    "int4-acc0": ("int4-weight-only", replace(INT4_FORMAT, accuracy_level=0)),
+    "int4-zero-point": ("int4-weight-only", replace(INT4_FORMAT, offsets=False)),  # onnxruntime's quantizer
+    "int4-symmetric": ("int4-weight-only", replace(INT4_FORMAT, offsets=False, symmetric=True)),
 }
 PROMPT_TOKENS = 1024
 DECODE_STEPS = 16

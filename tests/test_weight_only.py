@@ -5,6 +5,7 @@ import onnx
 import pytest
 
 from conftest import error_line, run_edgekv
+from edgekv.calibration.block_offsets import dequantize_offset_blocks, offset_blocks, rewrite_offset_int4
 from edgekv.calibration.weight_only import INT4_FORMAT, INT8_FORMAT
 from edgekv.core.manifest import load_verified
 from edgekv.core.profiles import load_profile
@@ -39,7 +40,9 @@ def kernel_formats(artifact) -> dict[str, tuple[int, int, bool]]:
     for entry in manifest.graphs.values():
         model = onnx.load(artifact / entry.file, load_external_data=False)
         weights = {t.name for t in model.graph.initializer}
-        assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights], entry.name
+        # No MatMul by a float weight, the blocks' middles (block_offsets.py) apart
+        assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights
+                    and not n.input[1].endswith("_middles")], entry.name
         kernels = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
         assert kernels, entry.name
         for node in kernels:
@@ -65,7 +68,8 @@ def test_int4_keeps_the_lm_head_8bit(tiny_int4):
     head = {w for w in formats if any(part in w for part in INT4_FORMAT.eight_bit)}
     assert len(head) == 1  # the tied LM head: the embedding table, transposed
     assert {formats[w] for w in head} == {(8, INT8_FORMAT.block_size, False)}
-    assert {formats[w] for w in set(formats) - head} == {(4, INT4_FORMAT.block_size, not INT4_FORMAT.symmetric)}
+    # Codes about the block's middle (the default zero point), the offsets added through the block sums
+    assert {formats[w] for w in set(formats) - head} == {(4, INT4_FORMAT.block_size, False)}
     # Two 4-bit weights a byte: a block of input channels is block_size / 2 bytes
     q4 = [e for n, e in load_verified(tiny_int4).data["weights"].items() if n.endswith("_Q4")]
     assert q4 and {e["dtype"] for e in q4} == {"uint8"}
@@ -103,3 +107,37 @@ def test_calibration_text_with_weight_only_is_refused(tiny_model_dirs, tmp_path)
     assert "--calibration-text" in last and "int8-weight-only" in last
     assert "loading model" not in result.stderr  # refused before the model is loaded
     assert not (tmp_path / "out").exists()
+
+
+def test_offset_blocks_hold_q4_1_weights_exactly():
+    """Weights made as Q4_1 makes them (a scale and a float offset per block of 32) come back exactly."""
+    rng = np.random.default_rng(0)
+    k, n, block = 96, 40, INT4_FORMAT.block_size
+    codes = rng.integers(0, 16, (k // block, block, n))
+    codes[:, 0], codes[:, 1] = 0, 15  # Q4_1 puts a block's min at code 0 and its max at 15
+    scale = rng.uniform(1e-3, 1e-2, (k // block, 1, n)).astype(np.float16).astype(np.float32)
+    offset = rng.uniform(-0.1, 0.0, (k // block, 1, n)).astype(np.float16).astype(np.float32)
+    weight = (scale * codes + offset).reshape(k, n)
+    np.testing.assert_allclose(dequantize_offset_blocks(*offset_blocks(weight, block)), weight, atol=1e-7)
+
+
+def test_offset_int4_graph_equals_its_reference():
+    """onnxruntime's result of the rewritten MatMul is x @ the dequantized weight (rank-3 input, as the graphs')."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    k, n, block = 128, 48, INT4_FORMAT.block_size
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, n])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rewrite_offset_int4(model, block, 0, set(), {})
+    assert [node.op_type for node in model.graph.node] == ["Reshape", "ReduceSum", "MatMulNBits", "MatMul", "Add"]
+    x = rng.standard_normal((1, 5, k)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = x @ dequantize_offset_blocks(*offset_blocks(weight, block))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.linalg.norm(got - x @ weight) / np.linalg.norm(x @ weight) < 0.15  # 4 bits of a Gaussian

@@ -14,7 +14,7 @@ import numpy as np
 from edgekv.calibration.float16_weights import FLOAT16_SUFFIX, convert_float16_weights
 from edgekv.calibration.prompts import read_text_tokens
 from edgekv.calibration.quantize import CALIBRATION_TOKENS, QDQ_OPS, quantize_qdq, vocabulary_int16
-from edgekv.calibration.weight_only import WEIGHT_ONLY_FORMATS, WEIGHT_ONLY_OPS, WeightOnlyFormat, quantize_weight_only
+from edgekv.calibration.weight_only import WEIGHT_ONLY_FORMATS, WeightOnlyFormat, quantize_weight_only
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import Manifest, default_artifact_dir, read_manifest, write_manifest
 from edgekv.core.profiles import QUANTIZED_WEIGHT_DTYPES, SUPPORTED_WEIGHT_DTYPES, Profile, load_profile
@@ -62,7 +62,8 @@ def export_for_profile(model_spec: str, profile_spec: str, out_dir: Path | None 
 
 def check_profile_allows(profile: Profile, weight_dtype: str) -> None:
     """The operators the quantized graphs add must be in the profile's list."""
-    needed = QDQ_OPS if weight_dtype == "int8" else ("Cast",) if weight_dtype == "float16" else WEIGHT_ONLY_OPS
+    needed = QDQ_OPS if weight_dtype == "int8" else ("Cast",) if weight_dtype == "float16" else \
+        WEIGHT_ONLY_FORMATS[weight_dtype].ops
     missing = [op for op in needed if op not in profile.allowed_ops]
     if missing:
         hint = ("use a CPU profile such as `cpu`, or --quantize int8 for QDQ graphs"

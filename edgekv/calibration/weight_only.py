@@ -14,6 +14,7 @@ from typing import Callable
 
 import onnx
 
+from edgekv.calibration.block_offsets import rewrite_offset_int4
 from edgekv.core.manifest import Manifest
 from edgekv.export.weights import WeightWriter
 
@@ -32,18 +33,24 @@ class WeightOnlyFormat:
     symmetric: bool
     accuracy_level: int
     eight_bit: tuple[str, ...] = ()
+    offsets: bool = False  # 4 bits: a float offset per block, as Q4_1 (block_offsets.py), not a zero point
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The operators the quantized graphs add."""
+        return WEIGHT_ONLY_OPS + (("ReduceSum",) if self.offsets else ())
 
     def describe(self) -> str:
         kept = f"; 8-bit: {', '.join(self.eight_bit)}" if self.eight_bit else ""
-        return (f"int{self.bits} {'symmetric' if self.symmetric else 'with a zero point'}, a float32 scale per "
-                f"{self.block_size} input channels{kept}")
+        zero = "a float32 offset" if self.offsets else "symmetric" if self.symmetric else "a 4-bit zero point"
+        return f"int{self.bits}, a float32 scale and {zero} per {self.block_size} input channels{kept}"
 
 
 # The massive activations that defeat one static 8-bit range (quantize.py's docstring) only blur their
 # own block inside the kernel.
 INT8_FORMAT = WeightOnlyFormat(bits=8, block_size=32, symmetric=True, accuracy_level=4)
 INT4_FORMAT = WeightOnlyFormat(bits=4, block_size=32, symmetric=False, accuracy_level=4,
-                               eight_bit=("embed_tokens", "lm_head"))
+                               eight_bit=("embed_tokens", "lm_head"), offsets=True)
 WEIGHT_ONLY_FORMATS = {"int8-weight-only": INT8_FORMAT, "int4-weight-only": INT4_FORMAT}
 
 
@@ -54,20 +61,26 @@ def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, write
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     quantized: dict[str, tuple[onnx.NodeProto, list[onnx.TensorProto]]] = {}
+    offset_blocks: dict = {}
     graphs = {}
     entries = list(source.graphs.values())
     for i, entry in enumerate(entries):
         model = onnx.load(float_dir / entry.file)
         weights = {t.name for t in model.graph.initializer}
         matmuls = {n.name: n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights}
+        kept = {name for name, weight in matmuls.items() if any(part in weight for part in form.eight_bit)}
+        if form.offsets:
+            rewrite_offset_int4(model, form.block_size, form.accuracy_level, {matmuls[n] for n in kept},
+                                offset_blocks)
+            matmuls = {name: matmuls[name] for name in kept}
         # The variants of a step multiply the same weights: quantize each weight once, in its first graph.
         fresh = {name for name, weight in matmuls.items() if weight not in quantized}
-        kept = {name for name in fresh if any(part in matmuls[name] for part in form.eight_bit)}
-        for part, names in ((form, fresh - kept), (INT8_FORMAT, kept)):
+        for part, names in ((form, fresh - kept), (INT8_FORMAT, fresh & kept)):
             if names:
+                everything = {n.name for n in model.graph.node}
                 quantizer = MatMulNBitsQuantizer(model, bits=part.bits, block_size=part.block_size,
                                                  is_symmetric=part.symmetric, accuracy_level=part.accuracy_level,
-                                                 nodes_to_exclude=sorted(set(matmuls) - names))
+                                                 nodes_to_exclude=sorted(everything - names))
                 quantizer.process()
                 model = quantizer.model.model
         reuse_weight_only_kernels(model, quantized)
