@@ -11,8 +11,10 @@ tokens, against the float32 npu-small artifact under the same policy (the cpu pr
 npu-small's): top-1 agreement and mean KL, as the INT8 work measured them. The texts: the README at
 3d57c8d (the INT8 tables' text) and Python's language reference (`pydoc_data/topics.py`).
 
-Speed: every format's engine is open at once in this process; each round prefills the same 1K random
-tokens into each and times DECODE_STEPS greedy steps, formats interleaved: medians over rounds.
+Speed: each round opens every format's engine in turn (one at a time: an idle engine's onnxruntime
+threads spin and slow the others), prefills the same 1K random tokens and times DECODE_STEPS greedy
+steps, formats interleaved: medians over rounds. --reuse-agreement takes the agreement rows from the
+--json file of an earlier run and measures speed alone.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ FORMATS: dict[str, tuple[str, WeightOnlyFormat]] = {
 }
 PROMPT_TOKENS = 1024
 DECODE_STEPS = 16
+WARMUP_STEPS = 4
 
 
 def float_artifact() -> Path:
@@ -90,25 +93,25 @@ def texts(tokenizer: ArtifactTokenizer, context: int) -> dict[str, list[int]]:
 
 def decode_speed(artifacts: dict[str, Path], rounds: int) -> dict[str, list[float]]:
     """tok/s of DECODE_STEPS greedy `quest` steps after a 1K prompt, formats interleaved in each round."""
-    engines = {label: Engine.open(path, "quest") for label, path in artifacts.items()}
     rng = np.random.default_rng(0)
-    speeds: dict[str, list[float]] = {label: [] for label in engines}
-    try:
-        for r in range(rounds):
-            prompt = rng.integers(1000, 40000, PROMPT_TOKENS).tolist()
-            for label, engine in engines.items():
-                engine.reset()
+    speeds: dict[str, list[float]] = {label: [] for label in artifacts}
+    for r in range(rounds):
+        prompt = rng.integers(1000, 40000, PROMPT_TOKENS).tolist()
+        for label, path in artifacts.items():
+            engine = Engine.open(path, "quest")
+            try:
                 token = int(np.argmax(engine.prefill(prompt)))
+                for _ in range(WARMUP_STEPS):
+                    token = int(np.argmax(engine.decode(token)))
                 times = []
                 for _ in range(DECODE_STEPS):
                     start = time.perf_counter()
                     token = int(np.argmax(engine.decode(token)))
                     times.append(time.perf_counter() - start)
-                speeds[label].append(1 / float(np.median(times)))
-                print(f"  round {r + 1}: {label:<16} {speeds[label][-1]:6.1f} tok/s", flush=True)
-    finally:
-        for engine in engines.values():
-            engine.close()
+            finally:
+                engine.close()
+            speeds[label].append(1 / float(np.median(times)))
+            print(f"  round {r + 1}: {label:<16} {speeds[label][-1]:6.1f} tok/s", flush=True)
     return speeds
 
 
@@ -119,6 +122,7 @@ def main() -> None:
     parser.add_argument("--scored", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--reuse-agreement", action="store_true")
     args = parser.parse_args()
     labels = args.formats.split(",")
     unknown = [label for label in labels if label not in FORMATS]
@@ -136,9 +140,9 @@ def main() -> None:
             print(f"{label}: quantized in {time.perf_counter() - start:.0f} s", flush=True)
         artifacts[label] = out
 
+    rows = json.loads(args.json.read_text())["rows"] if args.reuse_agreement else []
     tokenizer = ArtifactTokenizer.load(read_manifest(REFERENCE))
-    rows = []
-    for text, tokens in texts(tokenizer, args.context).items():
+    for text, tokens in texts(tokenizer, args.context).items() if not args.reuse_agreement else ():
         for run in (EvalRun("quest", None), DENSE_RUN):
             reference, _ = forced_logits(REFERENCE, run, tokens, args.scored)
             for label, artifact in artifacts.items():
