@@ -217,8 +217,8 @@ class Edgekv:
         # Run every bound graph once on the zeroed buffers, so onnxruntime's first-run allocations are not
         # timed as prefill; it writes no cache state (tokens, pages and dense K/V stay empty).
         for step in (self.engine.prefill_step, self.engine.decode_step):
-            for session, binding in zip(step.sessions, step.bindings):
-                session.run_with_iobinding(binding)
+            for run in step.runs:
+                run()
 
     def prefill(self, tokens: list[int]) -> int:
         return int(np.argmax(self.engine.prefill(tokens)))

@@ -17,19 +17,19 @@ from edgekv.export.validator import validate_artifact
 def tiny_weight_only(tiny_model_dirs, tmp_path_factory):
     from edgekv.calibration.int8_export import export_for_profile
 
-    # The cpu profile quantizes by default (its weight_dtype), as `edgekv export --profile cpu` does.
-    assert load_profile("cpu").weight_dtype == "int8-weight-only"
     out = tmp_path_factory.mktemp("tiny-weight-only") / "llama-cpu"
-    return export_for_profile(str(tiny_model_dirs["llama"]), "cpu", out, progress=lambda _: None).directory
+    return export_for_profile(str(tiny_model_dirs["llama"]), "cpu", out, progress=lambda _: None,
+                              quantize="int8-weight-only").directory
 
 
 @pytest.fixture(scope="module")
 def tiny_int4(tiny_model_dirs, tmp_path_factory):
     from edgekv.calibration.int8_export import export_for_profile
 
+    # The cpu profile quantizes by default (its weight_dtype), as `edgekv export --profile cpu` does.
+    assert load_profile("cpu").weight_dtype == "int4-weight-only"
     out = tmp_path_factory.mktemp("tiny-int4") / "llama-cpu-int4"
-    return export_for_profile(str(tiny_model_dirs["llama"]), "cpu", out, progress=lambda _: None,
-                              quantize="int4-weight-only").directory
+    return export_for_profile(str(tiny_model_dirs["llama"]), "cpu", out, progress=lambda _: None).directory
 
 
 def kernel_formats(artifact) -> dict[str, tuple[int, int, bool]]:
@@ -104,7 +104,7 @@ def test_calibration_text_with_weight_only_is_refused(tiny_model_dirs, tmp_path)
     result = run_edgekv("export", "--model", str(tiny_model_dirs["llama"]), "--profile", "cpu",
                         "--calibration-text", str(text), "--out", str(tmp_path / "out"))
     last = error_line(result)
-    assert "--calibration-text" in last and "int8-weight-only" in last
+    assert "--calibration-text" in last and "int4-weight-only" in last
     assert "loading model" not in result.stderr  # refused before the model is loaded
     assert not (tmp_path / "out").exists()
 
