@@ -71,7 +71,7 @@ def test_int4_keeps_the_lm_head_8bit(tiny_int4):
     # Codes about the block's middle (the default zero point), the offsets added through the block sums
     assert {formats[w] for w in set(formats) - head} == {(4, INT4_FORMAT.block_size, False)}
     # Two 4-bit weights a byte: a block of input channels is block_size / 2 bytes
-    q4 = [e for n, e in load_verified(tiny_int4).data["weights"].items() if n.endswith("_Q4")]
+    q4 = [e for n, e in load_verified(tiny_int4).data["weights"].items() if n.endswith("_codes")]
     assert q4 and {e["dtype"] for e in q4} == {"uint8"}
     assert all(e["shape"][-1] == INT4_FORMAT.block_size // 2 for e in q4)
 

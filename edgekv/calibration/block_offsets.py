@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgekv.export.validator import CONTRIB_DOMAIN
+
 CODES = 16  # 4 bits
 MIDDLE = CODES // 2  # MatMulNBits' default zero point for 4 bits, when no zero_points input is given
 
@@ -69,10 +71,11 @@ def rewrite_offset_int4(model: onnx.ModelProto, block: int, accuracy_level: int,
             nodes += [helper.make_node("Reshape", [x, shape], [f"{x}/blocks"], name=f"{name}/Reshape_blocks"),
                       helper.make_node("ReduceSum", [f"{x}/blocks", axes], [block_sums[x]], keepdims=0,
                                        name=f"{name}/ReduceSum_blocks")]
-        added += [numpy_helper.from_array(packed, f"{weight}_Q4"), numpy_helper.from_array(scale, f"{weight}_scales"),
+        added += [numpy_helper.from_array(packed, f"{weight}_codes"),
+                  numpy_helper.from_array(scale, f"{weight}_scales"),
                   numpy_helper.from_array(middles, f"{weight}_middles")]
-        nodes += [helper.make_node("MatMulNBits", [x, f"{weight}_Q4", f"{weight}_scales"], [f"{y}/codes"],
-                                   name=f"{name}_Q4", domain="com.microsoft", K=k, N=n, bits=4, block_size=block,
+        nodes += [helper.make_node("MatMulNBits", [x, f"{weight}_codes", f"{weight}_scales"], [f"{y}/codes"],
+                                   name=f"{name}_codes", domain=CONTRIB_DOMAIN, K=k, N=n, bits=4, block_size=block,
                                    accuracy_level=accuracy_level),
                   helper.make_node("MatMul", [block_sums[x], f"{weight}_middles"], [f"{y}/middles"],
                                    name=f"{name}/MatMul_middles"),
@@ -84,5 +87,10 @@ def rewrite_offset_int4(model: onnx.ModelProto, block: int, accuracy_level: int,
     kept = [t for t in graph.initializer if t.name in used]
     graph.ClearField("initializer")
     graph.initializer.extend(kept + [t for t in added if t.name not in {k.name for k in kept}])
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    import_contrib_domain(model)
+
+
+def import_contrib_domain(model: onnx.ModelProto) -> None:
+    """Declare onnxruntime's com.microsoft domain, which MatMulNBits belongs to, once."""
+    if not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))

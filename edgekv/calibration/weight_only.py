@@ -14,7 +14,7 @@ from typing import Callable
 
 import onnx
 
-from edgekv.calibration.block_offsets import rewrite_offset_int4
+from edgekv.calibration.block_offsets import import_contrib_domain, rewrite_offset_int4
 from edgekv.core.manifest import Manifest
 from edgekv.export.weights import WeightWriter
 
@@ -94,13 +94,15 @@ def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, write
 def reuse_weight_only_kernels(model: onnx.ModelProto,
                               quantized: dict[str, tuple[onnx.NodeProto, list[onnx.TensorProto]]]) -> None:
     """Each MatMul by a weight in `quantized` becomes a copy of that weight's MatMulNBits node, with its
-    tensors; the graph's own new MatMulNBits nodes are added to `quantized`, keyed by their float weight."""
+    tensors; the graph's new MatMulNBits nodes from onnxruntime's quantizer (which names a weight W's codes
+    W_Q<bits>) are added to `quantized`, keyed by W. rewrite_offset_int4 reuses its own blocks."""
     graph = model.graph
     tensors = {t.name: t for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "MatMulNBits":
-            weight = re.sub(r"_Q\d$", "", node.input[1])
-            if weight not in quantized:
+            from_quantizer = re.fullmatch(r"(.+)_Q\d", node.input[1])
+            weight = from_quantizer and from_quantizer[1]
+            if weight and weight not in quantized:
                 copies = [onnx.TensorProto() for _ in node.input[1:]]
                 for copy, name in zip(copies, node.input[1:]):
                     copy.CopyFrom(tensors[name])
@@ -113,9 +115,8 @@ def reuse_weight_only_kernels(model: onnx.ModelProto,
             node.input[0], node.output[0], node.name = a, out, name
             graph.initializer.extend(t for t in kernel_tensors if t.name not in tensors)
             tensors.update({t.name: t for t in kernel_tensors})
-    if any(node.op_type == "MatMulNBits" for node in graph.node) and \
-            not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    if any(node.op_type == "MatMulNBits" for node in graph.node):
+        import_contrib_domain(model)
     used = {name for node in graph.node for name in node.input}
     for tensor in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(tensor)
