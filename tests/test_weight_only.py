@@ -1,5 +1,8 @@
 """Weight-only artifacts for CPU profiles (8-bit and 4-bit): onnxruntime's MatMulNBits kernels."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -47,7 +50,7 @@ def kernel_formats(artifact) -> dict[str, tuple[int, int, bool]]:
         assert kernels, entry.name
         for node in kernels:
             attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            formats[node.input[1].rsplit("_Q", 1)[0]] = (attributes["bits"], attributes["block_size"],
+            formats[re.sub(r"_(Q\d|codes)$", "", node.input[1])] = (attributes["bits"], attributes["block_size"],
                                                           len(node.input) > 3)
     # The variants of a step share one stored copy of each quantized weight.
     for index in range(manifest.model["layers"] + 1):
@@ -74,6 +77,35 @@ def test_int4_keeps_the_lm_head_8bit(tiny_int4):
     q4 = [e for n, e in load_verified(tiny_int4).data["weights"].items() if n.endswith("_codes")]
     assert q4 and {e["dtype"] for e in q4} == {"uint8"}
     assert all(e["shape"][-1] == INT4_FORMAT.block_size // 2 for e in q4)
+
+
+def resident_kib(paths: set[Path]) -> int:
+    """KiB of this process's mappings of `paths` that sit in its memory (/proc/self/smaps)."""
+    total, counting = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header: address range, perms, ..., [path]
+            counting = len(fields) == 6 and Path(fields[5]) in paths
+        elif counting and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+def test_packed_sessions_return_the_mapped_weights(tiny_int4):
+    from edgekv.runtime.engine import Engine
+
+    manifest = load_verified(tiny_int4)
+    layer_files = {(tiny_int4 / e["file"]).resolve() for e in manifest.data["weights"].values()
+                   if "layer" in e["file"]}
+    engine = Engine.open(tiny_int4, "quest")
+    try:
+        assert set(engine.backend.weights) == {w for g in manifest.graphs.values() for w in g.weights}
+        engine.prefill(list(range(3, 100)))
+        engine.decode(5)
+        # MatMulNBits runs on the copies it packed: the layers' weight files are mapped, not resident
+        assert engine.backend.mapped_files and resident_kib(layer_files) == 0
+    finally:
+        engine.close()
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("int8-weight-only", 0.05), ("int4-weight-only", 0.2)])

@@ -5,17 +5,19 @@ those buffers into a `run()` that reads the inputs and leaves the outputs in the
 can read and write numpy memory in place binds once (onnxruntime's IOBinding, below); one that cannot (a
 vendor simulator that copies its inputs) copies in and out inside `run`, and fits the same seam.
 
-onnxruntime: the weight files are read once into numpy arrays; each tensor becomes one OrtValue that is
-handed to every session that uses it (SessionOptions.add_initializer), so the prefill, decode and dense
-graphs of a layer share one copy. Weight pre-packing is turned off for the same reason: it would make a
-private, re-laid-out copy of every matrix in every session. Except for MatMulNBits graphs (the CPU
-weight-only INT8 artifacts): that kernel runs its integer path only on weights it packed at session
-creation, and without them dequantizes the whole matrix at every call. QDQ artifacts on the CPU provider
+onnxruntime: the weight files are memory-mapped; each tensor the graphs use becomes one OrtValue over
+the mapping that is handed to every session that uses it (SessionOptions.add_initializer), so the prefill,
+decode and dense graphs of a layer share one copy. Weight pre-packing is turned off for the same reason:
+it would make a private, re-laid-out copy of every matrix in every session. Except for MatMulNBits graphs
+(the CPU weight-only artifacts): that kernel runs its integer path only on weights it packed at session
+creation, and without them dequantizes the whole matrix at every call. Their sessions no longer read the
+mapped weights once packed, so those pages go back to the OS as each session is made. QDQ artifacts on the CPU provider
 (which has no 16-bit QDQ kernels) get their weights dequantized once per session, by constant folding.
 """
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -43,18 +45,22 @@ class GraphBackend(Protocol):
 BackendFactory = Callable[[Manifest, int], GraphBackend]  # (manifest, threads) -> backend
 
 
-def load_shared_weights(manifest: Manifest) -> dict[str, ort.OrtValue]:
-    """One OrtValue per weight tensor, each a view into one in-memory copy of its weight file
-    (an OrtValue made from a numpy array keeps that array, and so the file's buffer, alive)."""
-    files: dict[str, np.ndarray] = {}
+def map_shared_weights(manifest: Manifest) -> tuple[dict[str, ort.OrtValue], dict[str, mmap.mmap]]:
+    """One OrtValue per weight tensor that a graph uses, each a view into its weight file, memory-mapped
+    read-only (an OrtValue made from a numpy array keeps that array, and so the mapping, alive); and the
+    mappings by file. The host's embedding table is read from its own mapping (embedding.py)."""
+    used = {name for graph in manifest.graphs.values() for name in graph.weights}
+    files: dict[str, mmap.mmap] = {}
     values = {}
     for name, entry in manifest.data["weights"].items():
-        raw = files.get(entry["file"])
-        if raw is None:
-            raw = files[entry["file"]] = np.fromfile(manifest.directory / entry["file"], dtype=np.uint8)
-        array = raw[entry["offset"]:entry["offset"] + entry["length"]].view(entry["dtype"]).reshape(entry["shape"])
-        values[name] = ort.OrtValue.ortvalue_from_numpy(array)
-    return values
+        if name not in used:
+            continue
+        if entry["file"] not in files:
+            with open(manifest.directory / entry["file"], "rb") as file:
+                files[entry["file"]] = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        raw = np.frombuffer(files[entry["file"]], dtype=np.uint8, count=entry["length"], offset=entry["offset"])
+        values[name] = ort.OrtValue.ortvalue_from_numpy(raw.view(entry["dtype"]).reshape(entry["shape"]))
+    return values, files
 
 
 def available_providers(requested: tuple[str, ...]) -> list[str]:
@@ -78,13 +84,15 @@ class OnnxruntimeBackend:
     # and what adds the target's execution provider to each session's options.
     graph_files: dict[str, Path] | None = None
     configure: Callable[[ort.SessionOptions], None] | None = None
+    mapped_files: dict[str, mmap.mmap] = field(default_factory=dict)  # weight file -> its mapping
     sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
     values: dict[int, ort.OrtValue] = field(default_factory=dict)  # id(buffer) -> its OrtValue, one per buffer
 
     @classmethod
     def open(cls, manifest: Manifest, threads: int = 0) -> "OnnxruntimeBackend":
-        return cls(manifest, load_shared_weights(manifest), available_providers(manifest.profile.execution_providers),
-                   threads)
+        weights, files = map_shared_weights(manifest)
+        return cls(manifest, weights, available_providers(manifest.profile.execution_providers), threads,
+                   mapped_files=files)
 
     def session(self, graph: GraphEntry) -> ort.InferenceSession:
         """The graph's session, made on first use. It reads the backend's weights without a copy: keep the
@@ -94,7 +102,8 @@ class OnnxruntimeBackend:
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.threads
             quantization = self.manifest.data.get("quantization", {}).get("format")
-            if quantization != "MatMulNBits":
+            prepacked = quantization == "MatMulNBits"
+            if not prepacked:
                 options.add_session_config_entry("session.disable_prepacking", "1")
             if quantization == "QDQ" and self.fold_qdq_weights and self.providers == ["CPUExecutionProvider"]:
                 # The CPU provider has no kernels for 16-bit QDQ: it would dequantize every weight at every
@@ -116,6 +125,11 @@ class OnnxruntimeBackend:
             path = self.manifest.directory / graph.file if self.graph_files is None else self.graph_files[graph.name]
             found = self.sessions[graph.name] = ort.InferenceSession(str(path), options,
                                                                      providers=self.providers or None)
+            if prepacked and self.graph_files is None:
+                # The session reads its packed copies from now on; a page it still reads comes back from
+                # the file when it does.
+                for file in {self.manifest.data["weights"][name]["file"] for name in graph.weights}:
+                    self.mapped_files[file].madvise(mmap.MADV_DONTNEED)
         return found
 
     def _value(self, array: np.ndarray) -> ort.OrtValue:
