@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python benchmarks/peers.py [--contexts 1024,4096,8128,16384]
        [--systems transformers,optimum,llama.cpp,quest,rerank,dense] [--steps 16] [--artifact DIR[,DIR...]]
-       [--json FILE] [--plot FILE.png]
+       [--kv-dtypes float32,int8] [--json FILE] [--plot FILE.png]
 
 Needs the `peers` extra for two of the systems: `.venv/bin/pip install -e '.[peers]'`.
 
@@ -13,7 +13,8 @@ Systems (SmolLM2-135M-Instruct, CPU, greedy, THREADS threads each):
   llama.cpp     llama-cpp-python on the same GGUF file, so with its Q4_1 weights (the others are float32)
   quest, rerank, dense
                 edgekv's Engine over ARTIFACT with that policy; dense's static context is 8192, so it skips 16K.
-                With several artifacts, each policy runs on each, named "policy WEIGHT_DTYPE".
+                With several artifacts, each policy runs on each, named "policy WEIGHT_DTYPE"; with several
+                --kv-dtypes, on each KV page format too, named "... kv-DTYPE".
 
 Every system gets the same seeded token ids. At each context it starts from an empty cache, prefills the
 first `context` ids (timed: prefill tok/s), decodes WARMUP greedy tokens, then `steps` timed greedy
@@ -33,6 +34,7 @@ import resource
 import shutil
 import tempfile
 import time
+from itertools import product
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
@@ -195,15 +197,16 @@ class LlamaCpp:
 class Edgekv:
     """edgekv's Engine; a fresh engine per context (its sessions are created and bound in Engine.open)."""
 
-    def __init__(self, artifact: str, policy: str) -> None:
+    def __init__(self, artifact: str, policy: str, kv_dtype: str | None) -> None:
         from edgekv import __version__
 
-        self.artifact, self.policy, self.engine = artifact, policy, None
+        self.artifact, self.policy, self.kv_dtype, self.engine = artifact, policy, kv_dtype, None
         self.reset()
         self.max_context = self.engine.manifest.model["max_context"] if policy == "dense" else None
         self.version = f"edgekv {__version__}, policy {policy}, {artifact}"
         weights = self.engine.manifest.data.get("quantization", {}).get("weight_dtype", "fp32")
-        self.label = f"{LABELS[policy]}, {weights} weights"
+        pages = kv_dtype or self.engine.manifest.profile.kv_dtype
+        self.label = f"{LABELS[policy]}, {weights} weights, {pages} KV pages"
 
     def reset(self) -> None:
         from edgekv.runtime.engine import Engine
@@ -213,7 +216,7 @@ class Edgekv:
         if self.engine is not None:
             self.engine.close()
             self.engine = None  # release its weights and sessions before the next engine loads its own
-        self.engine = Engine.open(self.artifact, self.policy, threads=THREADS)
+        self.engine = Engine.open(self.artifact, self.policy, threads=THREADS, kv_dtype=self.kv_dtype)
         # Run every bound graph once on the zeroed buffers, so onnxruntime's first-run allocations are not
         # timed as prefill; it writes no cache state (tokens, pages and dense K/V stay empty).
         for step in (self.engine.prefill_step, self.engine.decode_step):
@@ -232,23 +235,24 @@ def weight_dtype(artifact: str) -> str:
     return manifest.get("quantization", {}).get("weight_dtype", "float32")
 
 
-def open_system(name: str, artifact: str, n_ctx: int):
+def open_system(name: str, artifact: str, kv_dtype: str | None, n_ctx: int):
     if name == "transformers":
         return Transformers()
     if name == "optimum":
         return Optimum()
     if name == "llama.cpp":
         return LlamaCpp(n_ctx)
-    return Edgekv(artifact, name.split()[0])
+    return Edgekv(artifact, name.split()[0], kv_dtype)
 
 
-def measure(name: str, artifact: str, contexts: list[int], steps: int) -> tuple[dict, list[dict]]:
+def measure(name: str, artifact: str, kv_dtype: str | None, contexts: list[int], steps: int
+            ) -> tuple[dict, list[dict]]:
     """Runs in a child process: open one system, then prefill and decode at each context."""
     from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S
 
     ids = np.random.default_rng(SEED).integers(*TOKEN_IDS, max(contexts)).tolist()
     start = time.perf_counter()
-    system = open_system(name, artifact, max(contexts) + WARMUP + steps)
+    system = open_system(name, artifact, kv_dtype, max(contexts) + WARMUP + steps)
     info = {"system": name, "label": system.label if isinstance(system, Edgekv) else LABELS[name],
             "version": system.version, "open_s": time.perf_counter() - start}
     system.reset()
@@ -284,11 +288,12 @@ def measure(name: str, artifact: str, contexts: list[int], steps: int) -> tuple[
     return info, rows
 
 
-def run_isolated(name: str, artifact: str, contexts: list[int], steps: int) -> tuple[dict, list[dict]]:
+def run_isolated(name: str, artifact: str, kv_dtype: str | None, contexts: list[int], steps: int
+                 ) -> tuple[dict, list[dict]]:
     """measure() in a fresh child process; a system that cannot import or run is reported and skipped."""
     try:
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            return pool.submit(measure, name, artifact, contexts, steps).result()
+            return pool.submit(measure, name, artifact, kv_dtype, contexts, steps).result()
     except BrokenProcessPool:
         reason = "its process died (crash or out of memory)"
     except Exception as error:  # ImportError for a missing peer, EdgekvError for a missing artifact, ...
@@ -348,7 +353,9 @@ def main() -> None:
     parser.add_argument("--contexts", default=CONTEXTS)
     parser.add_argument("--systems", default=SYSTEMS)
     parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--artifact", default=ARTIFACT)
+    parser.add_argument("--artifact", default=ARTIFACT, help="edgekv artifacts, comma-separated")
+    parser.add_argument("--kv-dtypes", default="", help="edgekv's KV pages, comma-separated (float32, int8) "
+                        "[default: each artifact's profile's]")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
@@ -357,11 +364,17 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown system(s) {', '.join(sorted(unknown))}; choose from {SYSTEMS}")
     artifacts = args.artifact.split(",")
+    kv_dtypes = args.kv_dtypes.split(",") if args.kv_dtypes else [None]
     infos, rows = [], []
     for name in args.systems.split(","):
-        for artifact in artifacts if name in EDGEKV_POLICIES else artifacts[:1]:
-            system = f"{name} {weight_dtype(artifact)}" if name in EDGEKV_POLICIES and len(artifacts) > 1 else name
-            info, measured = run_isolated(system, artifact, contexts, args.steps)
+        edgekv = name in EDGEKV_POLICIES
+        for artifact, kv_dtype in product(*((artifacts, kv_dtypes) if edgekv else (artifacts[:1], [None]))):
+            system = name
+            if edgekv and len(artifacts) > 1:
+                system += f" {weight_dtype(artifact)}"
+            if edgekv and len(kv_dtypes) > 1:
+                system += f" kv-{kv_dtype}"
+            info, measured = run_isolated(system, artifact, kv_dtype, contexts, args.steps)
             infos.append(info)
             rows.extend(measured)
     if rows:

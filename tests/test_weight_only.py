@@ -130,6 +130,19 @@ def test_npu_profile_refuses_weight_only_kernels(dtype, tiny_model_dirs, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_cpu_profile_without_reducesum_is_pointed_to_int8(tmp_path):
+    from edgekv.calibration.int8_export import check_profile_allows
+    from edgekv.core.errors import EdgekvError
+
+    shipped = Path(__file__).parents[1] / "edgekv" / "device_profiles" / "cpu.toml"
+    custom = tmp_path / "my-cpu.toml"
+    custom.write_text(shipped.read_text().replace('"ReduceSum", ', ""))
+    profile = load_profile(str(custom))
+    check_profile_allows(profile, "int8-weight-only")
+    with pytest.raises(EdgekvError, match="ReduceSum.*--quantize int8-weight-only"):
+        check_profile_allows(profile, "int4-weight-only")
+
+
 def test_calibration_text_with_weight_only_is_refused(tiny_model_dirs, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("Weight-only graphs calibrate nothing on activations. " * 200)
