@@ -45,7 +45,8 @@ REFERENCE = REPO / "artifacts" / "smollm2-135m-instruct-npu-small"
 README_COMMIT = "3d57c8d"
 FORMATS: dict[str, tuple[str, WeightOnlyFormat]] = {
     "int8": ("int8-weight-only", INT8_FORMAT),
-    "int4": ("int4-weight-only", INT4_FORMAT),  # a float offset per block, the LM head 8-bit
+    "int4": ("int4-weight-only", INT4_FORMAT),  # a float offset per block; LM head, queries and keys 8-bit
+    "int4-qk4": ("int4-weight-only", replace(INT4_FORMAT, eight_bit=("embed_tokens", "lm_head"))),
     "int4-head4": ("int4-weight-only", replace(INT4_FORMAT, eight_bit=())),
     "int4-acc0": ("int4-weight-only", replace(INT4_FORMAT, accuracy_level=0)),
     "int4-zero-point": ("int4-weight-only", replace(INT4_FORMAT, offsets=False)),  # onnxruntime's quantizer

@@ -66,13 +66,17 @@ def test_every_projection_is_matmulnbits_over_8bit_blocks(tiny_weight_only):
     assert {e["dtype"] for n, e in stored.items() if n.endswith("_Q8")} == {"uint8"}
 
 
-def test_int4_keeps_the_lm_head_8bit(tiny_int4):
+def test_int4_keeps_the_lm_head_queries_and_keys_8bit(tiny_int4):
     formats = kernel_formats(tiny_int4)
-    head = {w for w in formats if any(part in w for part in INT4_FORMAT.eight_bit)}
-    assert len(head) == 1  # the tied LM head: the embedding table, transposed
-    assert {formats[w] for w in head} == {(8, INT8_FORMAT.block_size, False)}
-    # Codes about the block's middle (the default zero point), the offsets added through the block sums
-    assert {formats[w] for w in set(formats) - head} == {(4, INT4_FORMAT.block_size, False)}
+    layers = load_verified(tiny_int4).model["layers"]
+    eight = {w for w, form in formats.items() if form == (8, INT8_FORMAT.block_size, False)}
+    # The tied LM head (the embedding table, transposed) and every layer's q_proj and k_proj
+    assert len([w for w in eight if "q_proj" in w]) == len([w for w in eight if "k_proj" in w]) == layers
+    assert len(eight) == 2 * layers + 1
+    assert {w for w in eight if "proj" not in w} and all(any(p in w for p in INT4_FORMAT.eight_bit) for w in eight)
+    # The rest: codes about the block's middle (the default zero point), the offsets added through the block sums
+    assert {formats[w] for w in set(formats) - eight} == {(4, INT4_FORMAT.block_size, False)}
+    assert not [w for w in set(formats) - eight if "q_proj" in w or "k_proj" in w]
     # Two 4-bit weights a byte: a block of input channels is block_size / 2 bytes
     q4 = [e for n, e in load_verified(tiny_int4).data["weights"].items() if n.endswith("_codes")]
     assert q4 and {e["dtype"] for e in q4} == {"uint8"}

@@ -49,8 +49,10 @@ class WeightOnlyFormat:
 # The massive activations that defeat one static 8-bit range (quantize.py's docstring) only blur their
 # own block inside the kernel.
 INT8_FORMAT = WeightOnlyFormat(bits=8, block_size=32, symmetric=True, accuracy_level=4)
+# The queries and keys 8-bit as well: they decide Quest's page selection, and 4-bit ones lost it two of
+# five pass keys at 8K that float32 and int8 find (benchmarks/RESULTS.md).
 INT4_FORMAT = WeightOnlyFormat(bits=4, block_size=32, symmetric=False, accuracy_level=4,
-                               eight_bit=("embed_tokens", "lm_head"), offsets=True)
+                               eight_bit=("embed_tokens", "lm_head", "q_proj", "k_proj"), offsets=True)
 WEIGHT_ONLY_FORMATS = {"int8-weight-only": INT8_FORMAT, "int4-weight-only": INT4_FORMAT}
 
 
