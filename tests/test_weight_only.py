@@ -190,3 +190,41 @@ def test_offset_int4_graph_equals_its_reference():
     want = x @ dequantize_offset_blocks(*offset_blocks(weight, block))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.linalg.norm(got - x @ weight) / np.linalg.norm(x @ weight) < 0.15  # 4 bits of a Gaussian
+
+
+def test_int4_graphs_run_whole_on_the_htp_with_the_cpus_tokens(tiny_int4, tmp_path):
+    """w4a16 on QNN's HTP (its x86 simulator): the 4-bit blocks stay 4-bit on the device, activations in
+    float16; every operator on the HTP, and the CPU provider's greedy tokens."""
+    import shutil
+
+    from edgekv.runtime.engine import Engine
+    from edgekv.targets.registry import BACKENDS
+
+    artifact = tmp_path / "int4"
+    shutil.copytree(tiny_int4, artifact)
+    run_edgekv("compile", str(artifact), "--target", "qnn-htp", "--precision", "float16", check=True)
+    for name, graph in load_verified(artifact).data["compiled"]["qnn-htp"]["graphs"].items():
+        assert graph["placement"].get("MatMulNBits@device"), name
+        assert not [key for key in graph["placement"] if key.endswith("@host")], name
+    prompt = list(np.random.default_rng(5).integers(3, 300, 90))
+    logits = {}
+    for backend in ("cpu", "qnn-htp"):
+        engine = Engine.open(artifact, "quest", backend=BACKENDS[backend])
+        try:
+            steps = [engine.prefill(prompt)]
+            for _ in range(6):
+                steps.append(engine.decode(int(np.argmax(steps[-1]))))
+        finally:
+            engine.close()
+        logits[backend] = np.stack(steps)
+    assert (logits["cpu"].argmax(-1) == logits["qnn-htp"].argmax(-1)).all()
+    assert np.abs(logits["cpu"] - logits["qnn-htp"]).max() < 2e-2
+
+
+def test_the_hexagon_profile_takes_int4_and_the_rk3588_one_does_not():
+    from edgekv.calibration.int8_export import check_profile_allows
+    from edgekv.core.errors import EdgekvError
+
+    check_profile_allows(load_profile("npu-large"), "int4-weight-only")  # its HTP runs the w4a16 graphs
+    with pytest.raises(EdgekvError, match="MatMulNBits"):
+        check_profile_allows(load_profile("npu-small"), "int4-weight-only")

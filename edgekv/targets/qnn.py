@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import GraphEntry, Manifest
 from edgekv.runtime.backend import OnnxruntimeBackend
@@ -52,9 +54,34 @@ def add_htp(options, manifest: Manifest, precision: str) -> None:
     options.log_severity_level = 3  # the EP warns at every session about features of other platforms
 
 
+def batch_matmul_nbits(model) -> int:
+    """Give every MatMulNBits (the weight-only artifacts' 4- and 8-bit kernels) a 3-D input, [1, S, K]
+    instead of edgekv's [S, K], in place: QNN's builder takes only 3-D ones ("Unsupported input A rank,
+    expecting 3D shape") and then keeps the weights as 4-bit blocks on the HTP. Returns how many."""
+    from onnx import helper, numpy_helper
+
+    axes = "batch_matmul_nbits_axes"
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            batched_in, output = f"{node.input[0]}_batched_{node.name}", node.output[0]
+            nodes.append(helper.make_node("Unsqueeze", [node.input[0], axes], [batched_in], name=f"{node.name}_batch"))
+            node.input[0], node.output[0] = batched_in, f"{output}_batched"
+            nodes += [node, helper.make_node("Squeeze", [node.output[0], axes], [output], name=f"{node.name}_unbatch")]
+        else:
+            nodes.append(node)
+    count = sum(node.op_type == "MatMulNBits" for node in nodes)
+    if count:
+        model.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), axes))
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return count
+
+
 def compile_graph(manifest: Manifest, graph: GraphEntry, out_dir: Path, precision: str) -> CompiledGraph:
     """The graph's EPContext model and context binary, every node placed on the HTP. In float16 its
-    RMSNorms are rewritten first so that massive activations do not overflow them (float16_norm.py)."""
+    RMSNorms are rewritten first so that massive activations do not overflow them (float16_norm.py), and
+    weight-only kernels take 3-D inputs (batch_matmul_nbits)."""
     import onnx  # here, not at the top: running a compiled artifact does not need onnx
     import onnxruntime as ort
 
@@ -64,8 +91,12 @@ def compile_graph(manifest: Manifest, graph: GraphEntry, out_dir: Path, precisio
     add_htp(options, manifest, precision)
     model_path = out_dir / f"{graph.name}_ctx.onnx"
     hidden = manifest.model["hidden"]
-    rewrite = (lambda model, _: rewrite_rms_norms(model, hidden)) if precision == "float16" else None
-    with rewritten_graph(manifest, graph, "float16-norm", rewrite) as (source_path, proto):
+
+    def rewrite(model, _) -> None:
+        if precision == "float16":
+            rewrite_rms_norms(model, hidden)
+        batch_matmul_nbits(model)
+    with rewritten_graph(manifest, graph, "htp", rewrite) as (source_path, proto):
         try:
             # onnxruntime's own graph optimizations first, as a session does (the compiler's default skips
             # them): without them QNN fails to finalize even the first q/k/v graph (QNN_COMMON_ERROR_MEM_ALLOC).
