@@ -37,6 +37,21 @@ def gather_pages(pool, layer: int, pages: np.ndarray) -> tuple[np.ndarray, np.nd
     return k_out.reshape(heads, -1, pool.head_dim), v_out.reshape(heads, -1, pool.head_dim)
 
 
+def greedy_logits(artifact: Path, prompt: list[int], steps: int = 6, backend: str = "cpu") -> np.ndarray:
+    """The logits of a `quest` prefill of `prompt` and of `steps` greedy decode steps after it."""
+    from edgekv.runtime.engine import Engine
+    from edgekv.targets.registry import BACKENDS
+
+    engine = Engine.open(artifact, "quest", backend=BACKENDS[backend])
+    try:
+        logits = [engine.prefill(prompt)]
+        for _ in range(steps):
+            logits.append(engine.decode(int(np.argmax(logits[-1]))))
+        return np.stack(logits)
+    finally:
+        engine.close()
+
+
 def error_line(result: subprocess.CompletedProcess) -> str:
     """The one-line error a refused command ends with (it must have failed)."""
     assert result.returncode != 0, result.stdout + result.stderr

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import error_line, export_once, run_edgekv
+from conftest import error_line, export_once, greedy_logits, run_edgekv
 from edgekv.calibration.int8_export import quantize_artifact
 from edgekv.calibration.quantize import INT16_WEIGHT_PROJECTIONS, QDQ_OPS
 from edgekv.core.errors import EdgekvError
@@ -207,15 +207,7 @@ def test_float16_weights_are_half_the_bytes_and_the_embedding_is_the_heads(tiny_
 
 def test_float16_weights_give_the_float32_tokens(tiny_float16, tiny_artifacts):
     prompt = list(range(3, 90))
-    logits = {}
-    for name, artifact in (("float16", tiny_float16), ("float32", tiny_artifacts["llama"])):
-        engine = Engine.open(artifact, "quest")
-        try:
-            steps = [engine.prefill(prompt)]
-            for _ in range(6):
-                steps.append(engine.decode(int(np.argmax(steps[-1]))))
-        finally:
-            engine.close()
-        logits[name] = np.stack(steps)
+    logits = {name: greedy_logits(artifact, prompt)
+              for name, artifact in (("float16", tiny_float16), ("float32", tiny_artifacts["llama"]))}
     assert (logits["float16"].argmax(-1) == logits["float32"].argmax(-1)).all()
     assert np.abs(logits["float16"] - logits["float32"]).max() < 1e-2 * np.abs(logits["float32"]).max()

@@ -8,10 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import error_line, run_edgekv
+from conftest import error_line, greedy_logits, run_edgekv
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import load_verified
-from edgekv.runtime.engine import Engine
 from edgekv.targets.common import require
 from edgekv.core import constants
 from edgekv.targets.registry import BACKENDS, COMPILERS
@@ -34,17 +33,6 @@ def compiled(tiny_artifacts, tmp_path_factory):
     return artifact, outputs
 
 
-def greedy_logits(artifact, backend: str) -> np.ndarray:
-    engine = Engine.open(artifact, "quest", backend=BACKENDS[backend])
-    try:
-        logits = [engine.prefill(PROMPT)]
-        for _ in range(STEPS):
-            logits.append(engine.decode(int(np.argmax(logits[-1]))))
-        return np.stack(logits)
-    finally:
-        engine.close()
-
-
 def test_compile_records_every_graph_with_its_placement(compiled):
     artifact, outputs = compiled
     manifest = load_verified(artifact)  # the compiled files' sha256 are in the manifest and hold
@@ -64,7 +52,7 @@ def test_compile_records_every_graph_with_its_placement(compiled):
 @pytest.mark.parametrize("backend, tolerance", [("openvino", 1e-4), ("qnn-htp", 2e-2), ("rknn", 2e-2)])
 def test_backend_gives_the_cpu_providers_tokens(compiled, backend, tolerance):
     artifact, _ = compiled
-    cpu, other = greedy_logits(artifact, "cpu"), greedy_logits(artifact, backend)
+    cpu, other = greedy_logits(artifact, PROMPT, STEPS), greedy_logits(artifact, PROMPT, STEPS, backend)
     assert (cpu.argmax(-1) == other.argmax(-1)).all()
     assert np.abs(cpu - other).max() < tolerance
 

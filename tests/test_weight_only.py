@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import error_line, run_edgekv
+from conftest import error_line, greedy_logits, run_edgekv
 from edgekv.calibration.block_offsets import dequantize_offset_blocks, offset_blocks, rewrite_offset_int4
 from edgekv.calibration.weight_only import INT4_FORMAT, INT8_FORMAT
 from edgekv.core.manifest import load_verified
@@ -199,9 +199,6 @@ def test_int4_graphs_run_whole_on_the_htp_with_the_cpus_tokens(tiny_int4, tmp_pa
     float16; every operator on the HTP, and the CPU provider's greedy tokens."""
     import shutil
 
-    from edgekv.runtime.engine import Engine
-    from edgekv.targets.registry import BACKENDS
-
     artifact = tmp_path / "int4"
     shutil.copytree(tiny_int4, artifact)
     run_edgekv("compile", str(artifact), "--target", "qnn-htp", "--precision", "float16", check=True)
@@ -209,16 +206,7 @@ def test_int4_graphs_run_whole_on_the_htp_with_the_cpus_tokens(tiny_int4, tmp_pa
         assert graph["placement"].get("MatMulNBits@device"), name
         assert not [key for key in graph["placement"] if key.endswith("@host")], name
     prompt = list(np.random.default_rng(5).integers(3, 300, 90))
-    logits = {}
-    for backend in ("cpu", "qnn-htp"):
-        engine = Engine.open(artifact, "quest", backend=BACKENDS[backend])
-        try:
-            steps = [engine.prefill(prompt)]
-            for _ in range(6):
-                steps.append(engine.decode(int(np.argmax(steps[-1]))))
-        finally:
-            engine.close()
-        logits[backend] = np.stack(steps)
+    logits = {backend: greedy_logits(artifact, prompt, backend=backend) for backend in ("cpu", "qnn-htp")}
     assert (logits["cpu"].argmax(-1) == logits["qnn-htp"].argmax(-1)).all()
     assert np.abs(logits["cpu"] - logits["qnn-htp"]).max() < 2e-2
 
