@@ -54,10 +54,10 @@ def add_htp(options, manifest: Manifest, precision: str) -> None:
     options.log_severity_level = 3  # the EP warns at every session about features of other platforms
 
 
-def batch_matmul_nbits(model) -> int:
+def batch_matmul_nbits(model) -> None:
     """Give every MatMulNBits (the weight-only artifacts' 4- and 8-bit kernels) a 3-D input, [1, S, K]
     instead of edgekv's [S, K], in place: QNN's builder takes only 3-D ones ("Unsupported input A rank,
-    expecting 3D shape") and then keeps the weights as 4-bit blocks on the HTP. Returns how many."""
+    expecting 3D shape") and then keeps the weights as 4-bit blocks on the HTP."""
     from onnx import helper, numpy_helper
 
     axes = "batch_matmul_nbits_axes"
@@ -70,12 +70,9 @@ def batch_matmul_nbits(model) -> int:
             nodes += [node, helper.make_node("Squeeze", [node.output[0], axes], [output], name=f"{node.name}_unbatch")]
         else:
             nodes.append(node)
-    count = sum(node.op_type == "MatMulNBits" for node in nodes)
-    if count:
-        model.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), axes))
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-    return count
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), axes))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 def compile_graph(manifest: Manifest, graph: GraphEntry, out_dir: Path, precision: str) -> CompiledGraph:
@@ -91,12 +88,16 @@ def compile_graph(manifest: Manifest, graph: GraphEntry, out_dir: Path, precisio
     add_htp(options, manifest, precision)
     model_path = out_dir / f"{graph.name}_ctx.onnx"
     hidden = manifest.model["hidden"]
+    weight_only = manifest.data.get("quantization", {}).get("format") == "MatMulNBits"
 
     def rewrite(model, _) -> None:
         if precision == "float16":
             rewrite_rms_norms(model, hidden)
-        batch_matmul_nbits(model)
-    with rewritten_graph(manifest, graph, "htp", rewrite) as (source_path, proto):
+        if weight_only:
+            batch_matmul_nbits(model)
+    # Graphs with nothing to rewrite are compiled from the artifact's own file.
+    needs_rewrite = precision == "float16" or weight_only
+    with rewritten_graph(manifest, graph, "htp", rewrite if needs_rewrite else None) as (source_path, proto):
         try:
             # onnxruntime's own graph optimizations first, as a session does (the compiler's default skips
             # them): without them QNN fails to finalize even the first q/k/v graph (QNN_COMMON_ERROR_MEM_ALLOC).
