@@ -1,7 +1,7 @@
 """Where the host's share of a decode step goes: each part of it timed inside the real runtime.
 
 Usage: .venv/bin/python benchmarks/host_step.py [ARTIFACT_DIR] [--policy quest|rerank] [--contexts 1024,8192]
-       [--steps 24]
+       [--steps 24] [--kv-dtype int8]
 
 Like `edgekv bench`, the engine is prefilled with seeded random tokens to each context and decodes 4
 untimed tokens, then `steps` timed ones. The parts of the host's work (appending the new K/V, scoring,
@@ -22,6 +22,7 @@ import numpy as np
 
 import edgekv.runtime.paged_cache as paged_cache_module
 import edgekv.runtime.selection as selection_module
+from edgekv.core.constants import KV_DTYPES
 from edgekv.runtime.budget import BudgetBuffer
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.paged_cache import LayerPages
@@ -62,10 +63,11 @@ def main() -> None:
     parser.add_argument("--policy", choices=("quest", "rerank"), default="quest")
     parser.add_argument("--contexts", default="1024,8192")
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--kv-dtype", choices=KV_DTYPES, help="how pages are stored, instead of the profile's")
     args = parser.parse_args()
     spent: dict[str, float] = defaultdict(float)
     instrument(spent)
-    engine = Engine.open(args.artifact, args.policy)
+    engine = Engine.open(args.artifact, args.policy, kv_dtype=args.kv_dtype)
     rng = np.random.default_rng(0)
     vocab, layers = engine.manifest.model["vocab"], engine.manifest.model["layers"]
     try:
