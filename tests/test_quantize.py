@@ -146,23 +146,19 @@ def test_default_int8_is_small_valid_and_faithful(default_int8, default_artifact
 
 
 @pytest.mark.xdist_group("default-int8")
-def test_default_int8_retrieves_the_4k_pass_keys_float32_retrieves(default_int8, default_artifact):
-    tokenizer = ArtifactTokenizer.load(load_verified(default_artifact))
-    float_retrieved = 0
-    for depth, seed in ((0.1, 0), (0.5, 1), (0.9, 2)):
-        prompt = task_prompt("passkey", tokenizer.encode, 4096, depth, seed)
-        replies = {}
-        for artifact in (default_artifact, default_int8):
-            engine = Engine.open(artifact, "quest")
-            try:
-                replies[artifact] = tokenizer.decode(list(engine.generate(prompt.tokens, 8, Sampler(SamplingConfig()),
-                                                                          eos_ids=set())))
-            finally:
-                engine.close()
-        if prompt.answer in replies[default_artifact]:
-            float_retrieved += 1
-            assert prompt.answer in replies[default_int8], (depth, replies)
-    assert float_retrieved >= 2  # the comparison means something only where float32 retrieves the key
+def test_default_int8_retrieves_the_4k_pass_keys(default_int8):
+    """The 4K pass keys at 10%, 50% and 90% depth, all three of which the float32 artifact retrieves too
+    (2026-12-05; running float32 here as well doubled the test's four minutes)."""
+    tokenizer = ArtifactTokenizer.load(load_verified(default_int8))
+    engine = Engine.open(default_int8, "quest")
+    try:
+        for depth, seed in ((0.1, 0), (0.5, 1), (0.9, 2)):
+            prompt = task_prompt("passkey", tokenizer.encode, 4096, depth, seed)
+            engine.reset()
+            reply = tokenizer.decode(list(engine.generate(prompt.tokens, 8, Sampler(SamplingConfig()), eos_ids=set())))
+            assert prompt.answer in reply, (depth, reply)
+    finally:
+        engine.close()
 
 
 def test_calibrated_ranges_are_widened_except_massive_ones():
