@@ -1,6 +1,8 @@
 """Bad input: a one-line error naming the problem, and a non-zero exit."""
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import run_edgekv
@@ -28,6 +30,18 @@ def test_profile_with_unknown_key(tmp_path):
 
 def test_missing_model_path(tmp_path):
     assert_one_line_error(run_edgekv("export", "--model", str(tmp_path / "missing")), "not found")
+
+
+def test_a_bad_model_or_profile_is_refused_before_the_exporter_loads(tmp_path):
+    """A typo costs a fraction of a second, not the seconds of importing torch and transformers."""
+    code = ("import sys\nfrom edgekv.cli.main import main\nsys.argv[1:] = sys.argv[2:]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime.quantization') if m in sys.modules))")
+    for args in (["--model", str(tmp_path / "missing")], ["--profile", str(tmp_path / "missing.toml")]):
+        result = subprocess.run([sys.executable, "-c", code, "edgekv", "export", *args], capture_output=True,
+                                text=True)
+        assert result.stderr.startswith("error: "), result.stderr
+        assert result.stdout.strip() == "[]", (args, result.stdout)
 
 
 def test_unsupported_architecture(tmp_path):

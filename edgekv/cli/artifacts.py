@@ -57,12 +57,12 @@ def profiles_show(name: str) -> None:
 def export(profile_spec: str, model_spec: str, out_dir: Path | None, quantize: str | None,
            calibration_text: Path | None) -> None:
     """Export a model into fixed-shape ONNX graphs for a device profile, then validate it."""
-    from edgekv.calibration.int8_export import export_for_profile
-    from edgekv.export.validator import validate_artifact
-
-    # Fail on a bad profile or model before any progress display or weight loading.
+    # Fail on a bad profile or model before any progress display or weight loading, and before the
+    # exporter's imports (torch, onnxruntime's quantizers: seconds), so that a typo is refused at once.
     load_profile(profile_spec)
     check_model(model_spec)
+    from edgekv.calibration.int8_export import export_for_profile
+    from edgekv.export.validator import validate_artifact
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("tracing graphs", total=None)

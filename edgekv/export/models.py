@@ -87,9 +87,9 @@ def check_architecture(config) -> str:
 
 def check_model(spec: str) -> ModelSource:
     """Resolve --model and check its architecture from the config alone, before any weight is loaded."""
+    source = resolve_model(spec)  # a missing model is refused before transformers is imported
     from transformers import AutoConfig
 
-    source = resolve_model(spec)
     if source.is_gguf:
         config = AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
     else:
