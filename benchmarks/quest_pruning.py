@@ -1,7 +1,7 @@
-"""Could an exact Quest selection score fewer pages? Branch and bound over groups of pages, measured on real queries.
+"""Could Quest's selection score fewer pages, or fewer channels? Measured on real queries.
 
 Usage: .venv/bin/python benchmarks/quest_pruning.py [ARTIFACT_DIR] [--context 8192] [--text FILE]
-       [--groups 4,8,16,32] [--steps 3] [--kv-dtype int8]
+       [--groups 4,8,16,32] [--channels 8,16,32] [--steps 3] [--kv-dtype int8]
 
 A group's bounds (the max of its pages' maxima, the min of their minima, per channel) bound every page in
 it, so its Quest score is an upper bound of its pages' scores. Exact top-k by branch and bound: score
@@ -11,6 +11,10 @@ fall below the k-th page's. The script prefills `context` tokens of a real text,
 decode query rows and page bounds over `steps` tokens (PagedCache.reselect, as selection_oracle.py), and
 prints the work (groups scored plus pages of expanded groups, over the pages Quest scores) per group size,
 and checks that the k-th score equals Quest's.
+
+Fewer channels (SparQ's approximation, Ribar et al. 2024): each query row's bound summed over only its
+`channels` largest |q| channels, a quarter of the work at 16 of 64. No longer a bound, so no longer
+exact: the script prints the share of Quest's pages each such ranking selects too (its recall).
 """
 
 from __future__ import annotations
@@ -44,6 +48,22 @@ def group_scores(rows: np.ndarray, wide: np.ndarray, group: int) -> np.ndarray:
     return np.matmul(split, bounds).max(axis=1)
 
 
+def channel_scores(rows: np.ndarray, wide: np.ndarray, channels: int) -> np.ndarray:
+    """Quest's scores [kv_heads, pages] over each row's `channels` largest |q| channels only."""
+    head_dim = rows.shape[-1]
+    scores = np.full((rows.shape[0], wide.shape[2]), -np.inf, np.float32)
+    for head in range(rows.shape[0]):
+        for row in rows[head]:
+            kept = np.argsort(-np.abs(row))[:channels]
+            bound_rows = np.where(row[kept] > 0, kept, head_dim + kept)  # the max where x > 0, else the min
+            scores[head] = np.maximum(scores[head], row[kept] @ wide[head, bound_rows])
+    return scores
+
+
+def top_set(scores: np.ndarray, k: int) -> set[int]:
+    return set(np.argpartition(-scores, k)[:k].tolist())
+
+
 def branch_and_bound(page_scores: np.ndarray, groups: np.ndarray, group: int, k: int) -> tuple[int, float]:
     """Groups expanded and the k-th best page score found, for one KV head."""
     found: list[float] = []
@@ -66,6 +86,7 @@ def main() -> None:
     parser.add_argument("--text", type=Path, default=Path(pydoc_data.topics.__file__),
                         help="the prompt's text [default: Python's language reference topics]")
     parser.add_argument("--groups", default="4,8,16,32")
+    parser.add_argument("--channels", default="8,16,32")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--kv-dtype", choices=KV_DTYPES)
     args = parser.parse_args()
@@ -100,6 +121,14 @@ def main() -> None:
                 exact &= kth == np.partition(pages[head], -k)[-k]
         print(f"groups of {group:>2} pages: work {np.median(work):.2f} of Quest's (median; p10 "
               f"{np.percentile(work, 10):.2f}, p90 {np.percentile(work, 90):.2f}); k-th score exact: {exact}")
+    for channels in (int(c) for c in args.channels.split(",")):
+        recall = []
+        for rows, bits, k in captured:
+            pages = bound_scores_reference(rows, bits, 0, bits.shape[2])
+            approximate = channel_scores(rows, widen_bfloat16(bits), channels)
+            recall += [len(top_set(approximate[h], k) & top_set(pages[h], k)) / k for h in range(rows.shape[0])]
+        print(f"{channels:>2} largest |q| channels of {rows.shape[-1]}: Quest's pages chosen too {np.median(recall):.3f} "
+              f"(median; p10 {np.percentile(recall, 10):.3f}, mean {np.mean(recall):.3f})")
 
 
 if __name__ == "__main__":
