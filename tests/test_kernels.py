@@ -174,10 +174,17 @@ def test_page_copies_are_their_reference(int8):
     slots, heads, out_pages = RNG.integers(0, records, n), RNG.integers(0, kv_heads, n), RNG.permutation(16)[:n]
     got = [np.zeros((kv_heads, 16, page_size, head_dim), np.float32) for _ in range(2)]
     want = [np.zeros_like(g) for g in got]
-    if int8:
-        pages.copy_int8_pages(keys, values, k_scale, v_scale, slots, heads, *got, out_pages)
+    if int8:  # entries of page 5 come from the float32 rows of the page being written
+        page_of = RNG.integers(0, 8, n)
+        page_of[[2, 7]] = 5
+        open_k, open_v = (RNG.normal(size=(kv_heads, page_size, head_dim)).astype(np.float32) for _ in range(2))
+        pages.copy_int8_pages(keys, values, k_scale, v_scale, slots, heads, *got, out_pages, page_of, 5, open_k,
+                              open_v)
+        pages.copy_pages_reference(keys, values, k_scale, v_scale, slots, heads, *want, out_pages, page_of == 5,
+                                   open_k, open_v)
+        assert np.array_equal(got[0][heads[2], out_pages[2]], open_k[heads[2]])
     else:
         pages.copy_float_pages(keys, values, slots, heads, *got, out_pages)
-    pages.copy_pages_reference(keys, values, k_scale, v_scale, slots, heads, *want, out_pages)
+        pages.copy_pages_reference(keys, values, k_scale, v_scale, slots, heads, *want, out_pages)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-6)

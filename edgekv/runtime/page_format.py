@@ -75,11 +75,14 @@ class PageFormat:
         return keys, values
 
     def copy_pages(self, store: np.ndarray, slots: np.ndarray, heads: np.ndarray, k_out: np.ndarray,
-                   v_out: np.ndarray, out_pages: np.ndarray) -> None:
+                   v_out: np.ndarray, out_pages: np.ndarray,
+                   being_written: tuple[np.ndarray, int, np.ndarray, np.ndarray] | None = None) -> None:
         """decode() of one KV head of records `slots`, written straight into k_out/v_out [kv_heads, pages,
-        page_size, head_dim]: record slots[i], head heads[i] into [heads[i], out_pages[i]]."""
+        page_size, head_dim]: record slots[i], head heads[i] into [heads[i], out_pages[i]]. INT8 records
+        also take `being_written`, (pages, open_page, open_k, open_v): the entries whose page is open_page
+        (quantized only once full, so not yet in its record) come from its float32 rows open_k/open_v."""
         if self.quantized:
             copy_int8_pages(store["k"], store["v"], store["k_scale"], store["v_scale"], slots, heads,
-                            k_out, v_out, out_pages)
+                            k_out, v_out, out_pages, *being_written)
         else:
             copy_float_pages(store["k"], store["v"], slots, heads, k_out, v_out, out_pages)

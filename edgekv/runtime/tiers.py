@@ -96,14 +96,9 @@ class TieredPool:
         """Fetched pages, one KV head each, as float32 into k_out/v_out [kv_heads, pages, P, D]: page
         pages[i], head heads[i] into [heads[i], out_pages[i]]."""
         slots = self.table.slot[layer, pages]
-        if self.open is None:
-            self.format.copy_pages(self.arena.records, slots, heads, k_out, v_out, out_pages)
-            return
-        is_open = self.open.is_open(layer, pages)
-        full = ~is_open
-        self.format.copy_pages(self.arena.records, slots[full], heads[full], k_out, v_out, out_pages[full])
-        k_out[heads[is_open], out_pages[is_open]] = self.open.k[layer, heads[is_open]]
-        v_out[heads[is_open], out_pages[is_open]] = self.open.v[layer, heads[is_open]]
+        being_written = None if self.open is None else (pages, self.open.page[layer], self.open.k[layer],
+                                                        self.open.v[layer])
+        self.format.copy_pages(self.arena.records, slots, heads, k_out, v_out, out_pages, being_written)
 
     def key_records(self, layer: int, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """Full pages [kv_heads, k] (one row of pages per KV head) brought to host RAM, for a kernel to read

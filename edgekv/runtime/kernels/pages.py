@@ -135,15 +135,22 @@ def assign_slots(table: np.ndarray, middle: np.ndarray, n_pages: int) -> tuple[n
 
 def copy_pages_reference(keys: np.ndarray, values: np.ndarray, k_scale: np.ndarray | None, v_scale: np.ndarray | None,
                          slots: np.ndarray, heads: np.ndarray, k_out: np.ndarray, v_out: np.ndarray,
-                         out_pages: np.ndarray) -> None:
+                         out_pages: np.ndarray, is_open: np.ndarray | None = None, open_k: np.ndarray | None = None,
+                         open_v: np.ndarray | None = None) -> None:
     """Record slots[i]'s KV head heads[i] (keys, values [records, kv_heads, page_size, head_dim]; INT8 times
     their scales [records, kv_heads, head_dim] and [records, kv_heads, page_size], else None) into
-    k_out/v_out [kv_heads, pages, page_size, head_dim] at [heads[i], out_pages[i]], as float32."""
-    k, v = keys[slots, heads].astype(np.float32), values[slots, heads].astype(np.float32)
+    k_out/v_out [kv_heads, pages, page_size, head_dim] at [heads[i], out_pages[i]], as float32. INT8 pages:
+    the entries where `is_open` are the page being written, copied from its float32 rows open_k/open_v
+    [kv_heads, page_size, head_dim] instead of its record."""
+    full = np.ones(len(slots), bool) if is_open is None else ~is_open
+    k, v = keys[slots[full], heads[full]].astype(np.float32), values[slots[full], heads[full]].astype(np.float32)
     if k_scale is not None:
-        k *= k_scale[slots, heads][:, None, :]
-        v *= v_scale[slots, heads][:, :, None]
-    k_out[heads, out_pages], v_out[heads, out_pages] = k, v
+        k *= k_scale[slots[full], heads[full]][:, None, :]
+        v *= v_scale[slots[full], heads[full]][:, :, None]
+    k_out[heads[full], out_pages[full]], v_out[heads[full], out_pages[full]] = k, v
+    if is_open is not None:
+        k_out[heads[is_open], out_pages[is_open]] = open_k[heads[is_open]]
+        v_out[heads[is_open], out_pages[is_open]] = open_v[heads[is_open]]
 
 
 @njit(cache=True)
@@ -178,11 +185,20 @@ def copy_float_pages(keys, values, slots, heads, k_out, v_out, out_pages) -> Non
 
 
 @njit(cache=True)
-def copy_int8_pages(keys, values, k_scale, v_scale, slots, heads, k_out, v_out, out_pages) -> None:
-    """copy_pages_reference of INT8 records, dequantized as they are copied."""
+def copy_int8_pages(keys, values, k_scale, v_scale, slots, heads, k_out, v_out, out_pages, pages, open_page, open_k,
+                    open_v) -> None:
+    """copy_pages_reference of INT8 records, dequantized as they are copied, with is_open = (pages ==
+    open_page): the page being written comes from its float32 rows in the same pass (numpy's masks and
+    fancy indexing for those few rows cost more than the whole copy)."""
     page_size, head_dim = keys.shape[2], keys.shape[3]
     for i in range(len(slots)):
         slot, head, out = slots[i], heads[i], out_pages[i]
+        if pages[i] == open_page:
+            for t in range(page_size):
+                for d in range(head_dim):
+                    k_out[head, out, t, d] = open_k[head, t, d]
+                    v_out[head, out, t, d] = open_v[head, t, d]
+            continue
         for t in range(page_size):
             for d in range(head_dim):
                 k_out[head, out, t, d] = keys[slot, head, t, d] * k_scale[slot, head, d]
