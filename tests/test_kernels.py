@@ -159,6 +159,21 @@ def test_assign_slots_is_its_reference():
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("new_pages", [1, 3])  # a decode step's page, a prefill chunk's
+def test_plan_copies_is_its_reference(new_pages):
+    got_table, want_table = np.full((2, 6), pages.EMPTY, np.int64), np.full((2, 6), pages.EMPTY, np.int64)
+    for step in range(20):
+        middle = np.stack([RNG.choice(np.arange(1, 30), 5, replace=False) for _ in range(2)])
+        copy_sink = step % 7 == 0
+        got = pages.plan_copies(got_table, middle, 30, 30 + new_pages, 11, copy_sink)
+        want = pages.plan_copies_reference(want_table, middle, 30, 30 + new_pages, 11, copy_sink)
+        np.testing.assert_array_equal(got_table, want_table)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+        assert (got[0][got[2] == 0] == 0).all() and ((got[2] == 0).sum() == 2) == copy_sink  # the sink in slot 0
+        assert set(got[0][got[2] >= 11 - new_pages]) == set(range(30, 30 + new_pages))  # new pages in the last slots
+
+
 @pytest.mark.parametrize("int8", [False, True])
 def test_page_copies_are_their_reference(int8):
     records, kv_heads, page_size, head_dim = 20, 3, 8, 16

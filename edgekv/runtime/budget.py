@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgekv.runtime.kernels.pages import EMPTY, assign_slots
+from edgekv.runtime.kernels.pages import EMPTY, plan_copies
 from edgekv.runtime.positions import FarPages
 from edgekv.runtime.rope import KeyShifter
 from edgekv.runtime.selection import Selection
@@ -69,21 +69,17 @@ class BudgetBuffer:
     def update(self, pool: TieredPool, layer: int, selection: Selection) -> None:
         """Make the buffer hold `selection`: copy in the middle pages it does not hold yet, the sink once, and
         the pages the step writes (they grow)."""
-        heads, slot_pages = self.table.shape[0], self.pages_k.shape[1]
         new = np.arange(selection.first_new, selection.n_pages)
         # Fetch the whole selection: it keeps every selected page fresh in the host and device LRUs, and
         # counts transfers for pages that are not on the device.
         pool.fetch(layer, np.concatenate([selection.middle.ravel(), [0], new]))
-        arriving_heads, arriving_slots, arriving = assign_slots(self.table, np.ascontiguousarray(selection.middle),
-                                                                selection.n_pages)
-        every_head = np.arange(heads)
-        new_slots = slot_pages - len(new) + np.arange(len(new))
-        copies = [(arriving, arriving_heads, arriving_slots),  # middle pages: full, and kept while selected
-                  (new.repeat(heads), np.tile(every_head, len(new)), new_slots.repeat(heads))]
-        if selection.has_sink and not self.holds_sink:
-            copies.append((np.zeros(heads, np.int64), every_head, np.zeros(heads, np.int64)))
-            self.holds_sink = True
-        pages, page_heads, slots = (np.concatenate(part) for part in zip(*copies))
+        # Middle pages are full and kept while selected: only arrivals are copied, with the pages the step
+        # writes (they grow) and the sink once.
+        copy_sink = selection.has_sink and not self.holds_sink
+        pages, page_heads, slots = plan_copies(self.table, np.ascontiguousarray(selection.middle),
+                                               selection.first_new, selection.n_pages, self.pages_k.shape[1],
+                                               copy_sink)
+        self.holds_sink |= copy_sink
         pool.copy(layer, pages, page_heads, self.pages_k, self.pages_v, slots)
         self.rotated_to[page_heads, slots] = OWN_POSITIONS
 

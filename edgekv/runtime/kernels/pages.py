@@ -133,6 +133,44 @@ def assign_slots(table: np.ndarray, middle: np.ndarray, n_pages: int) -> tuple[n
     return rows[:arrived], slot_pages[:arrived], pages[:arrived]
 
 
+def plan_copies_reference(table: np.ndarray, middle: np.ndarray, first_new: int, n_pages: int, slot_pages: int,
+                          copy_sink: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every page a budget buffer of `slot_pages` slot-pages copies in for a selection, as (page, head,
+    slot-page) arrays: the middle pages that arrive (assign_slots_reference, which updates the table), the
+    pages the step writes, first_new..n_pages-1, for every head into the last slot-pages in order, and with
+    copy_sink the sink, page 0, into slot-page 0."""
+    heads = table.shape[0]
+    arriving_heads, arriving_slots, arriving = assign_slots_reference(table, middle, n_pages)
+    new = np.arange(first_new, n_pages)
+    new_slots = slot_pages - len(new) + np.arange(len(new))
+    sink = np.zeros(heads if copy_sink else 0, np.int64)
+    return (np.concatenate([arriving, new.repeat(heads), sink]),
+            np.concatenate([arriving_heads, np.tile(np.arange(heads), len(new)), np.arange(len(sink))]),
+            np.concatenate([arriving_slots, new_slots.repeat(heads), sink]))
+
+
+@njit(cache=True)
+def plan_copies(table: np.ndarray, middle: np.ndarray, first_new: int, n_pages: int, slot_pages: int,
+                copy_sink: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """plan_copies_reference in one compiled call (a decode step's dozen small numpy calls cost more)."""
+    heads = table.shape[0]
+    arriving_heads, arriving_slots, arriving = assign_slots(table, middle, n_pages)
+    n_new = n_pages - first_new
+    total = len(arriving) + heads * n_new + (heads if copy_sink else 0)
+    pages, page_heads, slots = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.int64)
+    pages[:len(arriving)], page_heads[:len(arriving)], slots[:len(arriving)] = arriving, arriving_heads, arriving_slots
+    i = len(arriving)
+    for j in range(n_new):
+        for head in range(heads):
+            pages[i], page_heads[i], slots[i] = first_new + j, head, slot_pages - n_new + j
+            i += 1
+    if copy_sink:
+        for head in range(heads):
+            pages[i], page_heads[i], slots[i] = 0, head, 0
+            i += 1
+    return pages, page_heads, slots
+
+
 def copy_pages_reference(keys: np.ndarray, values: np.ndarray, k_scale: np.ndarray | None, v_scale: np.ndarray | None,
                          slots: np.ndarray, heads: np.ndarray, k_out: np.ndarray, v_out: np.ndarray,
                          out_pages: np.ndarray, is_open: np.ndarray | None = None, open_k: np.ndarray | None = None,
