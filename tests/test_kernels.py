@@ -40,6 +40,14 @@ def test_rotate_keys_is_its_reference_and_ropes_rotation():
     assert len(shifter.cos) > np.abs(shifts * 3).max()
 
 
+def test_rotate_rows_is_ropes_rotation():
+    rope = Rope(1.0 / 100000 ** (np.arange(0, 64, 2) / 64), 1.0)
+    keys = RNG.normal(size=(3, 40, 64)).astype(np.float32)
+    shifts = -RNG.integers(0, 40000, size=40)  # the clamped scheme's shifts: back to position 0
+    got = rotation.rotate_rows(keys, shifts, rope.inv_freq)
+    np.testing.assert_array_equal(got, rope.rotate(keys, np.broadcast_to(shifts, (3, 40))))  # the same arithmetic
+
+
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_bound_scores_is_its_reference(rows):
     kv_heads, head_dim, n_pages = 3, 64, 300

@@ -23,6 +23,7 @@ from edgekv.core.constants import MASK_VALUE
 from edgekv.core.manifest import GraphEntry
 from edgekv.runtime.budget import BudgetBuffer
 from edgekv.runtime.kernels.bounds import widen_bounds, write_rows
+from edgekv.runtime.kernels.rotation import rotate_rows
 from edgekv.runtime.kv_cache import KV, CacheUsage, LayerInputs, fill_mask
 from edgekv.runtime.page_bounds import PageBounds
 from edgekv.runtime.positions import FarPages, FarPositions
@@ -57,7 +58,7 @@ class LayerPages:
         n, p = keys.shape[1], self.page_size
         if self.folded is not None:
             own = np.arange(self.length, self.length + n)
-            folded = self.rope.rotate(keys, self.far_positions.offsets(own) - own)
+            folded = rotate_rows(keys, self.far_positions.offsets(own) - own, self.rope.inv_freq)  # Rope.rotate
         written = 0
         while written < n:
             page, offset = divmod(self.length, p)
