@@ -43,7 +43,8 @@ def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
 
 def rewrite_rms_norms(model: onnx.ModelProto, hidden: int) -> int:
     """Rewrite, in place, every RMSNorm of the traced pattern (Pow(x, 2) -> ReduceMean -> Add(eps) -> Sqrt
-    -> Div(1, .) -> Mul(x, .)) into the float16-safe form above; returns how many were rewritten."""
+    -> Div(1, .) -> Mul(x, .)) into the float16-safe form above, squaring y as y * y; returns how many
+    were rewritten."""
     graph = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -56,7 +57,7 @@ def rewrite_rms_norms(model: onnx.ModelProto, hidden: int) -> int:
 
     k = row_divisor_scale(hidden)
     new_nodes: dict[int, list[onnx.NodeProto]] = {}  # index of a norm's Pow -> the nodes placed before it
-    unused: set[str] = set()  # eps constants only the rewritten Adds read
+    unused: set[str] = set()  # eps and exponent constants only the rewritten nodes read
     for index, power in enumerate(graph.node):
         exponent = _constant(graph, power.input[1]) if power.op_type == "Pow" else None
         if exponent is None or exponent.size != 1 or float(exponent) != 2.0:
@@ -89,7 +90,12 @@ def rewrite_rms_norms(model: onnx.ModelProto, hidden: int) -> int:
             helper.make_node("Mul", [f"{p}/e", f"{p}/e"], [f"{p}/eps"]),
         ]
         new_nodes[index] = nodes
-        power.input[0] = f"{p}/y"
+        # y * y rather than Pow(y, 2): with Pow, an embedding row holding exact zeros (8-bit rows have some)
+        # turned the HTP's whole run to garbage; moved off zero, or squared as a product, it did not.
+        if len(consumers[power.input[1]]) == 1:
+            unused.add(power.input[1])
+        power.op_type = "Mul"
+        power.input[:] = [f"{p}/y", f"{p}/y"]
         add.input[list(add.input).index(eps_name)] = f"{p}/eps"
         if len(consumers[eps_name]) == 1:
             unused.add(eps_name)
