@@ -14,6 +14,7 @@ from edgekv.core.manifest import load_verified
 from edgekv.core.profiles import load_profile
 from edgekv.evaluation.evaluate import EvalRun, forced_logits
 from edgekv.export.validator import validate_artifact
+from edgekv.runtime.embedding import Embedding
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,23 @@ def resident_kib(paths: set[Path]) -> int:
         elif counting and fields[0] == "Rss:":
             total += int(fields[1])
     return total
+
+
+def test_the_embedding_is_the_tied_heads_8bit_rows(tiny_int4, tiny_artifacts):
+    """No float32 table in a weight-only artifact: the host looks rows up in the LM head's own 8-bit codes
+    and scales (tied embeddings), stored once, within the 8-bit rounding of the float32 rows."""
+    manifest, float_manifest = load_verified(tiny_int4), load_verified(tiny_artifacts["llama"])
+    record = manifest.data["embedding"]
+    head = next(e for e in manifest.graphs.values() if e.kind == "head")
+    assert record["weight"] in head.weights and manifest.data["weights"][record["weight"]]["dtype"] == "uint8"
+    assert not [name for name, entry in manifest.data["weights"].items() if entry["dtype"] == "float32"
+                and entry["shape"] == [manifest.model["vocab"], manifest.model["hidden"]]]
+    ids = np.arange(64, dtype=np.int64) * 5 % manifest.model["vocab"]
+    got, want = (np.zeros((64, manifest.model["hidden"]), np.float32) for _ in range(2))
+    Embedding.open(manifest).lookup(ids, got)
+    Embedding.open(float_manifest).lookup(ids, want)
+    assert np.abs(got - want).max(axis=1).max() <= np.abs(want).max() / 127  # half a step of 8-bit blocks, at most
+    assert not np.array_equal(got, want)
 
 
 def test_packed_sessions_return_the_mapped_weights(tiny_int4):
@@ -206,6 +224,9 @@ def test_int4_graphs_run_whole_on_the_htp_with_the_cpus_tokens(tiny_int4, tmp_pa
         assert graph["placement"].get("MatMulNBits@device"), name
         assert not [key for key in graph["placement"] if key.endswith("@host")], name
     prompt = list(np.random.default_rng(5).integers(3, 300, 90))
+    rows = np.zeros((len(prompt), load_verified(artifact).model["hidden"]), np.float32)
+    Embedding.open(load_verified(artifact)).lookup(np.array(prompt), rows)
+    assert (rows == 0).any()  # 8-bit rows: exact zeros, which Pow(x, 2) in the norm turned to garbage on the HTP
     logits = {backend: greedy_logits(artifact, prompt, backend=backend) for backend in ("cpu", "qnn-htp")}
     assert (logits["cpu"].argmax(-1) == logits["qnn-htp"].argmax(-1)).all()
     assert np.abs(logits["cpu"] - logits["qnn-htp"]).max() < 2e-2

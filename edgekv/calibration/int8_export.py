@@ -14,7 +14,8 @@ import numpy as np
 from edgekv.calibration.float16_weights import FLOAT16_SUFFIX, convert_float16_weights
 from edgekv.calibration.prompts import read_text_tokens
 from edgekv.calibration.quantize import CALIBRATION_TOKENS, QDQ_OPS, quantize_qdq, vocabulary_int16
-from edgekv.calibration.weight_only import INT8_FORMAT, WEIGHT_ONLY_FORMATS, WeightOnlyFormat, quantize_weight_only
+from edgekv.calibration.weight_only import (INT8_FORMAT, WEIGHT_ONLY_FORMATS, WeightOnlyFormat, quantize_rows,
+                                            quantize_weight_only)
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import Manifest, default_artifact_dir, read_manifest, write_manifest
 from edgekv.core.profiles import QUANTIZED_WEIGHT_DTYPES, SUPPORTED_WEIGHT_DTYPES, Profile, load_profile
@@ -111,8 +112,9 @@ def quantize_artifact(float_dir: Path, out_dir: Path, weight_dtype: str = "int8"
 
 
 def write_embedding(source: Manifest, weight_dtype: str, writer: WeightWriter) -> dict:
-    """The host's embedding table in the converted artifact, and its manifest record: the float32 rows for
-    weight-only graphs; float16 rows for float16 weights (the tied LM head's very tensor); for QDQ graphs
+    """The host's embedding table in the converted artifact, and its manifest record: for weight-only
+    graphs the rows in 8-bit blocks (quantize_rows), the LM head's very codes and scales when the
+    embeddings are tied; float16 rows for float16 weights (the tied LM head's very tensor); for QDQ graphs
     the 16-bit [H, V] matrix with a scale per entry, which the LM head multiplies too when the embeddings
     are tied (the same name and bytes: stored once)."""
     record = source.data["embedding"]
@@ -122,8 +124,11 @@ def write_embedding(source: Manifest, weight_dtype: str, writer: WeightWriter) -
         writer.add(name, table.astype(np.float16))
         return {**record, "weight": name}
     if weight_dtype != "int8":
-        writer.add(record["weight"], table)
-        return record
+        codes, scales = quantize_rows(table)
+        name = f"{record['weight']}.T_Q8"  # the name onnxruntime's quantizer gives the tied head's codes
+        writer.add(name, codes)
+        writer.add(f"{record['weight']}.T_scales", scales)
+        return {"weight": name, "vocab_axis": 0, "scale": f"{record['weight']}.T_scales", "zero_point": 128}
     values, scales = vocabulary_int16(table.T)
     name = f"{record['weight']}.T_int16"
     writer.add(name, values)

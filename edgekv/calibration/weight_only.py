@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 
 from edgekv.calibration.block_offsets import import_contrib_domain, rewrite_offset_int4
@@ -89,8 +90,27 @@ def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, write
         graphs[entry.name] = {**source.data["graphs"][entry.name], "weights": writer.save(model, staging / entry.file)}
         if (i + 1) % 10 == 0 or i + 1 == len(entries):
             progress(f"quantized {i + 1}/{len(entries)} graphs to MatMulNBits")
-    return graphs, {"format": "MatMulNBits", "weights": f"{form.describe()}; embedding float32 on the host",
+    return graphs, {"format": "MatMulNBits", "weights": f"{form.describe()}; embedding: the 8-bit blocks of "
+                    "quantize_rows, looked up on the host",
                     "activations": f"float32 (int8 per block inside the kernel, accuracy_level {form.accuracy_level})"}
+
+
+def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A [V, H] table's rows in INT8_FORMAT, as MatMulNBits stores the weight of x @ table.T (the tied LM
+    head): codes [V, blocks, block_size] (uint8, zero point 128) and float32 scales [V, blocks]. The
+    same bytes as onnxruntime's quantizer writes for that head, so a tied model stores them once."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+
+    vocab, hidden = table.shape
+    blocks = -(-hidden // INT8_FORMAT.block_size)
+    weight = np.zeros((blocks * INT8_FORMAT.block_size, vocab), np.float32)
+    weight[:hidden] = table.T
+    codes = np.zeros((vocab, blocks, INT8_FORMAT.block_size), np.uint8)
+    scales = np.zeros((vocab, blocks), np.float32)
+    zero_points = np.zeros((vocab, blocks), np.uint8)  # unused: symmetric
+    quantize_matmul_8bits(codes, weight, scales, zero_points, INT8_FORMAT.block_size, vocab, blocks * INT8_FORMAT.block_size,
+                          INT8_FORMAT.symmetric)
+    return codes, scales
 
 
 def reuse_weight_only_kernels(model: onnx.ModelProto,
