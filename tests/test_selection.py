@@ -12,7 +12,7 @@ from edgekv.runtime.budget import BudgetBuffer
 from edgekv.runtime.kernels.attention import attention_mass, record_page_mass
 from edgekv.runtime.host_arena import RELEASE_RECORDS, SpillFile
 from edgekv.runtime.kernels.pages import DISK
-from edgekv.runtime.page_bounds import PageBounds
+from edgekv.runtime.page_bounds import GROWTH, ROW_PAD_PAGES, PageBounds
 from edgekv.runtime.paged_cache import FarKeys, LayerPages
 from edgekv.runtime.positions import FarPages
 from edgekv.runtime.rope import KeyShifter, Rope
@@ -52,7 +52,7 @@ def test_page_min_max_follow_appends_in_uneven_chunks(tmp_path):
         np.testing.assert_allclose(low, chunk.min(axis=1), rtol=2 ** -7)
 
 
-def test_page_bounds_keep_every_page_as_they_grow_and_their_rows_never_stride_a_multiple_of_4k():
+def test_page_bounds_keep_every_page_as_they_grow_by_a_quarter_and_never_stride_a_multiple_of_4k():
     bounds, rng = PageBounds(3, 64), np.random.default_rng(2)
     sealed = []
     for page in range(2100):  # past the 2048-page doubling, where a power-of-two row is 4 KiB
@@ -62,6 +62,8 @@ def test_page_bounds_keep_every_page_as_they_grow_and_their_rows_never_stride_a_
         bounds.seal(page)
         # a channel row's stride a multiple of 4 KiB puts the rows a score pass streams in the same L1 sets
         assert bounds.full.strides[1] % 4096 != 0
+        # the whole array is resident: its slack past the pages is RAM
+        assert bounds.full.shape[2] <= GROWTH * (page + 1) + 64 + ROW_PAD_PAGES
     np.testing.assert_array_equal(bounds.full[:, :, :2100], np.stack(sealed, axis=-1))
 
 

@@ -14,10 +14,14 @@ import numpy as np
 
 from edgekv.runtime.bfloat16 import bfloat16_outward
 
-# Pages of slack past each doubling of the capacity: 64 bytes, so that a channel row's stride is never a
-# multiple of 4 KiB. At power-of-two strides the sixteen rows a score pass streams map to the same L1
-# sets and evict each other (the score at 4096 pages took 1.9x as long; benchmarks/RESULTS.md).
+# Pages of slack past each growth of the capacity, which is a multiple of 64 pages: 64 bytes, so that a
+# channel row's stride is never a multiple of 4 KiB. At power-of-two strides the sixteen rows a score pass
+# streams map to the same L1 sets and evict each other (the score at 4096 pages took 1.9x as long;
+# benchmarks/RESULTS.md).
 ROW_PAD_PAGES = 32
+# The capacity grows by a quarter: a row's unused tail shares memory pages with the next row's start, so
+# the whole array is resident and its slack is RAM (doubling left up to half of it unused; RESULTS.md).
+GROWTH = 1.25
 
 
 class PageBounds:
@@ -29,9 +33,9 @@ class PageBounds:
         self.open = np.empty((kv_heads, 2 * head_dim), dtype=np.float32)
 
     def add_page(self, page: int) -> None:
-        if page == self.full.shape[2]:  # grow by doubling: amortised O(1) per page
-            # Only the old columns are copied: the new half stays untouched, so not resident, until pages fill it.
-            grown = np.empty(self.full.shape[:2] + (2 * page + ROW_PAD_PAGES,), self.full.dtype)
+        if page == self.full.shape[2]:  # grow by a constant factor: amortised O(1) per page
+            capacity = -(-int(page * GROWTH) // 64) * 64 + ROW_PAD_PAGES
+            grown = np.empty(self.full.shape[:2] + (capacity,), self.full.dtype)
             grown[:, :, :page] = self.full
             self.full = grown
 
