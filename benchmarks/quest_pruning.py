@@ -14,7 +14,8 @@ and checks that the k-th score equals Quest's.
 
 Fewer channels (SparQ's approximation, Ribar et al. 2024): each query row's bound summed over only its
 `channels` largest |q| channels, a quarter of the work at 16 of 64. No longer a bound, so no longer
-exact: the script prints the share of Quest's pages each such ranking selects too (its recall).
+exact: the script prints the share of Quest's pages each such ranking selects too (its recall). Two
+stages (`--shortlists`): that ranking shortlists `factor` times k pages, Quest's exact bound picks k of them.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main() -> None:
                         help="the prompt's text [default: Python's language reference topics]")
     parser.add_argument("--groups", default="4,8,16,32")
     parser.add_argument("--channels", default="8,16,32")
+    parser.add_argument("--shortlists", default="2,4", help="shortlist factors of the two-stage ranking")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--kv-dtype", choices=KV_DTYPES)
     args = parser.parse_args()
@@ -121,14 +123,23 @@ def main() -> None:
                 exact &= kth == np.partition(pages[head], -k)[-k]
         print(f"groups of {group:>2} pages: work {np.median(work):.2f} of Quest's (median; p10 "
               f"{np.percentile(work, 10):.2f}, p90 {np.percentile(work, 90):.2f}); k-th score exact: {exact}")
+    factors = [int(f) for f in args.shortlists.split(",")]
     for channels in (int(c) for c in args.channels.split(",")):
-        recall = []
+        recall, staged = [], {factor: [] for factor in factors}
         for rows, bits, k in captured:
             pages = bound_scores_reference(rows, bits, 0, bits.shape[2])
             approximate = channel_scores(rows, widen_bfloat16(bits), channels)
             recall += [len(top_set(approximate[h], k) & top_set(pages[h], k)) / k for h in range(rows.shape[0])]
+            for factor in factors:
+                for h in range(rows.shape[0]):
+                    shortlist = np.array(sorted(top_set(approximate[h], min(factor * k, len(pages[h]) - 1))))
+                    chosen = set(shortlist[list(top_set(pages[h][shortlist], k))].tolist())
+                    staged[factor].append(len(chosen & top_set(pages[h], k)) / k)
         print(f"{channels:>2} largest |q| channels of {rows.shape[-1]}: Quest's pages chosen too {np.median(recall):.3f} "
               f"(median; p10 {np.percentile(recall, 10):.3f}, mean {np.mean(recall):.3f})")
+        for factor in factors:
+            print(f"   then Quest over a shortlist of {factor}k: {np.median(staged[factor]):.3f} (median; p10 "
+                  f"{np.percentile(staged[factor], 10):.3f}, mean {np.mean(staged[factor]):.3f})")
 
 
 if __name__ == "__main__":
