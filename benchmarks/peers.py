@@ -1,8 +1,8 @@
 """Prefill and decode speed of edgekv against its peers: same machine, same prompts, one process tree.
 
 Usage: .venv/bin/python benchmarks/peers.py [--contexts 1024,4096,8128,16384]
-       [--systems transformers,optimum,llama.cpp,quest,rerank,dense] [--steps 16] [--artifact DIR[,DIR...]]
-       [--kv-dtypes float32,int8] [--json FILE] [--plot FILE.png]
+       [--systems transformers,optimum,llama.cpp,quest,rerank,dense] [--steps 16] [--rounds 1]
+       [--artifact DIR[,DIR...]] [--kv-dtypes float32,int8] [--json FILE] [--plot FILE.png]
 
 Needs the `peers` extra for two of the systems: `.venv/bin/pip install -e '.[peers]'`.
 
@@ -20,9 +20,12 @@ Every system gets the same seeded token ids. At each context it starts from an e
 first `context` ids (timed: prefill tok/s), decodes WARMUP greedy tokens, then `steps` timed greedy
 tokens: the median step gives decode tok/s. The peers prefill in PREFILL_CHUNK-token batches (llama.cpp's
 default batch; it also bounds the attention scores' memory at 16K), edgekv in its profile's chunk. Each
-system runs in its own child process, one after the other, so no thread pool or memory of one competes
-with the next. The 8K point is 8128 tokens so the dense baseline's decoded tokens fit its 8192 slots.
-Each row carries its process's peak RSS so far (the contexts run in increasing order).
+system runs each context in a child process of its own, one after the other, so no thread pool or memory
+of one competes with the next, and each row's peak RSS is that context's alone (llama.cpp's n_ctx fits
+that context). The systems of a context run back to back, in alternating order over `--rounds` rounds:
+this machine's speed drifts between runs by more than the differences measured, so the table gives each
+system's median over the rounds and its ratio to the first system, the median of the per-round ratios.
+The 8K point is 8128 tokens so the dense baseline's decoded tokens fit its 8192 slots.
 """
 
 from __future__ import annotations
@@ -245,14 +248,13 @@ def open_system(name: str, artifact: str, kv_dtype: str | None, n_ctx: int):
     return Edgekv(artifact, name.split()[0], kv_dtype)
 
 
-def measure(name: str, artifact: str, kv_dtype: str | None, contexts: list[int], steps: int
-            ) -> tuple[dict, list[dict]]:
-    """Runs in a child process: open one system, then prefill and decode at each context."""
+def measure(name: str, artifact: str, kv_dtype: str | None, context: int, steps: int) -> tuple[dict, list[dict]]:
+    """Runs in a child process: open one system, then prefill and decode at one context."""
     from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S
 
-    ids = np.random.default_rng(SEED).integers(*TOKEN_IDS, max(contexts)).tolist()
+    ids = np.random.default_rng(SEED).integers(*TOKEN_IDS, context).tolist()
     start = time.perf_counter()
-    system = open_system(name, artifact, kv_dtype, max(contexts) + WARMUP + steps)
+    system = open_system(name, artifact, kv_dtype, context + WARMUP + steps)
     info = {"system": name, "label": system.label if isinstance(system, Edgekv) else LABELS[name],
             "version": system.version, "open_s": time.perf_counter() - start}
     system.reset()
@@ -260,13 +262,12 @@ def measure(name: str, artifact: str, kv_dtype: str | None, contexts: list[int],
     for _ in range(WARMUP):
         token = system.decode(token)
     rows = []
-    for context in contexts:
-        if system.max_context is not None and context + WARMUP + steps > system.max_context:
-            print(f"{name:<12} {context:>6} tokens: skipped (static context {system.max_context})", flush=True)
-            continue
+    if system.max_context is not None and context + WARMUP + steps > system.max_context:
+        print(f"{name:<12} {context:>6} tokens: skipped (static context {system.max_context})", flush=True)
+    else:
         system.reset()
         start = time.perf_counter()
-        token = system.prefill(ids[:context])
+        token = system.prefill(ids)
         prefill_s = time.perf_counter() - start
         for _ in range(WARMUP):
             token = system.decode(token)
@@ -288,12 +289,12 @@ def measure(name: str, artifact: str, kv_dtype: str | None, contexts: list[int],
     return info, rows
 
 
-def run_isolated(name: str, artifact: str, kv_dtype: str | None, contexts: list[int], steps: int
+def run_isolated(name: str, artifact: str, kv_dtype: str | None, context: int, steps: int
                  ) -> tuple[dict, list[dict]]:
     """measure() in a fresh child process; a system that cannot import or run is reported and skipped."""
     try:
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            return pool.submit(measure, name, artifact, kv_dtype, contexts, steps).result()
+            return pool.submit(measure, name, artifact, kv_dtype, context, steps).result()
     except BrokenProcessPool:
         reason = "its process died (crash or out of memory)"
     except Exception as error:  # ImportError for a missing peer, EdgekvError for a missing artifact, ...
@@ -302,22 +303,45 @@ def run_isolated(name: str, artifact: str, kv_dtype: str | None, contexts: list[
     return {"system": name, "label": LABELS.get(name, name), "skipped": reason}, []
 
 
-def print_table(infos: list[dict], rows: list[dict]) -> None:
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per system and context, the median over rounds of each figure, and the decode speed's ratio to the
+    first system's at that context (the median of the rounds' ratios)."""
+    first = {}
+    for row in rows:
+        first.setdefault(row["context"], row["system"])
+    summary = []
+    for system, context in dict.fromkeys((row["system"], row["context"]) for row in rows):
+        runs = [row for row in rows if (row["system"], row["context"]) == (system, context)]
+        medians = {key: float(np.median([row[key] for row in runs])) for key in runs[0]
+                   if key not in ("system", "context", "round")}
+        against = {row["round"]: row["decode_tok_s"] for row in rows
+                   if (row["system"], row["context"]) == (first[context], context)}
+        ratios = [row["decode_tok_s"] / against[row["round"]] for row in runs if row["round"] in against]
+        summary.append({"system": system, "context": context, "rounds": len(runs), **medians,
+                        "decode_ratio": float(np.median(ratios)) if ratios else None,
+                        "ratio_to": first[context]})
+    return summary
+
+
+def print_table(infos: list[dict], summary: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"SmolLM2-135M-Instruct, {THREADS} threads, median decode step")
-    for column in ("system", "context", "prefill tok/s", "decode tok/s", "ms/token", "x reading", "peak RSS MiB"):
+    table = Table(title=f"SmolLM2-135M-Instruct, {THREADS} threads, median decode step, medians over rounds")
+    for column in ("system", "context", "rounds", "prefill tok/s", "decode tok/s", "ms/token", "x reading",
+                   "decode vs first", "peak RSS MiB"):
         table.add_column(column, justify="left" if column == "system" else "right")
-    for row in rows:
-        table.add_row(row["system"], str(row["context"]), f"{row['prefill_tok_s']:.0f}", f"{row['decode_tok_s']:.2f}",
-                      f"{row['decode_step_ms']:.1f}", f"{row['reading_speed_ratio']:.1f}", f"{row['peak_rss_mib']:.0f}")
-    Console().print(table)
-    for info in infos:
+    for row in summary:
+        ratio = "" if row["decode_ratio"] is None else f"{row['decode_ratio']:.2f}x {row['ratio_to']}"
+        table.add_row(row["system"], str(row["context"]), str(row["rounds"]), f"{row['prefill_tok_s']:.0f}",
+                      f"{row['decode_tok_s']:.2f}", f"{row['decode_step_ms']:.1f}", f"{row['reading_speed_ratio']:.1f}",
+                      ratio, f"{row['peak_rss_mib']:.0f}")
+    Console(width=150).print(table)
+    for info in {info["system"]: info for info in infos}.values():
         if "skipped" in info:
             print(f"{info['system']}: skipped: {info['skipped']}")
         else:
-            print(f"{info['system']}: {info['label']}; {info['version']}; peak RSS {info['peak_rss_mib']:.0f} MiB")
+            print(f"{info['system']}: {info['label']}; {info['version']}")
 
 
 def plot(infos: list[dict], rows: list[dict], path: str) -> None:
@@ -353,6 +377,8 @@ def main() -> None:
     parser.add_argument("--contexts", default=CONTEXTS)
     parser.add_argument("--systems", default=SYSTEMS)
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every system at each context, in "
+                        "alternating order")
     parser.add_argument("--artifact", default=ARTIFACT, help="edgekv artifacts, comma-separated")
     parser.add_argument("--kv-dtypes", default="", help="edgekv's KV pages, comma-separated (float32, int8) "
                         "[default: each artifact's profile's]")
@@ -365,7 +391,7 @@ def main() -> None:
         parser.error(f"unknown system(s) {', '.join(sorted(unknown))}; choose from {SYSTEMS}")
     artifacts = args.artifact.split(",")
     kv_dtypes = args.kv_dtypes.split(",") if args.kv_dtypes else [None]
-    infos, rows = [], []
+    systems = []  # (name in the table, artifact, KV pages)
     for name in args.systems.split(","):
         edgekv = name in EDGEKV_POLICIES
         for artifact, kv_dtype in product(*((artifacts, kv_dtypes) if edgekv else (artifacts[:1], [None]))):
@@ -374,18 +400,24 @@ def main() -> None:
                 system += f" {weight_dtype(artifact)}"
             if edgekv and len(kv_dtypes) > 1:
                 system += f" kv-{kv_dtype}"
-            info, measured = run_isolated(system, artifact, kv_dtype, contexts, args.steps)
-            infos.append(info)
-            rows.extend(measured)
+            systems.append((system, artifact, kv_dtype))
+    infos, rows = [], []
+    for context in contexts:
+        for round_ in range(args.rounds):
+            for system, artifact, kv_dtype in systems if round_ % 2 == 0 else systems[::-1]:
+                info, measured = run_isolated(system, artifact, kv_dtype, context, args.steps)
+                infos.append(info)
+                rows.extend({**row, "round": round_} for row in measured)
+    summary = summarize(rows)
     if rows:
-        print_table(infos, rows)
-    settings = {"model": MODEL, "contexts": contexts, "steps": args.steps, "warmup": WARMUP, "threads": THREADS,
-                "prefill_chunk": PREFILL_CHUNK, "seed": SEED, "token_ids": TOKEN_IDS}
+        print_table(infos, summary)
+    settings = {"model": MODEL, "contexts": contexts, "steps": args.steps, "rounds": args.rounds, "warmup": WARMUP,
+                "threads": THREADS, "prefill_chunk": PREFILL_CHUNK, "seed": SEED, "token_ids": TOKEN_IDS}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": settings, "systems": infos, "rows": rows}, f, indent=1)
+            json.dump({"settings": settings, "systems": infos, "rows": rows, "summary": summary}, f, indent=1)
     if args.plot and rows:
-        plot(infos, rows, args.plot)
+        plot(infos, summary, args.plot)
 
 
 if __name__ == "__main__":
