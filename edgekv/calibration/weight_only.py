@@ -90,8 +90,8 @@ def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, write
         graphs[entry.name] = {**source.data["graphs"][entry.name], "weights": writer.save(model, staging / entry.file)}
         if (i + 1) % 10 == 0 or i + 1 == len(entries):
             progress(f"quantized {i + 1}/{len(entries)} graphs to MatMulNBits")
-    return graphs, {"format": "MatMulNBits", "weights": f"{form.describe()}; embedding: the 8-bit blocks of "
-                    "quantize_rows, looked up on the host",
+    return graphs, {"format": "MatMulNBits", "weights": f"{form.describe()}; embedding: the LM head's 8-bit "
+                    "rows, looked up on the host",
                     "activations": f"float32 (int8 per block inside the kernel, accuracy_level {form.accuracy_level})"}
 
 
@@ -108,7 +108,7 @@ def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     codes = np.zeros((vocab, blocks, INT8_FORMAT.block_size), np.uint8)
     scales = np.zeros((vocab, blocks), np.float32)
     zero_points = np.zeros((vocab, blocks), np.uint8)  # unused: symmetric
-    quantize_matmul_8bits(codes, weight, scales, zero_points, INT8_FORMAT.block_size, vocab, blocks * INT8_FORMAT.block_size,
+    quantize_matmul_8bits(codes, weight, scales, zero_points, INT8_FORMAT.block_size, vocab, len(weight),
                           INT8_FORMAT.symmetric)
     return codes, scales
 
