@@ -45,12 +45,14 @@ def attention_mass(rows: np.ndarray, keys: np.ndarray, local_keys: np.ndarray, l
     """attention_mass_reference, the logits by BLAS and each row's softmax in one compiled pass."""
     heads, pages, page_size, head_dim = keys.shape
     scaled = rows * np.float32(1 / np.sqrt(head_dim))
-    logits = row_logits(scaled, keys.reshape(heads, pages * page_size, head_dim))  # [h, R, pages*P]
     local = scaled @ local_keys.transpose(0, 2, 1)  # [h, R, L]
     local[:, ~local_visible] = -np.inf
     mass = np.zeros((heads, pages), np.float32)
     for head in range(heads):
-        add_softmax_page_mass(logits[head], local[head], page_size, mass[head])
+        # One head's logits [1, R, pages*P] at a time: a prefill chunk's rows against a dense layer's
+        # shortlist are tens of MiB a head, which the process would otherwise hold for all heads at once.
+        logits = row_logits(scaled[head:head + 1], keys[head:head + 1].reshape(1, pages * page_size, head_dim))
+        add_softmax_page_mass(logits[0], local[head], page_size, mass[head])
     return mass
 
 
