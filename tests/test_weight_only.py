@@ -224,8 +224,9 @@ def test_int4_graphs_run_whole_on_the_htp_with_the_cpus_tokens(tiny_int4, tmp_pa
         assert graph["placement"].get("MatMulNBits@device"), name
         assert not [key for key in graph["placement"] if key.endswith("@host")], name
     prompt = list(np.random.default_rng(5).integers(3, 300, 90))
-    rows = np.zeros((len(prompt), load_verified(artifact).model["hidden"]), np.float32)
-    Embedding.open(load_verified(artifact)).lookup(np.array(prompt), rows)
+    manifest = load_verified(artifact)
+    rows = np.zeros((len(prompt), manifest.model["hidden"]), np.float32)
+    Embedding.open(manifest).lookup(np.array(prompt), rows)
     assert (rows == 0).any()  # 8-bit rows: exact zeros, which Pow(x, 2) in the norm turned to garbage on the HTP
     logits = {backend: greedy_logits(artifact, prompt, backend=backend) for backend in ("cpu", "qnn-htp")}
     assert (logits["cpu"].argmax(-1) == logits["qnn-htp"].argmax(-1)).all()

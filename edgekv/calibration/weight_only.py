@@ -97,19 +97,14 @@ def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, write
 
 def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A [V, H] table's rows in INT8_FORMAT, as MatMulNBits stores the weight of x @ table.T (the tied LM
-    head): codes [V, blocks, block_size] (uint8, zero point 128) and float32 scales [V, blocks]. The
-    same bytes as onnxruntime's quantizer writes for that head, so a tied model stores them once."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+    head): codes [V, blocks, block_size] (uint8, zero point 128) and float32 scales [V, blocks]. Made by
+    the block quantizer of onnxruntime's MatMulNBitsQuantizer, so they are the bytes it writes for that
+    head, and a tied model stores them once."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-    vocab, hidden = table.shape
-    blocks = -(-hidden // INT8_FORMAT.block_size)
-    weight = np.zeros((blocks * INT8_FORMAT.block_size, vocab), np.float32)
-    weight[:hidden] = table.T
-    codes = np.zeros((vocab, blocks, INT8_FORMAT.block_size), np.uint8)
-    scales = np.zeros((vocab, blocks), np.float32)
-    zero_points = np.zeros((vocab, blocks), np.uint8)  # unused: symmetric
-    quantize_matmul_8bits(codes, weight, scales, zero_points, INT8_FORMAT.block_size, vocab, len(weight),
-                          INT8_FORMAT.symmetric)
+    config = DefaultWeightOnlyQuantConfig(block_size=INT8_FORMAT.block_size, is_symmetric=INT8_FORMAT.symmetric,
+                                          accuracy_level=INT8_FORMAT.accuracy_level, bits=INT8_FORMAT.bits)
+    codes, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(table.T))
     return codes, scales
 
 
