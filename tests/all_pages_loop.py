@@ -1,6 +1,6 @@
 """The simplest host loop over an artifact's graphs: every token's K/V is selected (no paging).
 
-It checks the exported graphs (with the host's embedding lookup and RoPE tables) against transformers
+It checks the exported graphs (with the host's embedding lookup and RoPE rotation) against transformers
 apart from the real runtime's paging: with all pages selected, the graphs must compute exactly the
 model's dense attention.
 """
@@ -12,6 +12,7 @@ import numpy as np
 from edgekv.core.constants import MASK_VALUE
 from edgekv.runtime.backend import OnnxruntimeBackend
 from edgekv.runtime.embedding import Embedding
+from edgekv.runtime.kernels.rotation import rotate_half_reference
 from edgekv.runtime.rope import Rope
 
 
@@ -32,8 +33,9 @@ def run_step(backend: OnnxruntimeBackend, graphs, caches: list[list[np.ndarray]]
     Embedding.open(backend.manifest).lookup(ids, hidden)
     cos, sin = (np.zeros((seq, backend.manifest.model["head_dim"]), np.float32) for _ in range(2))
     Rope.from_manifest(backend.manifest.model).fill(positions, cos, sin)
-    q, k, v = backend.session(graphs[0]).run(None, {"hidden_in": hidden, "cos": cos, "sin": sin})
+    q, k, v = backend.session(graphs[0]).run(None, {"hidden_in": hidden})
     for layer, graph in enumerate(graphs[1:]):
+        q, k = rotate_half_reference(q, cos, sin), rotate_half_reference(k, cos, sin)
         caches[layer].append((k[:, pad:], v[:, pad:]))
         keys = np.concatenate([c[0] for c in caches[layer]], axis=1)
         values = np.concatenate([c[1] for c in caches[layer]], axis=1)
@@ -48,7 +50,7 @@ def run_step(backend: OnnxruntimeBackend, graphs, caches: list[list[np.ndarray]]
         mask = np.where(visible, 0.0, MASK_VALUE).astype(np.float32)
         feeds = {"hidden_in": hidden, "q_in": q, "k_sel": k_sel, "v_sel": v_sel, "mask": mask}
         if graph.kind == "layer":
-            hidden, q, k, v = backend.session(graph).run(None, feeds | {"cos": cos, "sin": sin})
+            hidden, q, k, v = backend.session(graph).run(None, feeds)
         else:
             (logits,) = backend.session(graph).run(None, feeds)
     return logits[0, -1]

@@ -24,6 +24,25 @@ def test_write_rows_is_its_reference():
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("rows", [1, 64])
+def test_rotate_half_in_place_is_its_reference_and_transformers_rope(rows):
+    """The host rotates each graph's new q and k as transformers' apply_rotary_pos_emb does, bit for bit."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cos, sin = np.zeros((rows, 64), np.float32), np.zeros((rows, 64), np.float32)
+    Rope(1.0 / 100000 ** (np.arange(0, 64, 2) / 64), 1.0).fill(np.arange(30000, 30000 + rows), cos, sin)
+    q = RNG.normal(size=(9, rows, 64)).astype(np.float32)
+    k = RNG.normal(size=(3, rows, 64)).astype(np.float32)
+    want_q, want_k = (t.numpy() for t in apply_rotary_pos_emb(torch.from_numpy(q), torch.from_numpy(k),
+                                                               torch.from_numpy(cos), torch.from_numpy(sin),
+                                                               unsqueeze_dim=0))
+    np.testing.assert_array_equal(rotation.rotate_half_reference(q, cos, sin), want_q)
+    rotation.rotate_half_in_place(q, k, cos, sin)
+    np.testing.assert_array_equal(q, want_q)
+    np.testing.assert_array_equal(k, want_k)
+
+
 def test_rotate_keys_is_its_reference_and_ropes_rotation():
     inv_freq = 1.0 / 10000 ** (np.arange(0, 32, 2) / 32)
     cos, sin = rotation.shift_table(inv_freq, 5000)

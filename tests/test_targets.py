@@ -132,38 +132,35 @@ def test_an_unknown_target_lists_the_targets(tiny_artifacts):
     assert result.returncode != 0 and "'qnn-htp', 'openvino'" in result.stderr
 
 
-@pytest.mark.parametrize("position", [8192, 16384, 32768])
-def test_htp_in_float16_rotates_long_positions_as_float32_does(default_artifact, position):
-    """RoPE's cos/sin come from the host: the HTP simulator running a graph in float16 keeps q and k at
-    long positions within 2e-2 of onnxruntime's float32 (in-graph RoPE was off by 6.7 at 5000)."""
+def test_htp_in_float16_projects_q_and_k_as_float32_does(default_artifact):
+    """RoPE is the host's: no graph takes a position, so the HTP simulator running a graph in float16 gives
+    q and k within 1% of their largest value of onnxruntime's float32, whatever the position (in-graph RoPE
+    was off by 6.7 at position 5000)."""
     import onnxruntime as ort
 
     from edgekv.runtime.backend import OnnxruntimeBackend
-    from edgekv.runtime.rope import Rope
     from edgekv.targets.qnn import add_htp
 
     manifest = load_verified(default_artifact)
     cpu = OnnxruntimeBackend.open(manifest)
-    rng = np.random.default_rng(position)
+    rng = np.random.default_rng(5)
     for name in ("qkv.s1", "layer05.s1.b512"):
         graph = manifest.graphs[name]
+        assert {spec.name for spec in graph.inputs} <= {"hidden_in", "q_in", "k_sel", "v_sel", "mask"}
         feeds = {spec.name: rng.standard_normal(spec.shape).astype(np.float32) for spec in graph.inputs}
         if "mask" in feeds:
             feeds["mask"] = np.where(rng.random(feeds["mask"].shape) < 0.6, 0.0, -65504.0).astype(np.float32)
-        Rope.from_manifest(manifest.model).fill(np.array([position]), feeds["cos"], feeds["sin"])
         options = ort.SessionOptions()
         add_htp(options, manifest, "float16")
         htp = ort.InferenceSession(str(default_artifact / graph.file), options)
         names = ["q_out", "k_out"]
         for want, got in zip(cpu.session(graph).run(names, feeds), htp.run(names, feeds)):
-            assert np.abs(want - got).max() < 2e-2, (name, position)
+            assert np.abs(want - got).max() < 1e-2 * np.abs(want).max(), name
 
 
-def test_rknn_in_float16_rotates_long_positions_as_float32_does(default_artifact, tmp_path):
-    """The same on rknn-toolkit2's simulator (in-graph RoPE was off by 4.5 at position 5000): one graph
-    build, run at each position."""
+def test_rknn_in_float16_projects_q_and_k_as_float32_does(default_artifact, tmp_path):
+    """The same on rknn-toolkit2's simulator (in-graph RoPE was off by 4.5 at position 5000)."""
     from edgekv.runtime.backend import OnnxruntimeBackend
-    from edgekv.runtime.rope import Rope
     from edgekv.targets.rknn import RknnBackend, Worker
 
     manifest = load_verified(default_artifact)
@@ -177,12 +174,10 @@ def test_rknn_in_float16_rotates_long_positions_as_float32_does(default_artifact
     rknn = RknnBackend(manifest, Worker.start(), {graph.name: [tmp_path / "unused.rknn"]}, tmp_path)
     try:
         rknn_run = rknn.bind(graph, feeds, got)
-        for position in (8192, 16384, 32768):
-            Rope.from_manifest(manifest.model).fill(np.array([position]), feeds["cos"], feeds["sin"])
-            cpu_run()
-            rknn_run()
-            for name in ("q_out", "k_out"):
-                assert np.abs(want[name] - got[name]).max() < 2e-2, (name, position)
+        cpu_run()
+        rknn_run()
+        for name in ("q_out", "k_out"):
+            assert np.abs(want[name] - got[name]).max() < 1e-2 * np.abs(want[name]).max(), name
     finally:
         rknn.close()
 

@@ -17,7 +17,7 @@ from edgekv.core.profiles import Profile, profile_from_dict
 MANIFEST_NAME = "manifest.json"
 # Version of the artifact layout (manifest.json and the graph interface). Bump it whenever a
 # graph's inputs/outputs or the manifest's meaning change; loaders refuse other versions.
-ARTIFACT_FORMAT_VERSION = 2  # 2: embedding and RoPE on the host, no input above 3-D
+ARTIFACT_FORMAT_VERSION = 3  # 2: embedding and RoPE's cos/sin on the host, no input above 3-D; 3: q/k rotated on the host
 COMPILED_SUBDIR = "compiled"  # graphs compiled by a vendor toolchain: compiled/<target>/ (edgekv/targets)
 ARTIFACTS_DIR = "artifacts"  # where exports go by default, relative to the working directory
 

@@ -87,17 +87,15 @@ def plan_variants(profile: Profile, layers: int, max_context: int) -> dict[str, 
 def example_inputs(plan: GraphPlan, dims: dict[str, int]) -> dict[str, torch.Tensor]:
     """Inputs that fix every shape of the traced graph (values are irrelevant to the trace)."""
     s, b, d = plan.seq_len, plan.budget, dims["head_dim"]
-    rope = {"cos": torch.randn(s, d), "sin": torch.randn(s, d)}
     if plan.kind == "qkv":
-        return {"hidden_in": torch.randn(s, dims["hidden"]), **rope}
-    inputs = {
+        return {"hidden_in": torch.randn(s, dims["hidden"])}
+    return {
         "hidden_in": torch.randn(s, dims["hidden"]),
         "q_in": torch.randn(dims["q_heads"], s, d),
         "k_sel": torch.randn(dims["kv_heads"], b, d),
         "v_sel": torch.randn(dims["kv_heads"], b, d),
         "mask": torch.zeros(s, b),
     }
-    return inputs | rope if plan.kind == "layer" else inputs
 
 
 def output_names(plan: GraphPlan) -> list[str]:

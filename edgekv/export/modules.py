@@ -2,27 +2,28 @@
 
 A decoder of L layers becomes L+1 graphs per step (see docs/architecture.md, "Data flow"):
 
-    qkv:         hidden, cos, sin                             -> q, k, v                (layer 0's)
-    layer[l]:    hidden, q, k_sel, v_sel, mask, cos, sin      -> hidden, q, k, v        (attn+MLP of l, q/k/v of l+1)
+    qkv:         hidden                                       -> q, k, v                (layer 0's)
+    layer[l]:    hidden, q, k_sel, v_sel, mask                -> hidden, q, k, v        (attn+MLP of l, q/k/v of l+1)
     head:        hidden, q, k_sel, v_sel, mask                -> logits of the last row (attn+MLP of L-1)
 
-The host sits around the graphs: it looks up the token embeddings (the first graph's hidden), computes
-RoPE's cos/sin for the step's positions in float64 (runtime/rope.py), appends each layer's new k/v to its
-pages and gathers the selected pages into the fixed-size k_sel/v_sel with an additive mask. So no graph
-holds a Gather over the vocabulary, position arithmetic, Cos or Sin, or an int64 input: NPU compilers run
-those on the CPU or, in float16, get RoPE wrong at long positions. Every shape is fixed at trace time,
-and no input has more than three dimensions (RKNN inserts an op before 4-D inputs of few channels).
+The host sits around the graphs: it looks up the token embeddings (the first graph's hidden), rotates
+each graph's new q and k by RoPE at the step's positions (cos/sin in float64, runtime/rope.py), appends
+each layer's new k/v to its pages and gathers the selected pages into the fixed-size k_sel/v_sel with an
+additive mask. So no graph holds a Gather over the vocabulary, position arithmetic or a rotation, or an
+int64 input: NPU compilers run those on the CPU or, in float16, get RoPE wrong at long positions, and on a
+CPU the rotation's fourteen small operators cost more in onnxruntime's executor than on the host
+(benchmarks/RESULTS.md). Every shape is fixed at trace time, and no input has more than three dimensions
+(RKNN inserts an op before 4-D inputs of few channels).
 
-Shapes: hidden [S, H]; q [Hq, S, D]; k, v [Hkv, S, D]; k_sel, v_sel [Hkv, B, D]; mask [S, B]; cos, sin
-[S, D]. The modules call the Hugging Face model's own submodules (norms, projections, MLP), so eps,
-biases and activation are the model's own; the rotary frequencies are recorded in the manifest.
+Shapes: hidden [S, H]; q [Hq, S, D]; k, v [Hkv, S, D]; k_sel, v_sel [Hkv, B, D]; mask [S, B]. The modules
+call the Hugging Face model's own submodules (norms, projections, MLP), so eps, biases and activation are
+the model's own; the rotary frequencies are recorded in the manifest.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 def _dims(model) -> tuple[int, int, int]:
@@ -31,10 +32,10 @@ def _dims(model) -> tuple[int, int, int]:
     return cfg.num_attention_heads, cfg.num_key_value_heads, head_dim
 
 
-def project_qkv(model, layer_index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Pre-attention norm, q/k/v projections and RoPE (cos/sin given), for one layer.
+def project_qkv(model, layer_index: int, hidden: torch.Tensor):
+    """Pre-attention norm and q/k/v projections of one layer.
 
-    hidden [S, H], cos and sin [S, D] -> q [Hq, S, D], k and v [Hkv, S, D]; q and k are post-RoPE.
+    hidden [S, H] -> q [Hq, S, D], k and v [Hkv, S, D]; q and k before RoPE (the host rotates them).
     """
     n_q, n_kv, head_dim = _dims(model)
     layer = model.model.layers[layer_index]
@@ -44,13 +45,12 @@ def project_qkv(model, layer_index: int, hidden: torch.Tensor, cos: torch.Tensor
     q = attn.q_proj(x).reshape(seq, n_q, head_dim).transpose(0, 1)
     k = attn.k_proj(x).reshape(seq, n_kv, head_dim).transpose(0, 1)
     v = attn.v_proj(x).reshape(seq, n_kv, head_dim).transpose(0, 1)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=0)
     return q, k, v
 
 
 def attend_and_mlp(model, layer_index: int, hidden: torch.Tensor, q: torch.Tensor, k_sel: torch.Tensor,
                    v_sel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of the S queries over the gathered KV budget, output projection and MLP.
+    """Attention of the S queries (post-RoPE) over the gathered KV budget, output projection and MLP.
 
     Grouped-query attention without copying K/V per query head: the G query heads of a group are
     stacked along the row axis and multiply their group's K directly ([Hkv, G*S, B]), which keeps the
@@ -71,14 +71,14 @@ def attend_and_mlp(model, layer_index: int, hidden: torch.Tensor, q: torch.Tenso
 
 
 class FirstQKV(nn.Module):
-    """The embedded rows hidden [S, H] (looked up on the host), cos, sin -> layer 0's q, k, v."""
+    """The embedded rows hidden [S, H] (looked up on the host) -> layer 0's q, k, v."""
 
     def __init__(self, model):
         super().__init__()
         self.lm = model
 
-    def forward(self, hidden_in, cos, sin):
-        return project_qkv(self.lm, 0, hidden_in, cos, sin)
+    def forward(self, hidden_in):
+        return project_qkv(self.lm, 0, hidden_in)
 
 
 class LayerBoundary(nn.Module):
@@ -89,9 +89,9 @@ class LayerBoundary(nn.Module):
         self.lm = model
         self.layer_index = layer_index
 
-    def forward(self, hidden_in, q_in, k_sel, v_sel, mask, cos, sin):
+    def forward(self, hidden_in, q_in, k_sel, v_sel, mask):
         hidden = attend_and_mlp(self.lm, self.layer_index, hidden_in, q_in, k_sel, v_sel, mask)
-        q, k, v = project_qkv(self.lm, self.layer_index + 1, hidden, cos, sin)
+        q, k, v = project_qkv(self.lm, self.layer_index + 1, hidden)
         return hidden, q, k, v
 
 

@@ -19,7 +19,7 @@ class BoundStep:
 
     graphs: list[GraphEntry]
     runs: list[Callable[[], None]]  # per graph: run it on its bound buffers
-    # ids and positions (the host's), cos, sin, hidden0/1, q0/1, k_new, v_new, logits
+    # ids, positions, cos and sin (the host's), hidden0/1, q0/1, k_new, v_new, logits
     buffers: dict[str, np.ndarray]
     layer_kv: list[LayerInputs]  # per layer graph: its k_sel, v_sel and mask (the cache's)
     inputs: list[dict[str, np.ndarray]]  # per graph: its input name -> the bound buffer
@@ -42,25 +42,23 @@ def bind_step(backend: GraphBackend, graphs: list[GraphEntry], layer_kv: list[La
         return np.zeros(spec.shape, dtype=spec.dtype)
 
     qkv, head = graphs[0], graphs[-1]
-    seq = qkv.seq_len
+    seq, head_dim = qkv.seq_len, _spec(qkv, "q_out").shape[-1]
     buffers = {"ids": np.zeros(seq, np.int64), "positions": np.zeros(seq, np.int64),
-               "cos": zeros(qkv, "cos"), "sin": zeros(qkv, "sin"),
+               "cos": np.zeros((seq, head_dim), np.float32), "sin": np.zeros((seq, head_dim), np.float32),
                "hidden0": zeros(qkv, "hidden_in"), "hidden1": zeros(qkv, "hidden_in"),
                "q0": zeros(qkv, "q_out"), "q1": zeros(qkv, "q_out"),
                "k_new": zeros(qkv, "k_out"), "v_new": zeros(qkv, "v_out"), "logits": zeros(head, "logits")}
-    rope = {"cos": buffers["cos"], "sin": buffers["sin"]}
     runs, graph_inputs = [], []
     for index, graph in enumerate(graphs):
         out = index % 2
         new_qkv = {"q_out": buffers[f"q{out}"], "k_out": buffers["k_new"], "v_out": buffers["v_new"]}
         if graph.kind == "qkv":
-            inputs, outputs = {"hidden_in": buffers["hidden0"], **rope}, new_qkv
+            inputs, outputs = {"hidden_in": buffers["hidden0"]}, new_qkv
         else:
             layer = index - 1
             inputs = {"hidden_in": buffers[f"hidden{layer % 2}"], "q_in": buffers[f"q{layer % 2}"],
                       **dict(zip(("k_sel", "v_sel", "mask"), layer_kv[layer]))}
             if graph.kind == "layer":
-                inputs |= rope
                 outputs = {"hidden_out": buffers[f"hidden{out}"], **new_qkv}
             else:
                 outputs = {"logits": buffers["logits"]}

@@ -4,7 +4,8 @@ A model of L layers runs as L+1 graph calls per step (S tokens at positions p..p
 
     host   the tokens' embeddings (embedding.py) and RoPE's cos/sin at p..p+S-1 (rope.py)
     graph  qkv (or layer l-1's graph) -> q, k_new, v_new of layer l
-    host   cache.append(l, k_new, v_new); cache.prepare(l, q)     (kv_cache.py: fill l's k_sel, v_sel, mask)
+    host   rotate q and k_new by RoPE; cache.append(l, k_new, v_new); cache.prepare(l, q)
+                                                                   (kv_cache.py: fill l's k_sel, v_sel, mask)
     graph  attention + MLP of layer l, and q/k/v of layer l+1 (or the LM head)
 
 The cache is the paged one (quest, rerank, streaming) or the static full-context one (dense), behind one
@@ -30,6 +31,7 @@ from edgekv.runtime.backend import BackendFactory, GraphBackend, OnnxruntimeBack
 from edgekv.runtime.bound_step import BoundStep, bind_step
 from edgekv.runtime.embedding import Embedding
 from edgekv.runtime.host_arena import KV_SPILL_FILE, make_session_dir
+from edgekv.runtime.kernels.rotation import rotate_half_in_place
 from edgekv.runtime.kv_cache import KVCache, StaticCache
 from edgekv.runtime.paged_cache import PagedCache
 from edgekv.runtime.positions import FarPositions
@@ -161,11 +163,13 @@ class Engine:
         b["ids"][pad:] = tokens
         self.embedding.lookup(b["ids"], b["hidden0"])
         self.rope.fill(b["positions"], b["cos"], b["sin"])
-        self._run(step, 0)
         for layer in range(len(step.layer_kv)):
+            # Graph `layer` (qkv, then each layer's) wrote layer `layer`'s q and k before RoPE.
+            self._run(step, layer)
+            rotate_half_in_place(b[f"q{layer % 2}"], b["k_new"], b["cos"], b["sin"])
             self.cache.append(layer, b["k_new"][:, pad:], b["v_new"][:, pad:])
             self.cache.prepare(layer, b[f"q{layer % 2}"][:, pad:])
-            self._run(step, layer + 1)
+        self._run(step, len(step.layer_kv))  # the head
         self.tokens.extend(tokens)
         return b["logits"][0, -1].copy()  # the buffer is overwritten by the next step
 

@@ -1,4 +1,5 @@
-"""RoPE's rotation of cached keys by a number of positions, with cos/sin read from a table of shifts.
+"""RoPE's rotations on the host: the step's new queries and keys at their positions, and cached keys by a
+number of positions with cos/sin read from a table of shifts.
 
 A key rotated at position n and rotated again by s positions is the key rotated at n + s (rotations
 compose), so the far position schemes move a far key to its far position by rotating it
@@ -12,6 +13,28 @@ import numpy as np
 from numba import njit
 
 NO_TABLE = np.zeros((1, 1), np.float32)  # the cos/sin a kernel is given where no key is shifted
+
+
+def rotate_half_reference(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """RoPE as transformers applies it (rotate-half convention): x [heads, S, D] times cos [S, D] plus
+    x with its halves swapped and the first negated, times sin [S, D]."""
+    half = x.shape[-1] // 2
+    return x * cos + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+
+
+@njit(cache=True)
+def rotate_half_in_place(q: np.ndarray, k: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """rotate_half_reference of q [Hq, S, D] and k [Hkv, S, D], in place, with the same float32 products
+    and sums: what the graphs computed before the rotation moved to the host (one call for both)."""
+    for x in (q, k):
+        heads, rows, dim = x.shape
+        half = dim // 2
+        for head in range(heads):
+            for r in range(rows):
+                for c in range(half):
+                    a, b = x[head, r, c], x[head, r, c + half]
+                    x[head, r, c] = a * cos[r, c] + -b * sin[r, c]
+                    x[head, r, c + half] = b * cos[r, c + half] + a * sin[r, c + half]
 
 
 def shift_table(inv_freq: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
