@@ -1,9 +1,11 @@
 """Decode speed of two checkouts of edgekv on one artifact, interleaved point by point.
 
-Usage: .venv/bin/python benchmarks/ab_bench.py A_CHECKOUT B_CHECKOUT ARTIFACT_DIR
+Usage: .venv/bin/python benchmarks/ab_bench.py A_CHECKOUT B_CHECKOUT ARTIFACT_DIR [--artifact-a DIR]
            [--points quest@1024,quest@8192,quest@16384,dense@1024,dense@8192] [--rounds 3] [--json PATH]
 Each (policy, context) point runs as its own `edgekv bench` command from each checkout, in the order
 AB, BA, AB, ... so that drift on a shared machine falls on both. Prints the medians and B/A ratios.
+Where the artifact format changed between A and B, `--artifact-a` is A's own export of the same model
+and profile.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("a", type=Path)
     parser.add_argument("b", type=Path)
     parser.add_argument("artifact", type=Path)
+    parser.add_argument("--artifact-a", type=Path, help="A's own artifact (default: ARTIFACT_DIR)")
     parser.add_argument("--points", default="quest@1024,quest@8192,quest@16384,dense@1024,dense@8192",
                         help="policy@context, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
@@ -48,12 +51,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     checkouts = {"A": args.a.resolve(), "B": args.b.resolve()}
+    artifacts = {"A": (args.artifact_a or args.artifact).resolve(), "B": args.artifact.resolve()}
     points = [(p, int(c)) for p, c in (point.split("@") for point in args.points.split(","))]
     runs: dict[str, list] = {f"{p}@{c}": [] for p, c in points}
     for round_index in range(args.rounds):
         for policy, context in points:
             for side in ("AB" if round_index % 2 == 0 else "BA"):
-                result = bench_point(checkouts[side], args.artifact.resolve(), policy, context, args.steps)
+                result = bench_point(checkouts[side], artifacts[side], policy, context, args.steps)
                 runs[f"{policy}@{context}"].append({"side": side, "round": round_index, **result})
                 print(f"round {round_index + 1} {policy}@{context} {side}: {result['decode_tok_s']:.1f} tok/s "
                       f"(host {result['host_ms']:.1f} ms, graphs {result['graph_ms']:.1f} ms)", flush=True)
@@ -70,7 +74,7 @@ def main() -> None:
               f"{med['B']['graph_ms']:9.1f}")
     if args.json:
         args.json.write_text(json.dumps({"checkouts": {k: str(v) for k, v in checkouts.items()},
-                                         "artifact": str(args.artifact), "steps": args.steps,
+                                         "artifacts": {k: str(v) for k, v in artifacts.items()}, "steps": args.steps,
                                          "runs": runs, "summary": summary}, indent=1))
 
 
