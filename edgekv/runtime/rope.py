@@ -1,4 +1,4 @@
-"""RoPE's cos/sin for a step's positions, computed on the host and fed to the graphs.
+"""RoPE's cos/sin for a step's positions, computed on the host, which rotates each graph's new q and k.
 
 In the graphs, position x inv_freq in float16 (how NPUs run them) loses the angle past a few hundred
 positions; here the product is float64, and cos/sin are rounded to float32 once. inv_freq and the
