@@ -63,6 +63,10 @@ def kernel_formats(artifact) -> dict[str, tuple[int, int, bool]]:
 def test_every_projection_is_matmulnbits_over_8bit_blocks(tiny_weight_only):
     formats = kernel_formats(tiny_weight_only)
     assert set(formats.values()) == {(8, INT8_FORMAT.block_size, False)}
+    # Siblings of one input and one format are one kernel call: q, k and v; gate and up
+    layers = load_verified(tiny_weight_only).model["layers"]
+    assert len([w for w in formats if re.search(r"q_proj.*\+.*k_proj.*\+.*v_proj", w)]) == layers
+    assert len([w for w in formats if re.search(r"gate_proj.*\+.*up_proj", w)]) == layers
     stored = load_verified(tiny_weight_only).data["weights"]
     assert {e["dtype"] for n, e in stored.items() if n.endswith("_Q8")} == {"uint8"}
 
@@ -71,12 +75,13 @@ def test_int4_keeps_the_lm_head_queries_and_keys_8bit(tiny_int4):
     formats = kernel_formats(tiny_int4)
     layers = load_verified(tiny_int4).model["layers"]
     eight = {w for w, form in formats.items() if form == (8, INT8_FORMAT.block_size, False)}
-    # The tied LM head (the embedding table, transposed) and every layer's q_proj and k_proj
-    assert len([w for w in eight if "q_proj" in w]) == len([w for w in eight if "k_proj" in w]) == layers
-    assert len(eight) == 2 * layers + 1
+    # The tied LM head (the embedding table, transposed) and every layer's q_proj and k_proj, as one kernel
+    assert len([w for w in eight if re.search(r"q_proj.*\+.*k_proj", w)]) == layers
+    assert len(eight) == layers + 1
     assert {w for w in eight if "proj" not in w} and all(any(p in w for p in INT4_FORMAT.eight_bit) for w in eight)
     # The rest: codes about the block's middle (the default zero point), the offsets added through the block sums
     assert {formats[w] for w in set(formats) - eight} == {(4, INT4_FORMAT.block_size, False)}
+    assert len([w for w in set(formats) - eight if re.search(r"gate_proj.*\+.*up_proj", w)]) == layers
     assert not [w for w in set(formats) - eight if "q_proj" in w or "k_proj" in w]
     # Two 4-bit weights a byte: a block of input channels is block_size / 2 bytes
     q4 = [e for n, e in load_verified(tiny_int4).data["weights"].items() if n.endswith("_codes")]

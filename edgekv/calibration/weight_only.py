@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from edgekv.calibration.block_offsets import import_contrib_domain, rewrite_offset_int4
 from edgekv.core.manifest import Manifest
@@ -38,8 +39,8 @@ class WeightOnlyFormat:
 
     @property
     def ops(self) -> tuple[str, ...]:
-        """The operators the quantized graphs add."""
-        return WEIGHT_ONLY_OPS + (("ReduceSum",) if self.offsets else ())
+        """The operators the quantized graphs add (Split: fuse_sibling_matmuls)."""
+        return WEIGHT_ONLY_OPS + ("Split",) + (("ReduceSum",) if self.offsets else ())
 
     def describe(self) -> str:
         kept = f"; 8-bit: {', '.join(self.eight_bit)}" if self.eight_bit else ""
@@ -69,6 +70,7 @@ def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, write
     entries = list(source.graphs.values())
     for i, entry in enumerate(entries):
         model = onnx.load(float_dir / entry.file)
+        fuse_sibling_matmuls(model, form.eight_bit)
         weights = {t.name for t in model.graph.initializer}
         matmuls = {n.name: n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights}
         kept = {name for name, weight in matmuls.items() if any(part in weight for part in form.eight_bit)}
@@ -93,6 +95,38 @@ def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, write
     return graphs, {"format": "MatMulNBits", "weights": f"{form.describe()}; embedding: the LM head's 8-bit "
                     "rows, looked up on the host",
                     "activations": f"float32 (int8 per block inside the kernel, accuracy_level {form.accuracy_level})"}
+
+
+def fuse_sibling_matmuls(model: onnx.ModelProto, eight_bit: tuple[str, ...]) -> None:
+    """MatMuls by constant weights that share their input and their bits (q and k, or q, k and v; gate and
+    up) become one MatMul by the weights side by side, split after it: MatMulNBits quantizes every output
+    column on its own, so the codes are the same, and one call of the kernel costs less than two or three
+    (benchmarks/RESULTS.md). The fused weight is named by its parts joined with '+'."""
+    graph = model.graph
+    tensors = {t.name: t for t in graph.initializer}
+    siblings: dict[tuple[str, bool], list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in tensors:
+            eight = any(part in node.input[1] for part in eight_bit)
+            siblings.setdefault((node.input[0], eight), []).append(node)
+    fused_at: dict[str, list[onnx.NodeProto]] = {}  # a sibling's output -> the nodes replacing it (the first's: all)
+    for group in (g for g in siblings.values() if len(g) > 1):
+        parts = [numpy_helper.to_array(tensors[node.input[1]]) for node in group]
+        weight = "+".join(node.input[1] for node in group)
+        both, sizes = f"{group[0].output[0]}/siblings", f"{group[0].output[0]}/sibling_sizes"
+        graph.initializer.extend([numpy_helper.from_array(np.concatenate(parts, axis=1), weight),
+                                  numpy_helper.from_array(np.array([p.shape[1] for p in parts], np.int64), sizes)])
+        fused_at[group[0].output[0]] = [
+            helper.make_node("MatMul", [group[0].input[0], weight], [both], name=f"{group[0].name}/siblings"),
+            helper.make_node("Split", [both, sizes], [node.output[0] for node in group], axis=-1,
+                             name=f"{group[0].name}/Split_siblings")]
+        fused_at.update({node.output[0]: [] for node in group[1:]})
+    nodes = [replacement for node in graph.node for replacement in fused_at.get(node.output[0], [node])]
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
 
 
 def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
