@@ -42,10 +42,12 @@ def project_qkv(model, layer_index: int, hidden: torch.Tensor):
     seq = hidden.shape[0]
     x = layer.input_layernorm(hidden)
     attn = layer.self_attn
-    q = attn.q_proj(x).reshape(seq, n_q, head_dim).transpose(0, 1)
-    k = attn.k_proj(x).reshape(seq, n_kv, head_dim).transpose(0, 1)
-    v = attn.v_proj(x).reshape(seq, n_kv, head_dim).transpose(0, 1)
-    return q, k, v
+
+    def by_head(y: torch.Tensor, heads: int) -> torch.Tensor:  # [S, heads * D] -> [heads, S, D]
+        # One row needs no transpose: a decode graph then holds a Reshape alone
+        return y.reshape(heads, 1, head_dim) if seq == 1 else y.reshape(seq, heads, head_dim).transpose(0, 1)
+
+    return by_head(attn.q_proj(x), n_q), by_head(attn.k_proj(x), n_kv), by_head(attn.v_proj(x), n_kv)
 
 
 def attend_and_mlp(model, layer_index: int, hidden: torch.Tensor, q: torch.Tensor, k_sel: torch.Tensor,
@@ -62,10 +64,13 @@ def attend_and_mlp(model, layer_index: int, hidden: torch.Tensor, q: torch.Tenso
     attn = layer.self_attn
     qg = q.reshape(n_kv, groups * seq, head_dim) * attn.scaling
     scores = torch.matmul(qg, k_sel.transpose(1, 2))
-    scores = scores.reshape(n_kv, groups, seq, budget) + mask.reshape(1, 1, seq, budget)
-    probs = torch.softmax(scores, dim=-1).reshape(n_kv, groups * seq, budget)
-    out = torch.matmul(probs, v_sel)
-    out = out.reshape(n_q, seq, head_dim).transpose(0, 1).reshape(seq, n_q * head_dim)
+    if seq == 1:  # the mask [1, B] broadcasts over the rows, and the heads' outputs lie in order already
+        out = torch.matmul(torch.softmax(scores + mask, dim=-1), v_sel).reshape(1, n_q * head_dim)
+    else:
+        scores = scores.reshape(n_kv, groups, seq, budget) + mask.reshape(1, 1, seq, budget)
+        probs = torch.softmax(scores, dim=-1).reshape(n_kv, groups * seq, budget)
+        out = torch.matmul(probs, v_sel)
+        out = out.reshape(n_q, seq, head_dim).transpose(0, 1).reshape(seq, n_q * head_dim)
     hidden = hidden + attn.o_proj(out)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
