@@ -64,13 +64,12 @@ def attend_and_mlp(model, layer_index: int, hidden: torch.Tensor, q: torch.Tenso
     attn = layer.self_attn
     qg = q.reshape(n_kv, groups * seq, head_dim) * attn.scaling
     scores = torch.matmul(qg, k_sel.transpose(1, 2))
-    if seq == 1:  # the mask [1, B] broadcasts over the rows, and the heads' outputs lie in order already
-        out = torch.matmul(torch.softmax(scores + mask, dim=-1), v_sel).reshape(1, n_q * head_dim)
-    else:
-        scores = scores.reshape(n_kv, groups, seq, budget) + mask.reshape(1, 1, seq, budget)
-        probs = torch.softmax(scores, dim=-1).reshape(n_kv, groups * seq, budget)
-        out = torch.matmul(probs, v_sel)
-        out = out.reshape(n_q, seq, head_dim).transpose(0, 1).reshape(seq, n_q * head_dim)
+    # The same nodes for every S: the INT8 quantizer gives a variant's projections the ranges calibrated on
+    # another's by tensor name, and the RKNN target rewrites o_proj's Transpose-Reshape input
+    scores = scores.reshape(n_kv, groups, seq, budget) + mask.reshape(1, 1, seq, budget)
+    probs = torch.softmax(scores, dim=-1).reshape(n_kv, groups * seq, budget)
+    out = torch.matmul(probs, v_sel)
+    out = out.reshape(n_q, seq, head_dim).transpose(0, 1).reshape(seq, n_q * head_dim)
     hidden = hidden + attn.o_proj(out)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
