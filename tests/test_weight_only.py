@@ -9,7 +9,7 @@ import pytest
 
 from conftest import error_line, greedy_logits, run_edgekv
 from edgekv.calibration.block_offsets import dequantize_offset_blocks, offset_blocks, rewrite_offset_int4
-from edgekv.calibration.weight_only import INT4_FORMAT, INT8_FORMAT
+from edgekv.calibration.weight_only import INT4_FORMAT, INT8_FORMAT, quantize_rows
 from edgekv.core.manifest import load_verified
 from edgekv.core.profiles import load_profile
 from edgekv.evaluation.evaluate import EvalRun, forced_logits
@@ -215,6 +215,43 @@ def test_offset_int4_graph_equals_its_reference():
     want = x @ dequantize_offset_blocks(*offset_blocks(weight, block))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.linalg.norm(got - x @ weight) / np.linalg.norm(x @ weight) < 0.15  # 4 bits of a Gaussian
+
+
+def test_fused_siblings_give_the_same_products_and_codes():
+    """Three MatMuls of one input (q, k and v) and one of another: q and k, both 8-bit, become one MatMul
+    and a Split; v (4-bit) and the other input stay alone. The outputs are the same, and quantizing the
+    fused weight gives each part's own MatMulNBits codes (every output column is quantized on its own)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekv.calibration.weight_only import fuse_sibling_matmuls
+
+    rng = np.random.default_rng(2)
+    widths = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64}
+    weights = {name: rng.standard_normal((64, n)).astype(np.float32) for name, n in widths.items()}
+    nodes = [helper.make_node("MatMul", ["z" if name == "o_proj" else "x", f"{name}.weight"], [name], name=name)
+             for name in widths]
+    inputs = [helper.make_tensor_value_info(i, TensorProto.FLOAT, [3, 64]) for i in "xz"]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [3, n]) for name, n in widths.items()]
+    graph = helper.make_graph(nodes, "g", inputs, outputs,
+                              [numpy_helper.from_array(w, f"{name}.weight") for name, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {i: rng.standard_normal((3, 64)).astype(np.float32) for i in "xz"}
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    want = run(model)
+    fuse_sibling_matmuls(model, INT4_FORMAT.eight_bit)
+    assert [node.op_type for node in model.graph.node] == ["MatMul", "Split", "MatMul", "MatMul"]
+    fused = "q_proj.weight+k_proj.weight"
+    assert {t.name for t in model.graph.initializer} >= {fused, "v_proj.weight", "o_proj.weight"}
+    for got, expected in zip(run(model), want):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-5)
+    codes, scales = quantize_rows(numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == fused)).T)
+    parts = [quantize_rows(weights[name].T) for name in ("q_proj", "k_proj")]
+    np.testing.assert_array_equal(codes, np.concatenate([p[0] for p in parts]))
+    np.testing.assert_array_equal(scales, np.concatenate([p[1] for p in parts]))
 
 
 def test_int4_graphs_run_whole_on_the_htp_with_the_cpus_tokens(tiny_int4, tmp_path):
