@@ -10,6 +10,7 @@ from edgekv.runtime.budget import OWN_POSITIONS
 from edgekv.runtime import positions
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.kernels.pages import EMPTY
+from edgekv.runtime.kernels.rotation import rotate_half_reference
 from edgekv.runtime.positions import FOLD_TOKENS, GROUP_TOKENS, FarPages, FarPositions
 from edgekv.runtime.rope import Rope
 
@@ -85,11 +86,10 @@ def test_rotations_compose_and_move_to_the_query():
     np.testing.assert_allclose(rope.rotate(rope.rotate(x, 700), -300), rope.rotate(x, 400), atol=1e-5)
     shifts = np.array([0, 3, 90, 1000, 9000])
     np.testing.assert_allclose(rope.rotate(rope.rotate(x, shifts), -shifts), x, atol=1e-5)
-    # RoPE's own form at position n: x*cos + rotate_half(x)*sin (what the graphs compute)
+    # RoPE's own form at position n: x*cos + rotate_half(x)*sin (what the host applies to each graph's q, k)
     cos, sin = np.zeros((5, 16), np.float32), np.zeros((5, 16), np.float32)
     rope.fill(shifts, cos, sin)
-    np.testing.assert_allclose(rope.rotate(x, shifts), x * cos + np.concatenate([-x[:, 8:], x[:, :8]], 1) * sin,
-                               atol=1e-5)
+    np.testing.assert_allclose(rope.rotate(x, shifts), rotate_half_reference(x, cos, sin), atol=1e-5)
     # q·R(p)k = (R(-p)q)·k: why far pages are scored with the query rotated back
     np.testing.assert_allclose((q * rope.rotate(x, 1234)).sum(-1), (rope.rotate(q, -1234) * x).sum(-1), atol=1e-4)
 

@@ -101,7 +101,8 @@ def fuse_sibling_matmuls(model: onnx.ModelProto, eight_bit: tuple[str, ...]) -> 
     """MatMuls by constant weights that share their input and their bits (q and k, or q, k and v; gate and
     up) become one MatMul by the weights side by side, split after it: MatMulNBits quantizes every output
     column on its own, so the codes are the same, and one call of the kernel costs less than two or three
-    (benchmarks/RESULTS.md). The fused weight is named by its parts joined with '+'."""
+    (benchmarks/RESULTS.md). The fused weight is named by its parts joined with '+'; the parts' own weights,
+    now unused, are dropped with the others at the end of quantization (reuse_weight_only_kernels)."""
     graph = model.graph
     tensors = {t.name: t for t in graph.initializer}
     siblings: dict[tuple[str, bool], list[onnx.NodeProto]] = {}
@@ -124,9 +125,6 @@ def fuse_sibling_matmuls(model: onnx.ModelProto, eight_bit: tuple[str, ...]) -> 
     nodes = [replacement for node in graph.node for replacement in fused_at.get(node.output[0], [node])]
     graph.ClearField("node")
     graph.node.extend(nodes)
-    used = {name for node in nodes for name in node.input}
-    for tensor in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(tensor)
 
 
 def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
