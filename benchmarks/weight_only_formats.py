@@ -2,19 +2,19 @@
 zero points, accuracy level and which weights stay 8-bit, measured on agreement, bytes and decode speed.
 
 Usage: .venv/bin/python benchmarks/weight_only_formats.py [--formats int8,int4-b32,...] [--context 2048]
-       [--scored 256] [--rounds 3] [--json FILE]
+       [--scored 256] [--policies quest,dense] [--rounds 3] [--json FILE]
 
 The float32 graphs of the `cpu` profile are exported once (into WORK_DIR/float32) and every format is
-quantized from them, as `edgekv export --profile cpu --quantize ...` does. For each format and text,
-`quest` (the profile's budgets) and `dense` are teacher-forced over the last `scored` tokens of `context`
-tokens, against the float32 npu-small artifact under the same policy (the cpu profile's KV side is
-npu-small's): top-1 agreement and mean KL, as the INT8 work measured them. The texts: the README at
-3d57c8d (the INT8 tables' text) and Python's language reference (`pydoc_data/topics.py`).
+quantized from them, as `edgekv export --profile cpu --quantize ...` does. For each format and text, each
+policy (default `quest` at the profile's budgets, and `dense`) is teacher-forced over the last `scored`
+tokens of `context` tokens, against the float32 npu-small artifact under the same policy (the cpu
+profile's KV side is npu-small's): top-1 agreement and mean KL, as the INT8 work measured them. The texts:
+the README at 3d57c8d (the INT8 tables' text) and Python's language reference (`pydoc_data/topics.py`).
 
 Speed: each round opens every format's engine in turn (one at a time: an idle engine's onnxruntime
 threads spin and slow the others), prefills the same 1K random tokens and times DECODE_STEPS greedy
-steps, formats interleaved: medians over rounds. --reuse-agreement takes the agreement rows from the
---json file of an earlier run and measures speed alone.
+steps, formats interleaved: medians over rounds (--rounds 0: no speed). --reuse-agreement takes the
+agreement rows from the --json file of an earlier run and measures speed alone.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ FORMATS: dict[str, tuple[str, WeightOnlyFormat]] = {
     "int4-qk4": ("int4-weight-only", replace(INT4_FORMAT, eight_bit=("embed_tokens", "lm_head"))),
     "int4-head4": ("int4-weight-only", replace(INT4_FORMAT, eight_bit=())),
     "int4-acc0": ("int4-weight-only", replace(INT4_FORMAT, accuracy_level=0)),
+    "int4-8bit-acc0": ("int4-weight-only", replace(INT4_FORMAT, float_activations=("lm_head", "q_proj", "k_proj"))),
+    "int4-qk-acc0": ("int4-weight-only", replace(INT4_FORMAT, float_activations=("q_proj", "k_proj"))),
+    "int4-head-acc0": ("int4-weight-only", replace(INT4_FORMAT, float_activations=("lm_head",))),
+    "int4-qk-b16": ("int4-weight-only", replace(INT4_FORMAT, small_blocks=("q_proj", "k_proj"))),
     "int4-zero-point": ("int4-weight-only", replace(INT4_FORMAT, offsets=False)),  # onnxruntime's quantizer
     "int4-symmetric": ("int4-weight-only", replace(INT4_FORMAT, offsets=False, symmetric=True)),
 }
@@ -124,6 +128,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--reuse-agreement", action="store_true")
+    parser.add_argument("--policies", default="quest,dense", help="of quest, rerank, dense")
     args = parser.parse_args()
     labels = args.formats.split(",")
     unknown = [label for label in labels if label not in FORMATS]
@@ -144,7 +149,8 @@ def main() -> None:
     rows = json.loads(args.json.read_text())["rows"] if args.reuse_agreement else []
     tokenizer = ArtifactTokenizer.load(read_manifest(REFERENCE))
     for text, tokens in texts(tokenizer, args.context).items() if not args.reuse_agreement else ():
-        for run in (EvalRun("quest", None), DENSE_RUN):
+        for policy in args.policies.split(","):
+            run = DENSE_RUN if policy == "dense" else EvalRun(policy, None)
             reference, _ = forced_logits(REFERENCE, run, tokens, args.scored)
             for label, artifact in artifacts.items():
                 logits, _ = forced_logits(artifact, run, tokens, args.scored)
@@ -154,7 +160,7 @@ def main() -> None:
                 print(f"{label:<16} {run.policy:<6} {text:<26} top-1 {row['top1_agreement']:.3f} "
                       f"KL {row['mean_kl']:.4f}", flush=True)
 
-    speeds = decode_speed(artifacts, args.rounds)
+    speeds = decode_speed(artifacts, args.rounds) if args.rounds else {label: [np.nan] for label in labels}
     summary = []
     for label in labels:
         mine = [r for r in rows if r["format"] == label]

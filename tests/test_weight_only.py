@@ -1,6 +1,7 @@
 """Weight-only artifacts for CPU profiles (8-bit and 4-bit): onnxruntime's MatMulNBits kernels."""
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from conftest import error_line, greedy_logits, run_edgekv
 from edgekv.calibration.block_offsets import dequantize_offset_blocks, offset_blocks, rewrite_offset_int4
-from edgekv.calibration.weight_only import INT4_FORMAT, INT8_FORMAT, quantize_rows
+from edgekv.calibration.weight_only import INT4_FORMAT, INT8_FORMAT, SMALL_BLOCK, formats_by_node, quantize_rows
 from edgekv.core.manifest import load_verified
 from edgekv.core.profiles import load_profile
 from edgekv.evaluation.evaluate import EvalRun, forced_logits
@@ -215,6 +216,22 @@ def test_offset_int4_graph_equals_its_reference():
     want = x @ dequantize_offset_blocks(*offset_blocks(weight, block))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.linalg.norm(got - x @ weight) / np.linalg.norm(x @ weight) < 0.15  # 4 bits of a Gaussian
+
+
+def test_each_weight_gets_its_formats_variant():
+    """The 8-bit weights named in float_activations or small_blocks get INT8_FORMAT's variant, the other
+    kept ones INT8_FORMAT, and the rest the format's own bits (the benchmark's variants)."""
+    matmuls = {"qk": "layers.0.q_proj.weight+layers.0.k_proj.weight", "v": "layers.0.v_proj.weight",
+               "head": "lm_head.weight", "mlp": "layers.0.gate_proj.weight+layers.0.up_proj.weight"}
+    kept = {"qk", "head"}
+    form = replace(INT4_FORMAT, float_activations=("lm_head",), small_blocks=("q_proj",), offsets=False)
+    got = {frozenset(names): part for part, names in formats_by_node(form, matmuls, kept)}
+    assert got[frozenset({"v", "mlp"})] == form
+    assert got[frozenset({"head"})] == replace(INT8_FORMAT, accuracy_level=0)
+    assert got[frozenset({"qk"})] == replace(INT8_FORMAT, block_size=SMALL_BLOCK)
+    assert got[frozenset()] == INT8_FORMAT  # no other kept weight
+    assert {part for part, names in formats_by_node(INT4_FORMAT, matmuls, kept) if names} == {INT4_FORMAT,
+                                                                                              INT8_FORMAT}
 
 
 def test_fused_siblings_give_the_same_products_and_codes():

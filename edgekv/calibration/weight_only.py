@@ -8,7 +8,7 @@ weights fast on a CPU, where every weight is read at every token.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +21,7 @@ from edgekv.core.manifest import Manifest
 from edgekv.export.weights import WeightWriter
 
 WEIGHT_ONLY_OPS = ("MatMulNBits",)  # onnxruntime's CPU weight-only kernel (com.microsoft), for CPU profiles
+SMALL_BLOCK = 16  # input channels a block of WeightOnlyFormat.small_blocks
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,9 @@ class WeightOnlyFormat:
     """How MatMulNBits stores the weights: `bits` per weight in blocks of `block_size` input channels, each
     with a float32 scale (and, unless symmetric, a zero point); weights whose name contains one of
     `eight_bit` stay 8-bit (INT8_FORMAT). accuracy_level 4 lets the kernel quantize each activation
-    block to int8 on the fly and multiply in integers."""
+    block to int8 on the fly and multiply in integers. Of the 8-bit weights, those named in
+    `float_activations` get accuracy level 0 (float32 activations) and those in `small_blocks` blocks of
+    SMALL_BLOCK: variants benchmarks/weight_only_formats.py measures (RESULTS.md), in no profile."""
 
     bits: int
     block_size: int
@@ -36,6 +39,8 @@ class WeightOnlyFormat:
     accuracy_level: int
     eight_bit: tuple[str, ...] = ()
     offsets: bool = False  # 4 bits: a float offset per block, as Q4_1 (block_offsets.py), not a zero point
+    float_activations: tuple[str, ...] = ()
+    small_blocks: tuple[str, ...] = ()
 
     @property
     def ops(self) -> tuple[str, ...]:
@@ -44,8 +49,10 @@ class WeightOnlyFormat:
 
     def describe(self) -> str:
         kept = f"; 8-bit: {', '.join(self.eight_bit)}" if self.eight_bit else ""
+        exact = f"; float32 activations: {', '.join(self.float_activations)}" if self.float_activations else ""
+        small = f"; blocks of {SMALL_BLOCK}: {', '.join(self.small_blocks)}" if self.small_blocks else ""
         zero = "a float32 offset" if self.offsets else "symmetric" if self.symmetric else "a 4-bit zero point"
-        return f"int{self.bits}, a float32 scale and {zero} per {self.block_size} input channels{kept}"
+        return f"int{self.bits}, a float32 scale and {zero} per {self.block_size} input channels{kept}{exact}{small}"
 
 
 # The massive activations that defeat one static 8-bit range (quantize.py's docstring) only blur their
@@ -79,8 +86,8 @@ def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, write
                                 offset_blocks)
             matmuls = {name: matmuls[name] for name in kept}
         # The variants of a step multiply the same weights: quantize each weight once, in its first graph.
-        fresh = {name for name, weight in matmuls.items() if weight not in quantized}
-        for part, names in ((form, fresh - kept), (INT8_FORMAT, fresh & kept)):
+        fresh = {name: weight for name, weight in matmuls.items() if weight not in quantized}
+        for part, names in formats_by_node(form, fresh, kept):
             if names:
                 everything = {n.name for n in model.graph.node}
                 quantizer = MatMulNBitsQuantizer(model, bits=part.bits, block_size=part.block_size,
@@ -95,6 +102,18 @@ def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, write
     return graphs, {"format": "MatMulNBits", "weights": f"{form.describe()}; embedding: the LM head's 8-bit "
                     "rows, looked up on the host",
                     "activations": f"float32 (int8 per block inside the kernel, accuracy_level {form.accuracy_level})"}
+
+
+def formats_by_node(form: WeightOnlyFormat, matmuls: dict[str, str], kept: set[str]
+                    ) -> list[tuple[WeightOnlyFormat, set[str]]]:
+    """Which MatMuls (node name -> weight name) each format quantizes: those not `kept` 8-bit in `form`, the
+    kept ones in INT8_FORMAT, or in its variant for form.float_activations or form.small_blocks."""
+    def named(parts: tuple[str, ...]) -> set[str]:
+        return {name for name in kept & set(matmuls) if any(part in matmuls[name] for part in parts)}
+
+    exact, small = named(form.float_activations), named(form.small_blocks)
+    return [(form, set(matmuls) - kept), (INT8_FORMAT, kept & set(matmuls) - exact - small),
+            (replace(INT8_FORMAT, accuracy_level=0), exact), (replace(INT8_FORMAT, block_size=SMALL_BLOCK), small)]
 
 
 def fuse_sibling_matmuls(model: onnx.ModelProto, eight_bit: tuple[str, ...]) -> None:
