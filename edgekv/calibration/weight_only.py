@@ -111,7 +111,8 @@ def formats_by_node(form: WeightOnlyFormat, matmuls: dict[str, str], kept: set[s
     def named(parts: tuple[str, ...]) -> set[str]:
         return {name for name in kept & set(matmuls) if any(part in matmuls[name] for part in parts)}
 
-    exact, small = named(form.float_activations), named(form.small_blocks)
+    exact = named(form.float_activations)
+    small = named(form.small_blocks) - exact  # float32 activations win: one format a weight
     return [(form, set(matmuls) - kept), (INT8_FORMAT, kept & set(matmuls) - exact - small),
             (replace(INT8_FORMAT, accuracy_level=0), exact), (replace(INT8_FORMAT, block_size=SMALL_BLOCK), small)]
 
