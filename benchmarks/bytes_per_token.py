@@ -80,7 +80,8 @@ def decode_under_control(artifact: Path, context: int, steps: int, work: Path) -
             time.sleep(0.05)
 
     engine = Engine.open(artifact, "quest")
-    token = int(np.argmax(engine.prefill(np.random.default_rng(0).integers(1000, 40000, context).tolist())))
+    vocab = engine.manifest.model["vocab"]  # random tokens, as `edgekv bench`
+    token = int(np.argmax(engine.prefill(np.random.default_rng(0).integers(vocab // 8, vocab, context).tolist())))
     phase(1)  # instrumentation on
     token = int(np.argmax(engine.decode(token)))  # the warm-up step: fills the simulated caches
     phase(2)  # counters zeroed
