@@ -50,8 +50,6 @@ FORMATS: dict[str, tuple[str, WeightOnlyFormat]] = {
     "int4-head4": ("int4-weight-only", replace(INT4_FORMAT, eight_bit=())),
     "int4-acc0": ("int4-weight-only", replace(INT4_FORMAT, accuracy_level=0)),
     "int4-8bit-acc0": ("int4-weight-only", replace(INT4_FORMAT, float_activations=("lm_head", "q_proj", "k_proj"))),
-    "int4-qk-acc0": ("int4-weight-only", replace(INT4_FORMAT, float_activations=("q_proj", "k_proj"))),
-    "int4-head-acc0": ("int4-weight-only", replace(INT4_FORMAT, float_activations=("lm_head",))),
     "int4-qk-b16": ("int4-weight-only", replace(INT4_FORMAT, small_blocks=("q_proj", "k_proj"))),
     "int4-zero-point": ("int4-weight-only", replace(INT4_FORMAT, offsets=False)),  # onnxruntime's quantizer
     "int4-symmetric": ("int4-weight-only", replace(INT4_FORMAT, offsets=False, symmetric=True)),
