@@ -113,10 +113,9 @@ def measured_bytes(artifact: Path, context: int, steps: int, llc_mib: int) -> tu
             print(f"phase {n} of 3 ({' '.join(command)}) at {time.strftime('%H:%M:%S')}", flush=True)
             (work / f"go{n}").touch()
         child.wait()
-        dump = next(work.glob("out.*"))  # the -d dump: the decode steps alone
-        events = re.search(r"^events: (.*)$", dump.read_text(), re.M).group(1).split()
-        totals = dict(zip(events, map(int, re.search(r"^(?:summary|totals): (.*)$", dump.read_text(),
-                                                      re.M).group(1).split())))
+        dump = next(work.glob("out.*")).read_text()  # the -d dump: the decode steps alone
+        events = re.search(r"^events: (.*)$", dump, re.M).group(1).split()
+        totals = dict(zip(events, map(int, re.search(r"^(?:summary|totals): (.*)$", dump, re.M).group(1).split())))
     return totals["DLmr"] * 64 / steps, totals["DLmw"] * 64 / steps
 
 
@@ -139,11 +138,13 @@ def main() -> None:
     llama_weights = llama_cpp_weight_bytes()
     print(f"{'system':<52} {'weights':>8} " + " ".join(f"{c:>13}" for c in contexts))
     model = None
+    computed = {}  # per artifact, what a step at each context reads
     for artifact in args.artifacts:
         weights, inputs, model = edgekv_bytes(artifact)
+        computed[artifact] = {context: step_bytes(weights, inputs, model, context) for context in contexts}
         cells = []
         for context in contexts:
-            total = step_bytes(weights, inputs, model, context)
+            total = computed[artifact][context]
             kv = context * model["layers"] * 2 * model["kv_heads"] * model["head_dim"] * 2
             cells.append(f"{total / MIB:6.1f} {total / (llama_weights + kv):5.2f}x")
         print(f"{artifact.name:<52} {weights / MIB:8.1f} " + " ".join(cells))
@@ -154,10 +155,10 @@ def main() -> None:
     print(f"{'llama.cpp (GGUF Q4_1, float16 KV)':<52} {llama_weights / MIB:8.1f} " + " ".join(cells))
     print("MiB a token; edgekv's ratio to llama.cpp's at the same context")
     if args.measure is not None:
-        computed = step_bytes(*edgekv_bytes(args.artifacts[0]), args.measure)
+        want = computed[args.artifacts[0]][args.measure]
         read, written = measured_bytes(args.artifacts[0], args.measure, args.steps, args.llc_mib)
         print(f"measured at {args.measure} (callgrind, {args.llc_mib} MiB last-level cache, {args.steps} steps): "
-              f"{read / MIB:.1f} MiB read a step ({read / computed:.2f}x the computed {computed / MIB:.1f}), "
+              f"{read / MIB:.1f} MiB read a step ({read / want:.2f}x the computed {want / MIB:.1f}), "
               f"{written / MIB:.1f} MiB written")
 
 
