@@ -51,6 +51,12 @@ FORMATS: dict[str, tuple[str, WeightOnlyFormat]] = {
     "int4-acc0": ("int4-weight-only", replace(INT4_FORMAT, accuracy_level=0)),
     "int4-8bit-acc0": ("int4-weight-only", replace(INT4_FORMAT, float_activations=("lm_head", "q_proj", "k_proj"))),
     "int4-qk-b16": ("int4-weight-only", replace(INT4_FORMAT, small_blocks=("q_proj", "k_proj"))),
+    # the input and its int8 rounding error as two rows (split_activation_rows), of the 8-bit kernels or all
+    "int4-split-8bit": ("int4-weight-only", replace(INT4_FORMAT, split_activations=("embed_tokens", "q_proj",
+                                                                                      "k_proj"))),
+    "int4-split-head": ("int4-weight-only", replace(INT4_FORMAT, split_activations=("embed_tokens",))),
+    "int4-split-qk": ("int4-weight-only", replace(INT4_FORMAT, split_activations=("q_proj", "k_proj"))),
+    "int4-split-all": ("int4-weight-only", replace(INT4_FORMAT, split_activations=(".weight",))),
     "int4-zero-point": ("int4-weight-only", replace(INT4_FORMAT, offsets=False)),  # onnxruntime's quantizer
     "int4-symmetric": ("int4-weight-only", replace(INT4_FORMAT, offsets=False, symmetric=True)),
 }

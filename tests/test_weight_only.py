@@ -10,7 +10,8 @@ import pytest
 
 from conftest import error_line, greedy_logits, run_edgekv
 from edgekv.calibration.block_offsets import dequantize_offset_blocks, offset_blocks, rewrite_offset_int4
-from edgekv.calibration.weight_only import INT4_FORMAT, INT8_FORMAT, SMALL_BLOCK, formats_by_node, quantize_rows
+from edgekv.calibration.weight_only import (INT4_FORMAT, INT8_FORMAT, SMALL_BLOCK, formats_by_node, int8_rounding_error,
+                                           quantize_rows, split_activation_rows)
 from edgekv.core.manifest import load_verified
 from edgekv.core.profiles import load_profile
 from edgekv.evaluation.evaluate import EvalRun, forced_logits
@@ -232,6 +233,45 @@ def test_each_weight_gets_its_formats_variant():
     assert got[frozenset()] == INT8_FORMAT  # no other kept weight
     assert {part for part, names in formats_by_node(INT4_FORMAT, matmuls, kept) if names} == {INT4_FORMAT,
                                                                                               INT8_FORMAT}
+
+
+@pytest.mark.parametrize("shape", [(3, 64), (1, 3, 64)])
+def test_split_activations_give_the_float_activation_product(shape):
+    """A kernel fed x and x's int8 rounding error as two rows returns, to about 1/127 of the int8
+    kernel's error, what the kernel returns with float32 activations (accuracy level 0); the graph's
+    rounding error is its numpy reference. Outliers, as the model's massive activations, widen blocks."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(3)
+    weight = (rng.standard_normal((64, 48)) * 0.05).astype(np.float32)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.reshape(-1, 64)[:, [5, 40]] = [30.0, -50.0]
+
+    def kernel(accuracy_level: int, split: bool) -> np.ndarray:
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "proj.weight"], ["y"], name="proj")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*shape[:-1], 48])],
+                                  [numpy_helper.from_array(weight, "proj.weight")])
+        quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                                         bits=8, block_size=32, is_symmetric=True, accuracy_level=accuracy_level)
+        quantizer.process()
+        model = quantizer.model.model
+        if split:
+            split_activation_rows(model, ("proj",), 32)
+            model.graph.output.append(helper.make_tensor_value_info("x/int8_error", TensorProto.FLOAT, list(shape)))
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {"x": x})
+        if split:
+            np.testing.assert_allclose(outputs[1], int8_rounding_error(x, 32), atol=1e-6)
+        return outputs[0]
+
+    exact, int8, split = kernel(0, False), kernel(4, False), kernel(4, True)
+    assert split.shape == exact.shape
+    int8_error, split_error = np.abs(int8 - exact).max(), np.abs(split - exact).max()
+    assert int8_error > 1e-3
+    assert split_error < int8_error / 30
 
 
 def test_fused_siblings_give_the_same_products_and_codes():

@@ -22,6 +22,9 @@ from edgekv.export.weights import WeightWriter
 
 WEIGHT_ONLY_OPS = ("MatMulNBits",)  # onnxruntime's CPU weight-only kernel (com.microsoft), for CPU profiles
 SMALL_BLOCK = 16  # input channels a block of WeightOnlyFormat.small_blocks
+SPLIT_ACTIVATION_OPS = ("Abs", "Concat", "Div", "ReduceMax", "ReduceSum", "Reshape", "Round", "Shape", "Sub",
+                        "Unsqueeze")  # split_activation_rows
+INT8_LEVELS = 127  # MatMulNBits at accuracy level 4 scales an activation block to [-127, 127]
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,9 @@ class WeightOnlyFormat:
     `eight_bit` stay 8-bit (INT8_FORMAT). accuracy_level 4 lets the kernel quantize each activation
     block to int8 on the fly and multiply in integers. Of the 8-bit weights, those named in
     `float_activations` get accuracy level 0 (float32 activations) and those in `small_blocks` blocks of
-    SMALL_BLOCK: variants benchmarks/weight_only_formats.py measures (RESULTS.md), in no profile."""
+    SMALL_BLOCK: variants benchmarks/weight_only_formats.py measures (RESULTS.md), in no profile. The
+    kernels of weights named in `split_activations` take their input and its int8 rounding error as two
+    rows (split_activation_rows)."""
 
     bits: int
     block_size: int
@@ -41,18 +46,22 @@ class WeightOnlyFormat:
     offsets: bool = False  # 4 bits: a float offset per block, as Q4_1 (block_offsets.py), not a zero point
     float_activations: tuple[str, ...] = ()
     small_blocks: tuple[str, ...] = ()
+    split_activations: tuple[str, ...] = ()
 
     @property
     def ops(self) -> tuple[str, ...]:
         """The operators the quantized graphs add (Split: fuse_sibling_matmuls)."""
-        return WEIGHT_ONLY_OPS + ("Split",) + (("ReduceSum",) if self.offsets else ())
+        return (WEIGHT_ONLY_OPS + ("Split",) + (("ReduceSum",) if self.offsets else ())
+                + (SPLIT_ACTIVATION_OPS if self.split_activations else ()))
 
     def describe(self) -> str:
         kept = f"; 8-bit: {', '.join(self.eight_bit)}" if self.eight_bit else ""
         exact = f"; float32 activations: {', '.join(self.float_activations)}" if self.float_activations else ""
         small = f"; blocks of {SMALL_BLOCK}: {', '.join(self.small_blocks)}" if self.small_blocks else ""
+        split = (f"; activations split in two int8 rows: {', '.join(self.split_activations)}"
+                 if self.split_activations else "")
         zero = "a float32 offset" if self.offsets else "symmetric" if self.symmetric else "a 4-bit zero point"
-        return f"int{self.bits}, a float32 scale and {zero} per {self.block_size} input channels{kept}{exact}{small}"
+        return f"int{self.bits}, a float32 scale and {zero} per {self.block_size} input channels{kept}{exact}{small}{split}"
 
 
 # The massive activations that defeat one static 8-bit range (quantize.py's docstring) only blur their
@@ -96,6 +105,8 @@ def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, write
                 quantizer.process()
                 model = quantizer.model.model
         reuse_weight_only_kernels(model, quantized)
+        if form.split_activations:
+            split_activation_rows(model, form.split_activations, form.block_size)
         graphs[entry.name] = {**source.data["graphs"][entry.name], "weights": writer.save(model, staging / entry.file)}
         if (i + 1) % 10 == 0 or i + 1 == len(entries):
             progress(f"quantized {i + 1}/{len(entries)} graphs to MatMulNBits")
@@ -145,6 +156,60 @@ def fuse_sibling_matmuls(model: onnx.ModelProto, eight_bit: tuple[str, ...]) -> 
     nodes = [replacement for node in graph.node for replacement in fused_at.get(node.output[0], [node])]
     graph.ClearField("node")
     graph.node.extend(nodes)
+
+
+def int8_rounding_error(x: np.ndarray, block: int) -> np.ndarray:
+    """The reference of split_activation_rows' residual: x less its int8 codes per block of `block` (last
+    axis), scaled by the block's largest magnitude as MatMulNBits' accuracy level 4 scales them."""
+    blocks = x.reshape(-1, block)
+    scale = np.abs(blocks).max(axis=1, keepdims=True) / INT8_LEVELS + np.float32(1e-30)
+    return (blocks - np.round(blocks / scale) * scale).reshape(x.shape).astype(np.float32)
+
+
+def split_activation_rows(model: onnx.ModelProto, names: tuple[str, ...], block: int) -> None:
+    """Each MatMulNBits whose weight is named in `names` multiplies its input x and x's int8 rounding error
+    r as two rows and adds them: the kernel quantizes r to int8 as well, so what it loses is r's error,
+    about 1/127 of x's (a float32 activation's accuracy for one read of the weights). The same reshape
+    (for a block's largest magnitude) serves every kernel of an input."""
+    graph = model.graph
+    nodes, added, residuals = [], [], {}
+    constants = {"blocks": np.array([-1, block], np.int64), "levels": np.array(1 / INT8_LEVELS, np.float32),
+                 "tiny": np.array(1e-30, np.float32), "rows": np.array([0], np.int64)}  # tiny: an all-zero block
+    const = {key: f"split_activations/{key}" for key in constants}
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or not any(part in node.input[1] for part in names):
+            nodes.append(node)
+            continue
+        x, name = node.input[0], node.name
+        if x not in residuals:
+            residuals[x] = f"{x}/int8_error"
+            b = f"{x}/int8_blocks"
+            nodes += [
+                helper.make_node("Reshape", [x, const["blocks"]], [b], name=f"{name}/Reshape_blocks"),
+                helper.make_node("Abs", [b], [f"{b}/abs"], name=f"{name}/Abs"),
+                helper.make_node("ReduceMax", [f"{b}/abs"], [f"{b}/max"], axes=[1], keepdims=1, name=f"{name}/ReduceMax"),
+                helper.make_node("Mul", [f"{b}/max", const["levels"]], [f"{b}/step0"], name=f"{name}/Mul_levels"),
+                helper.make_node("Add", [f"{b}/step0", const["tiny"]], [f"{b}/step"], name=f"{name}/Add_tiny"),
+                helper.make_node("Div", [b, f"{b}/step"], [f"{b}/scaled"], name=f"{name}/Div_step"),
+                helper.make_node("Round", [f"{b}/scaled"], [f"{b}/codes"], name=f"{name}/Round"),
+                helper.make_node("Mul", [f"{b}/codes", f"{b}/step"], [f"{b}/int8"], name=f"{name}/Mul_step"),
+                helper.make_node("Sub", [b, f"{b}/int8"], [f"{b}/error"], name=f"{name}/Sub_error"),
+                helper.make_node("Shape", [x], [f"{x}/shape"], name=f"{name}/Shape"),
+                helper.make_node("Reshape", [f"{b}/error", f"{x}/shape"], [residuals[x]], name=f"{name}/Reshape_error")]
+        y = node.output[0]
+        rows = [helper.make_node("Unsqueeze", [v, const["rows"]], [f"{y}/{part}_row"], name=f"{name}/Unsqueeze_{part}")
+                for v, part in ((x, "input"), (residuals[x], "error"))]
+        node.input[0], node.output[0] = f"{y}/rows", f"{y}/two_rows"
+        nodes += rows + [helper.make_node("Concat", [r.output[0] for r in rows], [node.input[0]], axis=0,
+                                          name=f"{name}/Concat_rows"),
+                         node,
+                         helper.make_node("ReduceSum", [node.output[0], const["rows"]], [y], keepdims=0,
+                                          name=f"{name}/ReduceSum_rows")]
+    if residuals:
+        added = [numpy_helper.from_array(value, const[key]) for key, value in constants.items()]
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    graph.initializer.extend(added)
 
 
 def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
