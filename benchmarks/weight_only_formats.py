@@ -2,13 +2,15 @@
 zero points, accuracy level and which weights stay 8-bit, measured on agreement, bytes and decode speed.
 
 Usage: .venv/bin/python benchmarks/weight_only_formats.py [--formats int8,int4-b32,...] [--context 2048]
-       [--scored 256] [--policies quest,dense] [--rounds 3] [--json FILE]
+       [--scored 256] [--policies quest,dense] [--kv-dtype float32] [--rounds 3] [--json FILE]
 
 The float32 graphs of the `cpu` profile are exported once (into WORK_DIR/float32) and every format is
 quantized from them, as `edgekv export --profile cpu --quantize ...` does. For each format and text, each
 policy (default `quest` at the profile's budgets, and `dense`) is teacher-forced over the last `scored`
 tokens of `context` tokens, against the float32 npu-small artifact under the same policy (the cpu
-profile's KV side is npu-small's): top-1 agreement and mean KL, as the INT8 work measured them. The texts:
+profile's KV side is npu-small's): top-1 agreement and mean KL, as the INT8 work measured them. The
+formats' pages are the cpu profile's (INT8) unless --kv-dtype names another (float32: the weights' error
+alone, the reference's pages being float32). The texts:
 the README at 3d57c8d (the INT8 tables' text) and Python's language reference (`pydoc_data/topics.py`).
 
 Speed: each round opens every format's engine in turn (one at a time: an idle engine's onnxruntime
@@ -133,6 +135,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--reuse-agreement", action="store_true")
     parser.add_argument("--policies", default="quest,dense", help="of quest, rerank, dense")
+    parser.add_argument("--kv-dtype", default=None, help="the formats' KV pages (default: the cpu profile's)")
     args = parser.parse_args()
     labels = args.formats.split(",")
     unknown = [label for label in labels if label not in FORMATS]
@@ -157,8 +160,9 @@ def main() -> None:
             run = DENSE_RUN if policy == "dense" else EvalRun(policy, None)
             reference, _ = forced_logits(REFERENCE, run, tokens, args.scored)
             for label, artifact in artifacts.items():
-                logits, _ = forced_logits(artifact, run, tokens, args.scored)
-                row = {"format": label, "text": text, "policy": run.policy,
+                logits, _ = forced_logits(artifact, run, tokens, args.scored, args.kv_dtype)
+                kv_dtype = args.kv_dtype or read_manifest(artifact).profile.kv_dtype
+                row = {"format": label, "text": text, "policy": run.policy, "kv_dtype": kv_dtype,
                        "top1_agreement": top1_agreement(logits, reference), "mean_kl": mean_kl(logits, reference)}
                 rows.append(row)
                 print(f"{label:<16} {run.policy:<6} {text:<26} top-1 {row['top1_agreement']:.3f} "
