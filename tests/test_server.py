@@ -216,11 +216,12 @@ def test_a_full_queue_refuses_with_503_and_retry_after(tiny_artifacts, tmp_path)
 
 
 def test_a_request_past_its_timeout_ends_with_504_and_the_next_is_served(tiny_artifacts, tmp_path):
-    # Greedy, the tiny model writes all 480 tokens (no end token: a sampled reply ended early, within the
-    # timeout, on a fast machine), which take several times the timeout.
-    with serving(tiny_artifacts["llama"], tmp_path, "--timeout", "0.05") as server:
+    # Greedy, the tiny model writes all 4000 tokens (no end token: a sampled reply ended early, within the
+    # timeout, on a fast machine): several seconds on any machine, while a 1-token reply takes well under
+    # the 1 s timeout even beside other work (it took over 0.05 s with three busy processes on 2 cores).
+    with serving(tiny_artifacts["llama"], tmp_path, "--timeout", "1", "--max-context", "4096") as server:
         name = tiny_model_name(server)
-        body = {"model": name, "messages": ask("a long story"), "max_tokens": 480, "temperature": 0}
+        body = {"model": name, "messages": ask("a long story"), "max_tokens": 4000, "temperature": 0}
         response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
         assert response.status_code == 504 and "timed out" in response.json()["error"]["message"]
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body | {"stream": True},
