@@ -14,8 +14,8 @@ alone, the reference's pages being float32). The texts:
 the README at 3d57c8d (the INT8 tables' text) and Python's language reference (`pydoc_data/topics.py`).
 
 Speed: each round opens every format's engine in turn (one at a time: an idle engine's onnxruntime
-threads spin and slow the others), prefills the same 1K random tokens and times DECODE_STEPS greedy
-steps, formats interleaved: medians over rounds (--rounds 0: no speed). --reuse-agreement takes the
+threads spin and slow the others), prefills the same 1K random tokens (timed) and times DECODE_STEPS
+greedy steps, formats interleaved: medians over rounds (--rounds 0: no speed). --reuse-agreement takes the
 agreement rows from the --json file of an earlier run and measures speed alone.
 """
 
@@ -82,11 +82,12 @@ def float_artifact() -> Path:
 
 
 def graph_weight_bytes(artifact: Path) -> int:
-    """Bytes of the weights the graphs read (the host's embedding table excluded: a step reads one row)."""
+    """Bytes of the weights the graphs read: a host-only embedding table is left out (a step reads one row),
+    the tied LM head's rows, which the host's lookup shares, are in."""
     manifest = read_manifest(artifact)
-    embedding = manifest.data["embedding"]["weight"]
+    read = {name for graph in manifest.data["graphs"].values() for name in graph["weights"]}
     return sum(int(np.prod(e["shape"])) * np.dtype(e["dtype"]).itemsize
-               for name, e in manifest.data["weights"].items() if name != embedding)
+               for name, e in manifest.data["weights"].items() if name in read)
 
 
 def texts(tokenizer: ArtifactTokenizer, context: int) -> dict[str, list[int]]:
@@ -102,16 +103,20 @@ def texts(tokenizer: ArtifactTokenizer, context: int) -> dict[str, list[int]]:
     return {name: tokens[:context] for name, tokens in found.items()}
 
 
-def decode_speed(artifacts: dict[str, Path], rounds: int) -> dict[str, list[float]]:
-    """tok/s of DECODE_STEPS greedy `quest` steps after a 1K prompt, formats interleaved in each round."""
+def decode_speed(artifacts: dict[str, Path], rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """tok/s of DECODE_STEPS greedy `quest` steps after a 1K prompt, and of the prompt's prefill, formats
+    interleaved in each round."""
     rng = np.random.default_rng(0)
     speeds: dict[str, list[float]] = {label: [] for label in artifacts}
+    prefill: dict[str, list[float]] = {label: [] for label in artifacts}
     for r in range(rounds):
         prompt = rng.integers(1000, 40000, PROMPT_TOKENS).tolist()
         for label, path in artifacts.items():
             engine = Engine.open(path, "quest")
             try:
+                start = time.perf_counter()
                 token = int(np.argmax(engine.prefill(prompt)))
+                prefill[label].append(PROMPT_TOKENS / (time.perf_counter() - start))
                 for _ in range(WARMUP_STEPS):
                     token = int(np.argmax(engine.decode(token)))
                 times = []
@@ -122,8 +127,9 @@ def decode_speed(artifacts: dict[str, Path], rounds: int) -> dict[str, list[floa
             finally:
                 engine.close()
             speeds[label].append(1 / float(np.median(times)))
-            print(f"  round {r + 1}: {label:<16} {speeds[label][-1]:6.1f} tok/s", flush=True)
-    return speeds
+            print(f"  round {r + 1}: {label:<16} {speeds[label][-1]:6.1f} tok/s, prefill {prefill[label][-1]:6.1f} "
+                  "tok/s", flush=True)
+    return speeds, prefill
 
 
 def main() -> None:
@@ -168,7 +174,8 @@ def main() -> None:
                 print(f"{label:<16} {run.policy:<6} {text:<26} top-1 {row['top1_agreement']:.3f} "
                       f"KL {row['mean_kl']:.4f}", flush=True)
 
-    speeds = decode_speed(artifacts, args.rounds) if args.rounds else {label: [np.nan] for label in labels}
+    speeds, prefill = (decode_speed(artifacts, args.rounds) if args.rounds else
+                       ({label: [np.nan] for label in labels}, {label: [np.nan] for label in labels}))
     summary = []
     for label in labels:
         mine = [r for r in rows if r["format"] == label]
@@ -177,11 +184,13 @@ def main() -> None:
                         "min_top1": min(r["top1_agreement"] for r in mine),
                         "mean_top1": float(np.mean([r["top1_agreement"] for r in mine])),
                         "mean_kl": float(np.mean([r["mean_kl"] for r in mine])),
-                        "decode_tok_s": float(np.median(speeds[label])), "decode_rounds": speeds[label]})
-    print(f"\n{'format':<16} {'weights MiB':>11} {'min top-1':>9} {'mean top-1':>10} {'mean KL':>8} {'tok/s':>6}")
+                        "decode_tok_s": float(np.median(speeds[label])), "decode_rounds": speeds[label],
+                        "prefill_tok_s": float(np.median(prefill[label])), "prefill_rounds": prefill[label]})
+    print(f"\n{'format':<16} {'weights MiB':>11} {'min top-1':>9} {'mean top-1':>10} {'mean KL':>8} {'tok/s':>6} "
+          f"{'prefill':>7}")
     for s in summary:
         print(f"{s['format']:<16} {s['graph_weight_mib']:11.1f} {s['min_top1']:9.3f} {s['mean_top1']:10.3f} "
-              f"{s['mean_kl']:8.4f} {s['decode_tok_s']:6.1f}")
+              f"{s['mean_kl']:8.4f} {s['decode_tok_s']:6.1f} {s['prefill_tok_s']:7.1f}")
     if args.json:
         args.json.write_text(json.dumps({"context": args.context, "scored": args.scored, "rows": rows,
                                          "summary": summary}, indent=1))
