@@ -259,8 +259,9 @@ def test_split_activations_give_the_float_activation_product(shape):
         quantizer.process()
         model = quantizer.model.model
         if split:
-            split_activation_rows(model, ("proj",), 32)
-            model.graph.output.append(helper.make_tensor_value_info("x/int8_error", TensorProto.FLOAT, list(shape)))
+            split_activation_rows(model, ("proj",))
+            model.graph.output.append(helper.make_tensor_value_info("x/int8_error32", TensorProto.FLOAT,
+                                                                     list(shape)))
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         outputs = session.run(None, {"x": x})
         if split:

@@ -22,9 +22,10 @@ from edgekv.export.weights import WeightWriter
 
 WEIGHT_ONLY_OPS = ("MatMulNBits",)  # onnxruntime's CPU weight-only kernel (com.microsoft), for CPU profiles
 SMALL_BLOCK = 16  # input channels a block of WeightOnlyFormat.small_blocks
-SPLIT_ACTIVATION_OPS = ("Abs", "Concat", "Div", "ReduceMax", "ReduceSum", "Reshape", "Round", "Shape", "Sub",
-                        "Unsqueeze")  # split_activation_rows
+SPLIT_ACTIVATION_OPS = ("Abs", "Add", "Concat", "Div", "Mul", "ReduceMax", "ReduceSum", "Reshape", "Round", "Shape",
+                        "Sub", "Unsqueeze")  # split_activation_rows
 INT8_LEVELS = 127  # MatMulNBits at accuracy level 4 scales an activation block to [-127, 127]
+TINY_STEP = np.float32(1e-30)  # added to every block's step: an all-zero block divides by it, not by 0
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ class WeightOnlyFormat:
         split = (f"; activations split in two int8 rows: {', '.join(self.split_activations)}"
                  if self.split_activations else "")
         zero = "a float32 offset" if self.offsets else "symmetric" if self.symmetric else "a 4-bit zero point"
-        return f"int{self.bits}, a float32 scale and {zero} per {self.block_size} input channels{kept}{exact}{small}{split}"
+        return (f"int{self.bits}, a float32 scale and {zero} per {self.block_size} input "
+                f"channels{kept}{exact}{small}{split}")
 
 
 # The massive activations that defeat one static 8-bit range (quantize.py's docstring) only blur their
@@ -106,7 +108,7 @@ def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, write
                 model = quantizer.model.model
         reuse_weight_only_kernels(model, quantized)
         if form.split_activations:
-            split_activation_rows(model, form.split_activations, form.block_size)
+            split_activation_rows(model, form.split_activations)
         graphs[entry.name] = {**source.data["graphs"][entry.name], "weights": writer.save(model, staging / entry.file)}
         if (i + 1) % 10 == 0 or i + 1 == len(entries):
             progress(f"quantized {i + 1}/{len(entries)} graphs to MatMulNBits")
@@ -162,54 +164,56 @@ def int8_rounding_error(x: np.ndarray, block: int) -> np.ndarray:
     """The reference of split_activation_rows' residual: x less its int8 codes per block of `block` (last
     axis), scaled by the block's largest magnitude as MatMulNBits' accuracy level 4 scales them."""
     blocks = x.reshape(-1, block)
-    scale = np.abs(blocks).max(axis=1, keepdims=True) / INT8_LEVELS + np.float32(1e-30)
-    return (blocks - np.round(blocks / scale) * scale).reshape(x.shape).astype(np.float32)
+    step = np.abs(blocks).max(axis=1, keepdims=True) / INT8_LEVELS + TINY_STEP
+    return (blocks - np.round(blocks / step) * step).reshape(x.shape).astype(np.float32)
 
 
-def split_activation_rows(model: onnx.ModelProto, names: tuple[str, ...], block: int) -> None:
+def split_activation_rows(model: onnx.ModelProto, names: tuple[str, ...]) -> None:
     """Each MatMulNBits whose weight is named in `names` multiplies its input x and x's int8 rounding error
-    r as two rows and adds them: the kernel quantizes r to int8 as well, so what it loses is r's error,
-    about 1/127 of x's (a float32 activation's accuracy for one read of the weights). The same reshape
-    (for a block's largest magnitude) serves every kernel of an input."""
+    r (in the kernel's activation blocks, its block_size) as two rows and adds them: the kernel quantizes r
+    to int8 as well, so what it loses is r's error, about 1/127 of x's: a float32 activation's accuracy
+    for one read of the weights. Kernels of the same input and block size share its r."""
     graph = model.graph
-    nodes, added, residuals = [], [], {}
-    constants = {"blocks": np.array([-1, block], np.int64), "levels": np.array(1 / INT8_LEVELS, np.float32),
-                 "tiny": np.array(1e-30, np.float32), "rows": np.array([0], np.int64)}  # tiny: an all-zero block
-    const = {key: f"split_activations/{key}" for key in constants}
+    nodes, residuals = [], {}
+    tiny, rows_axis, levels = "split_activations/tiny", "split_activations/rows", "split_activations/levels"
     for node in graph.node:
         if node.op_type != "MatMulNBits" or not any(part in node.input[1] for part in names):
             nodes.append(node)
             continue
         x, name = node.input[0], node.name
-        if x not in residuals:
-            residuals[x] = f"{x}/int8_error"
-            b = f"{x}/int8_blocks"
+        block = next(a.i for a in node.attribute if a.name == "block_size")
+        if (x, block) not in residuals:
+            b = residuals[x, block] = f"{x}/int8_error{block}"
+            shape = f"{b}/blocks_shape"
+            graph.initializer.append(numpy_helper.from_array(np.array([-1, block], np.int64), shape))
             nodes += [
-                helper.make_node("Reshape", [x, const["blocks"]], [b], name=f"{name}/Reshape_blocks"),
-                helper.make_node("Abs", [b], [f"{b}/abs"], name=f"{name}/Abs"),
-                helper.make_node("ReduceMax", [f"{b}/abs"], [f"{b}/max"], axes=[1], keepdims=1, name=f"{name}/ReduceMax"),
-                helper.make_node("Mul", [f"{b}/max", const["levels"]], [f"{b}/step0"], name=f"{name}/Mul_levels"),
-                helper.make_node("Add", [f"{b}/step0", const["tiny"]], [f"{b}/step"], name=f"{name}/Add_tiny"),
-                helper.make_node("Div", [b, f"{b}/step"], [f"{b}/scaled"], name=f"{name}/Div_step"),
+                helper.make_node("Reshape", [x, shape], [f"{b}/blocks"], name=f"{name}/Reshape_blocks"),
+                helper.make_node("Abs", [f"{b}/blocks"], [f"{b}/abs"], name=f"{name}/Abs"),
+                helper.make_node("ReduceMax", [f"{b}/abs"], [f"{b}/max"], axes=[1], keepdims=1,
+                                 name=f"{name}/ReduceMax"),
+                helper.make_node("Mul", [f"{b}/max", levels], [f"{b}/step0"], name=f"{name}/Mul_levels"),
+                helper.make_node("Add", [f"{b}/step0", tiny], [f"{b}/step"], name=f"{name}/Add_tiny"),
+                helper.make_node("Div", [f"{b}/blocks", f"{b}/step"], [f"{b}/scaled"], name=f"{name}/Div_step"),
                 helper.make_node("Round", [f"{b}/scaled"], [f"{b}/codes"], name=f"{name}/Round"),
                 helper.make_node("Mul", [f"{b}/codes", f"{b}/step"], [f"{b}/int8"], name=f"{name}/Mul_step"),
-                helper.make_node("Sub", [b, f"{b}/int8"], [f"{b}/error"], name=f"{name}/Sub_error"),
-                helper.make_node("Shape", [x], [f"{x}/shape"], name=f"{name}/Shape"),
-                helper.make_node("Reshape", [f"{b}/error", f"{x}/shape"], [residuals[x]], name=f"{name}/Reshape_error")]
+                helper.make_node("Sub", [f"{b}/blocks", f"{b}/int8"], [f"{b}/error"], name=f"{name}/Sub_error"),
+                helper.make_node("Shape", [x], [f"{b}/shape"], name=f"{name}/Shape"),
+                helper.make_node("Reshape", [f"{b}/error", f"{b}/shape"], [b], name=f"{name}/Reshape_error")]
         y = node.output[0]
-        rows = [helper.make_node("Unsqueeze", [v, const["rows"]], [f"{y}/{part}_row"], name=f"{name}/Unsqueeze_{part}")
-                for v, part in ((x, "input"), (residuals[x], "error"))]
+        rows = [helper.make_node("Unsqueeze", [v, rows_axis], [f"{y}/{part}_row"], name=f"{name}/Unsqueeze_{part}")
+                for v, part in ((x, "input"), (residuals[x, block], "error"))]
         node.input[0], node.output[0] = f"{y}/rows", f"{y}/two_rows"
         nodes += rows + [helper.make_node("Concat", [r.output[0] for r in rows], [node.input[0]], axis=0,
                                           name=f"{name}/Concat_rows"),
                          node,
-                         helper.make_node("ReduceSum", [node.output[0], const["rows"]], [y], keepdims=0,
+                         helper.make_node("ReduceSum", [node.output[0], rows_axis], [y], keepdims=0,
                                           name=f"{name}/ReduceSum_rows")]
     if residuals:
-        added = [numpy_helper.from_array(value, const[key]) for key, value in constants.items()]
+        graph.initializer.extend([numpy_helper.from_array(np.array(1 / INT8_LEVELS, np.float32), levels),
+                                  numpy_helper.from_array(TINY_STEP, tiny),
+                                  numpy_helper.from_array(np.array([0], np.int64), rows_axis)])
     graph.ClearField("node")
     graph.node.extend(nodes)
-    graph.initializer.extend(added)
 
 
 def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
