@@ -161,21 +161,21 @@ def main() -> None:
 
     rows = json.loads(args.json.read_text())["rows"] if args.reuse_agreement else []
     tokenizer = ArtifactTokenizer.load(read_manifest(REFERENCE))
+    pages = {label: args.kv_dtype or read_manifest(artifact).profile.kv_dtype for label, artifact in artifacts.items()}
     for text, tokens in texts(tokenizer, args.context).items() if not args.reuse_agreement else ():
         for policy in args.policies.split(","):
             run = DENSE_RUN if policy == "dense" else EvalRun(policy, None)
             reference, _ = forced_logits(REFERENCE, run, tokens, args.scored)
             for label, artifact in artifacts.items():
                 logits, _ = forced_logits(artifact, run, tokens, args.scored, args.kv_dtype)
-                kv_dtype = args.kv_dtype or read_manifest(artifact).profile.kv_dtype
-                row = {"format": label, "text": text, "policy": run.policy, "kv_dtype": kv_dtype,
+                row = {"format": label, "text": text, "policy": run.policy, "kv_dtype": pages[label],
                        "top1_agreement": top1_agreement(logits, reference), "mean_kl": mean_kl(logits, reference)}
                 rows.append(row)
                 print(f"{label:<16} {run.policy:<6} {text:<26} top-1 {row['top1_agreement']:.3f} "
                       f"KL {row['mean_kl']:.4f}", flush=True)
 
-    speeds, prefill = (decode_speed(artifacts, args.rounds) if args.rounds else
-                       ({label: [np.nan] for label in labels}, {label: [np.nan] for label in labels}))
+    unmeasured = {label: [np.nan] for label in labels}
+    speeds, prefill = decode_speed(artifacts, args.rounds) if args.rounds else (unmeasured, unmeasured)
     summary = []
     for label in labels:
         mine = [r for r in rows if r["format"] == label]
