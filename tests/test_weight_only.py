@@ -260,12 +260,12 @@ def test_split_activations_give_the_float_activation_product(shape):
         model = quantizer.model.model
         if split:
             split_activation_rows(model, ("proj",))
-            model.graph.output.append(helper.make_tensor_value_info("x/int8_error32", TensorProto.FLOAT,
-                                                                     list(shape)))
+            model.graph.output.append(helper.make_tensor_value_info("x/rows32", TensorProto.FLOAT, [2, *shape]))
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         outputs = session.run(None, {"x": x})
         if split:
-            np.testing.assert_allclose(outputs[1], int8_rounding_error(x, 32), atol=1e-6)
+            np.testing.assert_array_equal(outputs[1][0], x)
+            np.testing.assert_allclose(outputs[1][1], int8_rounding_error(x, 32), atol=1e-6)
         return outputs[0]
 
     exact, int8, split = kernel(0, False), kernel(4, False), kernel(4, True)

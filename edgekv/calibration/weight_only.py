@@ -22,8 +22,8 @@ from edgekv.export.weights import WeightWriter
 
 WEIGHT_ONLY_OPS = ("MatMulNBits",)  # onnxruntime's CPU weight-only kernel (com.microsoft), for CPU profiles
 SMALL_BLOCK = 16  # input channels a block of WeightOnlyFormat.small_blocks
-SPLIT_ACTIVATION_OPS = ("Abs", "Add", "Concat", "Div", "Mul", "ReduceMax", "ReduceSum", "Reshape", "Round", "Shape",
-                        "Sub", "Unsqueeze")  # split_activation_rows
+SPLIT_ACTIVATION_OPS = ("Abs", "Add", "Concat", "Div", "Mul", "ReduceMax", "ReduceSum", "Reshape", "Round",
+                        "Sub")  # split_activation_rows
 INT8_LEVELS = 127  # MatMulNBits at accuracy level 4 scales an activation block to [-127, 127]
 TINY_STEP = np.float32(1e-30)  # added to every block's step: an all-zero block divides by it, not by 0
 
@@ -172,46 +172,50 @@ def split_activation_rows(model: onnx.ModelProto, names: tuple[str, ...]) -> Non
     """Each MatMulNBits whose weight is named in `names` multiplies its input x and x's int8 rounding error
     r (in the kernel's activation blocks, its block_size) as two rows and adds them: the kernel quantizes r
     to int8 as well, so what it loses is r's error, about 1/127 of x's: a float32 activation's accuracy
-    for one read of the weights. Kernels of the same input and block size share its r."""
+    for one read of the weights. Kernels of the same input and block size share its two rows, stacked
+    [2, *x.shape] (the graphs' shapes are static)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
     graph = model.graph
-    nodes, residuals = [], {}
-    tiny, rows_axis, levels = "split_activations/tiny", "split_activations/rows", "split_activations/levels"
+    kernels = {n.name for n in graph.node if n.op_type == "MatMulNBits" and any(part in n.input[1] for part in names)}
+    if not kernels:
+        return
+    inferred = SymbolicShapeInference.infer_shapes(model).graph  # knows MatMulNBits, which onnx's does not
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.value_info) + list(inferred.input)}
+    levels, tiny, first = "split_activations/levels", "split_activations/tiny", "split_activations/first"
+    nodes, stacked = [], {}
     for node in graph.node:
-        if node.op_type != "MatMulNBits" or not any(part in node.input[1] for part in names):
+        if node.name not in kernels:
             nodes.append(node)
             continue
         x, name = node.input[0], node.name
         block = next(a.i for a in node.attribute if a.name == "block_size")
-        if (x, block) not in residuals:
-            b = residuals[x, block] = f"{x}/int8_error{block}"
-            shape = f"{b}/blocks_shape"
-            graph.initializer.append(numpy_helper.from_array(np.array([-1, block], np.int64), shape))
+        if (x, block) not in stacked:
+            rows = stacked[x, block] = f"{x}/rows{block}"
+            graph.initializer.extend([numpy_helper.from_array(np.array([-1, block], np.int64), f"{rows}/blocks_shape"),
+                                      numpy_helper.from_array(np.array([2, *shapes[x]], np.int64), f"{rows}/shape")])
             nodes += [
-                helper.make_node("Reshape", [x, shape], [f"{b}/blocks"], name=f"{name}/Reshape_blocks"),
-                helper.make_node("Abs", [f"{b}/blocks"], [f"{b}/abs"], name=f"{name}/Abs"),
-                helper.make_node("ReduceMax", [f"{b}/abs"], [f"{b}/max"], axes=[1], keepdims=1,
+                helper.make_node("Reshape", [x, f"{rows}/blocks_shape"], [f"{rows}/x"], name=f"{name}/Reshape_blocks"),
+                helper.make_node("Abs", [f"{rows}/x"], [f"{rows}/abs"], name=f"{name}/Abs"),
+                helper.make_node("ReduceMax", [f"{rows}/abs"], [f"{rows}/max"], axes=[1], keepdims=1,
                                  name=f"{name}/ReduceMax"),
-                helper.make_node("Mul", [f"{b}/max", levels], [f"{b}/step0"], name=f"{name}/Mul_levels"),
-                helper.make_node("Add", [f"{b}/step0", tiny], [f"{b}/step"], name=f"{name}/Add_tiny"),
-                helper.make_node("Div", [f"{b}/blocks", f"{b}/step"], [f"{b}/scaled"], name=f"{name}/Div_step"),
-                helper.make_node("Round", [f"{b}/scaled"], [f"{b}/codes"], name=f"{name}/Round"),
-                helper.make_node("Mul", [f"{b}/codes", f"{b}/step"], [f"{b}/int8"], name=f"{name}/Mul_step"),
-                helper.make_node("Sub", [f"{b}/blocks", f"{b}/int8"], [f"{b}/error"], name=f"{name}/Sub_error"),
-                helper.make_node("Shape", [x], [f"{b}/shape"], name=f"{name}/Shape"),
-                helper.make_node("Reshape", [f"{b}/error", f"{b}/shape"], [b], name=f"{name}/Reshape_error")]
+                helper.make_node("Mul", [f"{rows}/max", levels], [f"{rows}/step0"], name=f"{name}/Mul_levels"),
+                helper.make_node("Add", [f"{rows}/step0", tiny], [f"{rows}/step"], name=f"{name}/Add_tiny"),
+                helper.make_node("Div", [f"{rows}/x", f"{rows}/step"], [f"{rows}/scaled"], name=f"{name}/Div_step"),
+                helper.make_node("Round", [f"{rows}/scaled"], [f"{rows}/codes"], name=f"{name}/Round"),
+                helper.make_node("Mul", [f"{rows}/codes", f"{rows}/step"], [f"{rows}/int8"], name=f"{name}/Mul_step"),
+                helper.make_node("Sub", [f"{rows}/x", f"{rows}/int8"], [f"{rows}/error"], name=f"{name}/Sub_error"),
+                helper.make_node("Concat", [f"{rows}/x", f"{rows}/error"], [f"{rows}/both"], axis=0,
+                                 name=f"{name}/Concat_rows"),
+                helper.make_node("Reshape", [f"{rows}/both", f"{rows}/shape"], [rows], name=f"{name}/Reshape_rows")]
         y = node.output[0]
-        rows = [helper.make_node("Unsqueeze", [v, rows_axis], [f"{y}/{part}_row"], name=f"{name}/Unsqueeze_{part}")
-                for v, part in ((x, "input"), (residuals[x, block], "error"))]
-        node.input[0], node.output[0] = f"{y}/rows", f"{y}/two_rows"
-        nodes += rows + [helper.make_node("Concat", [r.output[0] for r in rows], [node.input[0]], axis=0,
-                                          name=f"{name}/Concat_rows"),
-                         node,
-                         helper.make_node("ReduceSum", [node.output[0], rows_axis], [y], keepdims=0,
-                                          name=f"{name}/ReduceSum_rows")]
-    if residuals:
-        graph.initializer.extend([numpy_helper.from_array(np.array(1 / INT8_LEVELS, np.float32), levels),
-                                  numpy_helper.from_array(TINY_STEP, tiny),
-                                  numpy_helper.from_array(np.array([0], np.int64), rows_axis)])
+        node.input[0], node.output[0] = stacked[x, block], f"{y}/two_rows"
+        nodes += [node, helper.make_node("ReduceSum", [node.output[0], first], [y], keepdims=0,
+                                         name=f"{name}/ReduceSum_rows")]
+    graph.initializer.extend([numpy_helper.from_array(np.array(1 / INT8_LEVELS, np.float32), levels),
+                              numpy_helper.from_array(TINY_STEP, tiny),
+                              numpy_helper.from_array(np.array([0], np.int64), first)])
     graph.ClearField("node")
     graph.node.extend(nodes)
 
