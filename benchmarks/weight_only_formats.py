@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edgekv.calibration.int8_export import quantize_artifact  # noqa: E402
-from edgekv.calibration.weight_only import INT4_FORMAT, INT8_FORMAT, WeightOnlyFormat  # noqa: E402
+from edgekv.calibration.weight_only import INT4_FORMAT, INT4_SPLIT_FORMAT, INT8_FORMAT, WeightOnlyFormat  # noqa: E402
 from edgekv.core.manifest import read_manifest  # noqa: E402
 from edgekv.evaluation.evaluate import DENSE_RUN, EvalRun, forced_logits  # noqa: E402
 from edgekv.evaluation.metrics import mean_kl, top1_agreement  # noqa: E402
@@ -58,7 +58,7 @@ FORMATS: dict[str, tuple[str, WeightOnlyFormat]] = {
                                                                                       "k_proj"))),
     "int4-split-head": ("int4-weight-only", replace(INT4_FORMAT, split_activations=("embed_tokens",))),
     "int4-split-qk": ("int4-weight-only", replace(INT4_FORMAT, split_activations=("q_proj", "k_proj"))),
-    "int4-split-all": ("int4-weight-only", replace(INT4_FORMAT, split_activations=(".weight",))),
+    "int4-split-all": ("int4-split-activations", INT4_SPLIT_FORMAT),
     "int4-acc0-split-8bit": ("int4-weight-only", replace(INT4_FORMAT, accuracy_level=0,
                                                           split_activations=("embed_tokens", "q_proj", "k_proj"))),
     "int4-zero-point": ("int4-weight-only", replace(INT4_FORMAT, offsets=False)),  # onnxruntime's quantizer

@@ -138,10 +138,34 @@ def test_packed_sessions_return_the_mapped_weights(tiny_int4):
         engine.close()
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("int8-weight-only", 0.05), ("int4-weight-only", 0.2)])
+@pytest.fixture(scope="module")
+def tiny_cpu_float(tiny_model_dirs, tmp_path_factory):
+    """The cpu profile's float32 graphs of the tiny Llama, the LM head's weight on the right: what export
+    quantizes."""
+    from edgekv.export.exporter import write_float_artifact
+    from edgekv.export.models import load_model
+
+    out = tmp_path_factory.mktemp("tiny-cpu-float") / "llama-cpu-float32"
+    write_float_artifact(load_model(str(tiny_model_dirs["llama"]), lambda _: None), load_profile("cpu"), out, None,
+                         head_weight_on_right=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_int4_split(tiny_cpu_float):
+    from edgekv.calibration.int8_export import quantize_artifact
+
+    out = tiny_cpu_float.with_name("llama-cpu-int4-split")
+    quantize_artifact(tiny_cpu_float, out, "int4-split-activations", progress=lambda _: None)
+    return out
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("int8-weight-only", 0.05), ("int4-weight-only", 0.2),
+                                              ("int4-split-activations", 0.2)])
 def test_weight_only_artifact_validates_and_tracks_float32(dtype, tolerance, tiny_weight_only, tiny_int4,
-                                                           tiny_artifacts):
-    artifact = tiny_weight_only if dtype == "int8-weight-only" else tiny_int4
+                                                           tiny_int4_split, tiny_artifacts):
+    artifact = {"int8-weight-only": tiny_weight_only, "int4-weight-only": tiny_int4,
+                "int4-split-activations": tiny_int4_split}[dtype]
     assert validate_artifact(load_verified(artifact)).ok
     tokens = list(range(3, 200))
     # The tiny float artifact is npu-small's, whose KV side the cpu profile shares but for its INT8 pages:
@@ -340,3 +364,30 @@ def test_the_hexagon_profile_takes_int4_and_the_rk3588_one_does_not():
     check_profile_allows(load_profile("npu-large"), "int4-weight-only")  # its HTP runs the w4a16 graphs
     with pytest.raises(EdgekvError, match="MatMulNBits"):
         check_profile_allows(load_profile("npu-small"), "int4-weight-only")
+
+
+def test_split_activations_feed_every_kernel_two_rows_and_give_float32_activations(tiny_cpu_float,
+                                                                                    tiny_int4_split):
+    """int4-split-activations: int4's weights, every kernel fed [input, its int8 rounding error]. Its logits
+    are those of the same weights with float32 activations (accuracy level 0) to a fifth of int4's
+    distance from them. A profile without its operators refuses it and names the one it allows."""
+    from edgekv.calibration.int8_export import check_profile_allows, quantize_artifact
+    from edgekv.core.errors import EdgekvError
+
+    for entry in load_verified(tiny_int4_split).graphs.values():
+        model = onnx.load(tiny_int4_split / entry.file, load_external_data=False)
+        kernels = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        assert kernels and all("/rows" in n.input[0] for n in kernels), entry.file
+    artifacts = {"split": tiny_int4_split}
+    for label, form in (("int4", INT4_FORMAT),
+                        ("float", replace(INT4_FORMAT, accuracy_level=0, float_activations=INT4_FORMAT.eight_bit))):
+        artifacts[label] = tiny_cpu_float.with_name(f"llama-cpu-{label}-activations")
+        quantize_artifact(tiny_cpu_float, artifacts[label], "int4-weight-only", progress=lambda _: None,
+                          weight_only=form)
+    tokens = list(range(3, 200))
+    logits = {label: forced_logits(artifact, EvalRun("quest", None), tokens, 32)[0]
+              for label, artifact in artifacts.items()}
+    distance = {label: np.abs(logits[label] - logits["float"]).max() for label in ("int4", "split")}
+    assert distance["split"] < distance["int4"] / 5, distance
+    with pytest.raises(EdgekvError, match="Abs.*--quantize int4-weight-only"):
+        check_profile_allows(load_profile("npu-large"), "int4-split-activations")

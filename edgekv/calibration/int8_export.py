@@ -14,7 +14,7 @@ import numpy as np
 from edgekv.calibration.float16_weights import FLOAT16_SUFFIX, convert_float16_weights
 from edgekv.calibration.prompts import read_text_tokens
 from edgekv.calibration.quantize import CALIBRATION_TOKENS, QDQ_OPS, quantize_qdq, vocabulary_int16
-from edgekv.calibration.weight_only import (INT8_FORMAT, WEIGHT_ONLY_FORMATS, WeightOnlyFormat, quantize_rows,
+from edgekv.calibration.weight_only import (WEIGHT_ONLY_FORMATS, WeightOnlyFormat, quantize_rows,
                                             quantize_weight_only)
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import Manifest, default_artifact_dir, read_manifest, write_manifest
@@ -67,8 +67,9 @@ def check_profile_allows(profile: Profile, weight_dtype: str) -> None:
         WEIGHT_ONLY_FORMATS[weight_dtype].ops
     missing = [op for op in needed if op not in profile.allowed_ops]
     if missing:
+        allowed = [d for d, form in WEIGHT_ONLY_FORMATS.items() if set(form.ops) <= set(profile.allowed_ops)]
         hint = ("export float32" if weight_dtype not in WEIGHT_ONLY_FORMATS else
-                "--quantize int8-weight-only" if set(INT8_FORMAT.ops) <= set(profile.allowed_ops) else
+                f"--quantize {allowed[-1]}" if allowed else
                 "use a CPU profile such as `cpu`, or --quantize int8 for QDQ graphs")
         raise EdgekvError(f"profile {profile.name} does not allow {', '.join(missing)}, which {weight_dtype} graphs "
                           f"need; add them to its [graph] allowed_ops or {hint}")

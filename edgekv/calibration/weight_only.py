@@ -73,7 +73,11 @@ INT8_FORMAT = WeightOnlyFormat(bits=8, block_size=32, symmetric=True, accuracy_l
 # five pass keys at 8K that float32 and int8 find (benchmarks/RESULTS.md).
 INT4_FORMAT = WeightOnlyFormat(bits=4, block_size=32, symmetric=False, accuracy_level=4,
                                eight_bit=("embed_tokens", "lm_head", "q_proj", "k_proj"), offsets=True)
-WEIGHT_ONLY_FORMATS = {"int8-weight-only": INT8_FORMAT, "int4-weight-only": INT4_FORMAT}
+# The same weights, every kernel fed its input and that input's int8 rounding error as two rows (".weight" is
+# in every weight's name): float32 activations' agreement for a sixth more nodes a layer (RESULTS.md).
+INT4_SPLIT_FORMAT = replace(INT4_FORMAT, split_activations=(".weight",))
+WEIGHT_ONLY_FORMATS = {"int8-weight-only": INT8_FORMAT, "int4-weight-only": INT4_FORMAT,
+                       "int4-split-activations": INT4_SPLIT_FORMAT}
 
 
 def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, writer: WeightWriter,
@@ -114,7 +118,8 @@ def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, write
             progress(f"quantized {i + 1}/{len(entries)} graphs to MatMulNBits")
     return graphs, {"format": "MatMulNBits", "weights": f"{form.describe()}; embedding: the LM head's 8-bit "
                     "rows, looked up on the host",
-                    "activations": f"float32 (int8 per block inside the kernel, accuracy_level {form.accuracy_level})"}
+                    "activations": f"float32 (int8 per block inside the kernel, accuracy_level {form.accuracy_level}"
+                    f"{'; split kernels take their int8 rounding error as a second row' if form.split_activations else ''})"}
 
 
 def formats_by_node(form: WeightOnlyFormat, matmuls: dict[str, str], kept: set[str]

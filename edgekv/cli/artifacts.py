@@ -51,7 +51,9 @@ def profiles_show(name: str) -> None:
 @click.option("--quantize", type=click.Choice(QUANTIZED_WEIGHT_DTYPES), default=None,
               help="float16: weights stored in float16, half the bytes (NPU profiles); int8: QDQ graphs calibrated "
                    "on real activations (NPU profiles); int8-weight-only, int4-weight-only: onnxruntime's CPU "
-                   "MatMulNBits kernels over 8-bit or 4-bit weights (CPU profiles) [default: the profile's weight_dtype].")
+                   "MatMulNBits kernels over 8-bit or 4-bit weights (CPU profiles); int4-split-activations: the "
+                   "same 4-bit weights with float32-accurate activations, closer to float32 and slower "
+                   "[default: the profile's weight_dtype].")
 @click.option("--calibration-text", type=click.Path(path_type=Path), default=None,
               help="Text file for INT8 QDQ calibration (--quantize int8) [default: text the model writes itself].")
 def export(profile_spec: str, model_spec: str, out_dir: Path | None, quantize: str | None,

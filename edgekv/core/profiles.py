@@ -20,9 +20,10 @@ from edgekv.core.constants import BACKENDS, KV_DTYPES, MASK_VALUE, POSITION_SCHE
 from edgekv.core.errors import EdgekvError
 
 # float16: weights stored in float16, computed in float32 (what RKNN and the HTP hold); int8: QDQ graphs
-# calibrated on real activations (NPUs); int8-weight-only and int4-weight-only: onnxruntime's CPU
-# MatMulNBits kernels (calibration/weight_only.py)
-SUPPORTED_WEIGHT_DTYPES = ("float32", "float16", "int8", "int8-weight-only", "int4-weight-only")
+# calibrated on real activations (NPUs); int8-weight-only, int4-weight-only and int4-split-activations:
+# onnxruntime's CPU MatMulNBits kernels (calibration/weight_only.py)
+SUPPORTED_WEIGHT_DTYPES = ("float32", "float16", "int8", "int8-weight-only", "int4-weight-only",
+                           "int4-split-activations")
 QUANTIZED_WEIGHT_DTYPES = tuple(d for d in SUPPORTED_WEIGHT_DTYPES if d != "float32")
 SUPPORTED_KV_DTYPES = KV_DTYPES  # how pages are stored in the host and disk tiers (runtime/page_format.py)
 
