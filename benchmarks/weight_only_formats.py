@@ -180,12 +180,12 @@ def main() -> None:
     speeds, prefill = decode_speed(artifacts, args.rounds) if args.rounds else (unmeasured, unmeasured)
     summary = []
     for label in labels:
-        mine = [r for r in rows if r["format"] == label]
+        top1 = [r["top1_agreement"] for r in rows if r["format"] == label] or [np.nan]  # nan: not measured
+        kl = [r["mean_kl"] for r in rows if r["format"] == label] or [np.nan]
         summary.append({"format": label, **asdict(FORMATS[label][1]),
                         "graph_weight_mib": graph_weight_bytes(artifacts[label]) / 2**20,
-                        "min_top1": min(r["top1_agreement"] for r in mine),
-                        "mean_top1": float(np.mean([r["top1_agreement"] for r in mine])),
-                        "mean_kl": float(np.mean([r["mean_kl"] for r in mine])),
+                        "min_top1": float(np.min(top1)), "mean_top1": float(np.mean(top1)),
+                        "mean_kl": float(np.mean(kl)),
                         "decode_tok_s": float(np.median(speeds[label])), "decode_rounds": speeds[label],
                         "prefill_tok_s": float(np.median(prefill[label])), "prefill_rounds": prefill[label]})
     print(f"\n{'format':<16} {'weights MiB':>11} {'min top-1':>9} {'mean top-1':>10} {'mean KL':>8} {'tok/s':>6} "
