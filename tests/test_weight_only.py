@@ -299,6 +299,42 @@ def test_split_activations_give_the_float_activation_product(shape):
     assert split_error < int8_error / 30
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_chunks_at_level0_give_4bit_chunks_float_activations_and_rows_their_split(rows):
+    """With chunks_at_level0 a 4-bit kernel of more than one row (a prefill chunk) runs at accuracy level 0,
+    the product the split approximates; a one-row kernel (decode) still takes two rows."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(5)
+    weight = (rng.standard_normal((64, 48)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((rows, 64)).astype(np.float32)
+
+    def kernel(accuracy_level: int, chunks_at_level0: bool | None) -> tuple[np.ndarray, onnx.ModelProto]:
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "proj.weight"], ["y"], name="proj")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, 64])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, 48])],
+                                  [numpy_helper.from_array(weight, "proj.weight")])
+        quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                                         bits=4, block_size=32, is_symmetric=True, accuracy_level=accuracy_level)
+        quantizer.process()
+        model = quantizer.model.model
+        if chunks_at_level0 is not None:
+            split_activation_rows(model, ("proj",), chunks_at_level0)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0], model
+
+    exact, _ = kernel(0, None)
+    got, model = kernel(4, True)
+    split = any(n.op_type == "Concat" for n in model.graph.node)
+    assert split == (rows == 1)
+    if rows > 1:
+        np.testing.assert_array_equal(got, exact)
+    else:
+        assert np.abs(got - exact).max() < np.abs(kernel(4, None)[0] - exact).max() / 30
+
+
 def test_fused_siblings_give_the_same_products_and_codes():
     """Three MatMuls of one input (q, k and v) and one of another: q and k, both 8-bit, become one MatMul
     and a Split; v (4-bit) and the other input stay alone. The outputs are the same, and quantizing the

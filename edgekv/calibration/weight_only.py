@@ -48,6 +48,9 @@ class WeightOnlyFormat:
     float_activations: tuple[str, ...] = ()
     small_blocks: tuple[str, ...] = ()
     split_activations: tuple[str, ...] = ()
+    # Of those, 4-bit kernels of more than one row (prefill chunks) run at accuracy level 0 instead: their
+    # float path costs less than twice the rows there (RESULTS.md); 8-bit ones have no fast float path.
+    chunks_at_level0: bool = False
 
     @property
     def ops(self) -> tuple[str, ...]:
@@ -112,7 +115,7 @@ def quantize_weight_only(source: Manifest, float_dir: Path, staging: Path, write
                 model = quantizer.model.model
         reuse_weight_only_kernels(model, quantized)
         if form.split_activations:
-            split_activation_rows(model, form.split_activations)
+            split_activation_rows(model, form.split_activations, form.chunks_at_level0)
         graphs[entry.name] = {**source.data["graphs"][entry.name], "weights": writer.save(model, staging / entry.file)}
         if (i + 1) % 10 == 0 or i + 1 == len(entries):
             progress(f"quantized {i + 1}/{len(entries)} graphs to MatMulNBits")
@@ -173,12 +176,13 @@ def int8_rounding_error(x: np.ndarray, block: int) -> np.ndarray:
     return (blocks - np.round(blocks / step) * step).reshape(x.shape).astype(np.float32)
 
 
-def split_activation_rows(model: onnx.ModelProto, names: tuple[str, ...]) -> None:
+def split_activation_rows(model: onnx.ModelProto, names: tuple[str, ...], chunks_at_level0: bool = False) -> None:
     """Each MatMulNBits whose weight is named in `names` multiplies its input x and x's int8 rounding error
     r (in the kernel's activation blocks, its block_size) as two rows and adds them: the kernel quantizes r
     to int8 as well, so what it loses is r's error, about 1/127 of x's: a float32 activation's accuracy
     for one read of the weights. Kernels of the same input and block size share its two rows, stacked
-    [2, *x.shape] (the graphs' shapes are static)."""
+    [2, *x.shape] (the graphs' shapes are static). `chunks_at_level0`: 4-bit kernels of more than one row
+    get float32 activations (accuracy level 0) instead of the second row."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     graph = model.graph
@@ -195,7 +199,12 @@ def split_activation_rows(model: onnx.ModelProto, names: tuple[str, ...]) -> Non
             nodes.append(node)
             continue
         x, name = node.input[0], node.name
-        block = next(a.i for a in node.attribute if a.name == "block_size")
+        attributes = {a.name: a for a in node.attribute}
+        if chunks_at_level0 and attributes["bits"].i == 4 and int(np.prod(shapes[x][:-1])) > 1:
+            attributes["accuracy_level"].i = 0
+            nodes.append(node)
+            continue
+        block = attributes["block_size"].i
         if (x, block) not in stacked:
             rows = stacked[x, block] = f"{x}/rows{block}"
             graph.initializer.extend([numpy_helper.from_array(np.array([-1, block], np.int64), f"{rows}/blocks_shape"),
