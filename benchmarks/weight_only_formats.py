@@ -58,8 +58,8 @@ FORMATS: dict[str, tuple[str, WeightOnlyFormat]] = {
                                                                                       "k_proj"))),
     "int4-split-head": ("int4-weight-only", replace(INT4_FORMAT, split_activations=("embed_tokens",))),
     "int4-split-qk": ("int4-weight-only", replace(INT4_FORMAT, split_activations=("q_proj", "k_proj"))),
-    "int4-split-all": ("int4-split-activations", INT4_SPLIT_FORMAT),
-    "int4-split-chunks0": ("int4-split-activations", replace(INT4_SPLIT_FORMAT, chunks_at_level0=True)),
+    "int4-split-all": ("int4-split-activations", replace(INT4_SPLIT_FORMAT, chunks_at_level0=False)),
+    "int4-split-activations": ("int4-split-activations", INT4_SPLIT_FORMAT),  # prefill chunks' 4-bit at level 0
     "int4-acc0-split-8bit": ("int4-weight-only", replace(INT4_FORMAT, accuracy_level=0,
                                                           split_activations=("embed_tokens", "q_proj", "k_proj"))),
     "int4-zero-point": ("int4-weight-only", replace(INT4_FORMAT, offsets=False)),  # onnxruntime's quantizer

@@ -404,16 +404,21 @@ def test_the_hexagon_profile_takes_int4_and_the_rk3588_one_does_not():
 
 def test_split_activations_feed_every_kernel_two_rows_and_give_float32_activations(tiny_cpu_float,
                                                                                     tiny_int4_split):
-    """int4-split-activations: int4's weights, every kernel fed [input, its int8 rounding error]. Its logits
-    are those of the same weights with float32 activations (accuracy level 0) to a fifth of int4's
-    distance from them. A profile without its operators refuses it and names the one it allows."""
+    """int4-split-activations: int4's weights, every decode kernel fed [input, its int8 rounding error], the
+    prefill chunks' 4-bit kernels at accuracy level 0 and their 8-bit ones split. Its logits are those of
+    the same weights with float32 activations (accuracy level 0) to a fifth of int4's distance from them.
+    A profile without its operators refuses it and names the one it allows."""
     from edgekv.calibration.int8_export import check_profile_allows, quantize_artifact
     from edgekv.core.errors import EdgekvError
 
     for entry in load_verified(tiny_int4_split).graphs.values():
         model = onnx.load(tiny_int4_split / entry.file, load_external_data=False)
-        kernels = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-        assert kernels and all("/rows" in n.input[0] for n in kernels), entry.file
+        kernels = {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+        level = {name: next(a.i for a in n.attribute if a.name == "accuracy_level") for name, n in kernels.items()}
+        split = {name for name, n in kernels.items() if "/rows" in n.input[0]}
+        chunk = ".s1." not in entry.file
+        assert kernels and split == {name for name in kernels if level[name] == 4}, entry.file
+        assert (len(split) < len(kernels)) == chunk, entry.file
     artifacts = {"split": tiny_int4_split}
     for label, form in (("int4", INT4_FORMAT),
                         ("float", replace(INT4_FORMAT, accuracy_level=0, float_activations=INT4_FORMAT.eight_bit))):

@@ -76,9 +76,10 @@ INT8_FORMAT = WeightOnlyFormat(bits=8, block_size=32, symmetric=True, accuracy_l
 # five pass keys at 8K that float32 and int8 find (benchmarks/RESULTS.md).
 INT4_FORMAT = WeightOnlyFormat(bits=4, block_size=32, symmetric=False, accuracy_level=4,
                                eight_bit=("embed_tokens", "lm_head", "q_proj", "k_proj"), offsets=True)
-# The same weights, every kernel fed its input and that input's int8 rounding error as two rows (".weight" is
-# in every weight's name): float32 activations' agreement for a sixth more nodes a layer (RESULTS.md).
-INT4_SPLIT_FORMAT = replace(INT4_FORMAT, split_activations=(".weight",))
+# The same weights, every decode kernel fed its input and that input's int8 rounding error as two rows
+# (".weight" is in every weight's name), prefill chunks' 4-bit kernels at accuracy level 0: float32
+# activations' agreement, slower (RESULTS.md).
+INT4_SPLIT_FORMAT = replace(INT4_FORMAT, split_activations=(".weight",), chunks_at_level0=True)
 WEIGHT_ONLY_FORMATS = {"int8-weight-only": INT8_FORMAT, "int4-weight-only": INT4_FORMAT,
                        "int4-split-activations": INT4_SPLIT_FORMAT}
 
