@@ -259,14 +259,34 @@ def test_each_weight_gets_its_formats_variant():
                                                                                               INT8_FORMAT}
 
 
+def one_kernel(weight: np.ndarray, shape: tuple[int, ...], bits: int, accuracy_level: int) -> onnx.ModelProto:
+    """x [shape] @ proj.weight as onnxruntime's quantizer makes it: one MatMulNBits kernel."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "proj.weight"], ["y"], name="proj")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*shape[:-1], weight.shape[1]])],
+                              [numpy_helper.from_array(weight, "proj.weight")])
+    quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                                     bits=bits, block_size=32, is_symmetric=True, accuracy_level=accuracy_level)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def run_model(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
 @pytest.mark.parametrize("shape", [(3, 64), (1, 3, 64)])
 def test_split_activations_give_the_float_activation_product(shape):
     """A kernel fed x and x's int8 rounding error as two rows returns, to about 1/127 of the int8
     kernel's error, what the kernel returns with float32 activations (accuracy level 0); the graph's
     rounding error is its numpy reference. Outliers, as the model's massive activations, widen blocks."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnx import TensorProto, helper
 
     rng = np.random.default_rng(3)
     weight = (rng.standard_normal((64, 48)) * 0.05).astype(np.float32)
@@ -274,19 +294,11 @@ def test_split_activations_give_the_float_activation_product(shape):
     x.reshape(-1, 64)[:, [5, 40]] = [30.0, -50.0]
 
     def kernel(accuracy_level: int, split: bool) -> np.ndarray:
-        graph = helper.make_graph([helper.make_node("MatMul", ["x", "proj.weight"], ["y"], name="proj")], "g",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*shape[:-1], 48])],
-                                  [numpy_helper.from_array(weight, "proj.weight")])
-        quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-                                         bits=8, block_size=32, is_symmetric=True, accuracy_level=accuracy_level)
-        quantizer.process()
-        model = quantizer.model.model
+        model = one_kernel(weight, shape, 8, accuracy_level)
         if split:
             split_activation_rows(model, ("proj",))
             model.graph.output.append(helper.make_tensor_value_info("x/rows32", TensorProto.FLOAT, [2, *shape]))
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        outputs = session.run(None, {"x": x})
+        outputs = run_model(model, x)
         if split:
             np.testing.assert_array_equal(outputs[1][0], x)
             np.testing.assert_allclose(outputs[1][1], int8_rounding_error(x, 32), atol=1e-6)
@@ -303,27 +315,15 @@ def test_split_activations_give_the_float_activation_product(shape):
 def test_chunks_at_level0_give_4bit_chunks_float_activations_and_rows_their_split(rows):
     """With chunks_at_level0 a 4-bit kernel of more than one row (a prefill chunk) runs at accuracy level 0,
     the product the split approximates; a one-row kernel (decode) still takes two rows."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
     rng = np.random.default_rng(5)
     weight = (rng.standard_normal((64, 48)) * 0.05).astype(np.float32)
     x = rng.standard_normal((rows, 64)).astype(np.float32)
 
     def kernel(accuracy_level: int, chunks_at_level0: bool | None) -> tuple[np.ndarray, onnx.ModelProto]:
-        graph = helper.make_graph([helper.make_node("MatMul", ["x", "proj.weight"], ["y"], name="proj")], "g",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, 64])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, 48])],
-                                  [numpy_helper.from_array(weight, "proj.weight")])
-        quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-                                         bits=4, block_size=32, is_symmetric=True, accuracy_level=accuracy_level)
-        quantizer.process()
-        model = quantizer.model.model
+        model = one_kernel(weight, x.shape, 4, accuracy_level)
         if chunks_at_level0 is not None:
             split_activation_rows(model, ("proj",), chunks_at_level0)
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        return session.run(None, {"x": x})[0], model
+        return run_model(model, x)[0], model
 
     exact, _ = kernel(0, None)
     got, model = kernel(4, True)

@@ -67,6 +67,7 @@ def check_profile_allows(profile: Profile, weight_dtype: str) -> None:
         WEIGHT_ONLY_FORMATS[weight_dtype].ops
     missing = [op for op in needed if op not in profile.allowed_ops]
     if missing:
+        # WEIGHT_ONLY_FORMATS adds operators from one dtype to the next: the last allowed is the nearest
         allowed = [d for d, form in WEIGHT_ONLY_FORMATS.items() if set(form.ops) <= set(profile.allowed_ops)]
         hint = ("export float32" if weight_dtype not in WEIGHT_ONLY_FORMATS else
                 f"--quantize {allowed[-1]}" if allowed else
