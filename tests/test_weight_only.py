@@ -28,14 +28,6 @@ def tiny_weight_only(tiny_model_dirs, tmp_path_factory):
                               quantize="int8-weight-only").directory
 
 
-@pytest.fixture(scope="module")
-def tiny_int4(tiny_model_dirs, tmp_path_factory):
-    from edgekv.calibration.int8_export import export_for_profile
-
-    # The cpu profile quantizes by default (its weight_dtype), as `edgekv export --profile cpu` does.
-    assert load_profile("cpu").weight_dtype == "int4-weight-only"
-    out = tmp_path_factory.mktemp("tiny-int4") / "llama-cpu-int4"
-    return export_for_profile(str(tiny_model_dirs["llama"]), "cpu", out, progress=lambda _: None).directory
 
 
 def kernel_formats(artifact) -> dict[str, tuple[int, int, bool]]:
@@ -152,12 +144,22 @@ def tiny_cpu_float(tiny_model_dirs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_int4_split(tiny_cpu_float):
+def tiny_int4(tiny_cpu_float):
     from edgekv.calibration.int8_export import quantize_artifact
 
-    out = tiny_cpu_float.with_name("llama-cpu-int4-split")
-    quantize_artifact(tiny_cpu_float, out, "int4-split-activations", progress=lambda _: None)
+    out = tiny_cpu_float.with_name("llama-cpu-int4")
+    quantize_artifact(tiny_cpu_float, out, "int4-weight-only", progress=lambda _: None)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_int4_split(tiny_model_dirs, tmp_path_factory):
+    from edgekv.calibration.int8_export import export_for_profile
+
+    # The cpu profile quantizes by default (its weight_dtype), as `edgekv export --profile cpu` does.
+    assert load_profile("cpu").weight_dtype == "int4-split-activations"
+    out = tmp_path_factory.mktemp("tiny-int4-split") / "llama-cpu-int4-split"
+    return export_for_profile(str(tiny_model_dirs["llama"]), "cpu", out, progress=lambda _: None).directory
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("int8-weight-only", 0.05), ("int4-weight-only", 0.2),
@@ -204,7 +206,7 @@ def test_calibration_text_with_weight_only_is_refused(tiny_model_dirs, tmp_path)
     result = run_edgekv("export", "--model", str(tiny_model_dirs["llama"]), "--profile", "cpu",
                         "--calibration-text", str(text), "--out", str(tmp_path / "out"))
     last = error_line(result)
-    assert "--calibration-text" in last and "int4-weight-only" in last
+    assert "--calibration-text" in last and "int4-split-activations" in last  # the profile's weight_dtype
     assert "loading model" not in result.stderr  # refused before the model is loaded
     assert not (tmp_path / "out").exists()
 
@@ -402,7 +404,7 @@ def test_the_hexagon_profile_takes_int4_and_the_rk3588_one_does_not():
         check_profile_allows(load_profile("npu-small"), "int4-weight-only")
 
 
-def test_split_activations_feed_every_kernel_two_rows_and_give_float32_activations(tiny_cpu_float,
+def test_split_activations_feed_every_kernel_two_rows_and_give_float32_activations(tiny_cpu_float, tiny_int4,
                                                                                     tiny_int4_split):
     """int4-split-activations: int4's weights, every decode kernel fed [input, its int8 rounding error], the
     prefill chunks' 4-bit kernels at accuracy level 0 and their 8-bit ones split. Its logits are those of
@@ -419,12 +421,10 @@ def test_split_activations_feed_every_kernel_two_rows_and_give_float32_activatio
         chunk = ".s1." not in entry.file
         assert kernels and split == {name for name in kernels if level[name] == 4}, entry.file
         assert (len(split) < len(kernels)) == chunk, entry.file
-    artifacts = {"split": tiny_int4_split}
-    for label, form in (("int4", INT4_FORMAT),
-                        ("float", replace(INT4_FORMAT, accuracy_level=0, float_activations=INT4_FORMAT.eight_bit))):
-        artifacts[label] = tiny_cpu_float.with_name(f"llama-cpu-{label}-activations")
-        quantize_artifact(tiny_cpu_float, artifacts[label], "int4-weight-only", progress=lambda _: None,
-                          weight_only=form)
+    artifacts = {"split": tiny_int4_split, "int4": tiny_int4,
+                 "float": tiny_cpu_float.with_name("llama-cpu-float-activations")}
+    quantize_artifact(tiny_cpu_float, artifacts["float"], "int4-weight-only", progress=lambda _: None,
+                      weight_only=replace(INT4_FORMAT, accuracy_level=0, float_activations=INT4_FORMAT.eight_bit))
     tokens = list(range(3, 200))
     logits = {label: forced_logits(artifact, EvalRun("quest", None), tokens, 32)[0]
               for label, artifact in artifacts.items()}
