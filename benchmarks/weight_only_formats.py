@@ -4,8 +4,8 @@ zero points, accuracy level and which weights stay 8-bit, measured on agreement,
 Usage: .venv/bin/python benchmarks/weight_only_formats.py [--formats int8,int4-b32,...] [--context 2048]
        [--scored 256] [--policies quest,dense] [--kv-dtype float32] [--rounds 3] [--json FILE]
 
-The float32 graphs of the `cpu` profile are exported once (into WORK_DIR/float32) and every format is
-quantized from them, as `edgekv export --profile cpu --quantize ...` does. For each format and text, each
+The float32 graphs of the `cpu` profile are exported once (into WORK_DIR/float32; again if the profile
+changed) and every format is quantized from them, as `edgekv export --profile cpu --quantize ...` does. For each format and text, each
 policy (default `quest` at the profile's budgets, and `dense`) is teacher-forced over the last `scored`
 tokens of `context` tokens, against the float32 npu-small artifact under the same policy (the cpu
 profile's KV side is npu-small's): top-1 agreement and mean KL, as the INT8 work measured them. The
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -72,14 +73,19 @@ WARMUP_STEPS = 4
 
 def float_artifact() -> Path:
     """The cpu profile's float32 graphs, with the LM head's weight on the right as the quantizers need."""
-    out = WORK_DIR / "float32"
-    if (out / "manifest.json").exists():
-        return out
     from edgekv.core.profiles import load_profile
     from edgekv.export.exporter import write_float_artifact
     from edgekv.export.models import load_model
 
-    write_float_artifact(load_model("smollm2-135m-instruct", print), load_profile("cpu"), out, None,
+    out, profile = WORK_DIR / "float32", load_profile("cpu")
+    if (out / "manifest.json").exists():
+        # The formats name their weight dtype; any other change of the profile (its operators, budgets)
+        # makes the cached graphs stale: the quantizers would refuse them or measure old shapes.
+        if replace(read_manifest(out).profile, weight_dtype=profile.weight_dtype) == profile:
+            return out
+        print(f"{out} was exported under another cpu profile: exporting it again")
+        shutil.rmtree(out)
+    write_float_artifact(load_model("smollm2-135m-instruct", print), profile, out, None,
                          head_weight_on_right=True)
     return out
 
