@@ -5,12 +5,12 @@ Usage: .venv/bin/python benchmarks/weight_only_formats.py [--formats int8,int4-b
        [--scored 256] [--policies quest,dense] [--kv-dtype float32] [--rounds 3] [--json FILE]
 
 The float32 graphs of the `cpu` profile are exported once (into WORK_DIR/float32; again if the profile
-changed) and every format is quantized from them, as `edgekv export --profile cpu --quantize ...` does. For each format and text, each
-policy (default `quest` at the profile's budgets, and `dense`) is teacher-forced over the last `scored`
-tokens of `context` tokens, against the float32 npu-small artifact under the same policy (the cpu
-profile's KV side is npu-small's): top-1 agreement and mean KL, as the INT8 work measured them. The
-formats' pages are the cpu profile's (INT8) unless --kv-dtype names another (float32: the weights' error
-alone, the reference's pages being float32). The texts:
+changed) and every format is quantized from them, as `edgekv export --profile cpu --quantize ...` does.
+For each format and text, each policy (default `quest` at the profile's budgets, and `dense`) is
+teacher-forced over the last `scored` tokens of `context` tokens, against the float32 npu-small artifact
+under the same policy (the cpu profile's KV side is npu-small's): top-1 agreement and mean KL, as the
+INT8 work measured them. The formats' pages are the cpu profile's (INT8) unless --kv-dtype names another
+(float32: the weights' error alone, the reference's pages being float32). The texts:
 the README at 3d57c8d (the INT8 tables' text) and Python's language reference (`pydoc_data/topics.py`).
 
 Speed: each round opens every format's engine in turn (one at a time: an idle engine's onnxruntime

@@ -28,8 +28,6 @@ def tiny_weight_only(tiny_model_dirs, tmp_path_factory):
                               quantize="int8-weight-only").directory
 
 
-
-
 def kernel_formats(artifact) -> dict[str, tuple[int, int, bool]]:
     """(bits, block_size, has zero points) of every MatMulNBits node, by the float weight it replaced; no MatMul by a weight left."""
     manifest = load_verified(artifact)
