@@ -221,23 +221,44 @@ def test_offset_blocks_hold_q4_1_weights_exactly():
     np.testing.assert_allclose(dequantize_offset_blocks(*offset_blocks(weight, block)), weight, atol=1e-7)
 
 
-def test_offset_int4_graph_equals_its_reference():
-    """onnxruntime's result of the rewritten MatMul is x @ the dequantized weight (rank-3 input, as the graphs')."""
-    import onnxruntime as ort
+def one_matmul(weight: np.ndarray, shape: tuple[int, ...]) -> onnx.ModelProto:
+    """y = x [shape] @ proj.weight, in float32."""
     from onnx import TensorProto, helper, numpy_helper
 
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "proj.weight"], ["y"], name="proj")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*shape[:-1], weight.shape[1]])],
+                              [numpy_helper.from_array(weight, "proj.weight")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def one_kernel(weight: np.ndarray, shape: tuple[int, ...], bits: int, accuracy_level: int) -> onnx.ModelProto:
+    """one_matmul as onnxruntime's quantizer makes it: one MatMulNBits kernel."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(one_matmul(weight, shape), bits=bits, block_size=32, is_symmetric=True,
+                                     accuracy_level=accuracy_level)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def run_model(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+def test_offset_int4_graph_equals_its_reference():
+    """onnxruntime's result of the rewritten MatMul is x @ the dequantized weight (rank-3 input, as the graphs')."""
     rng = np.random.default_rng(1)
     k, n, block = 128, 48, INT4_FORMAT.block_size
     weight = rng.standard_normal((k, n)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, n])],
-                              [numpy_helper.from_array(weight, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = one_matmul(weight, (1, 5, k))
     rewrite_offset_int4(model, block, 0, set(), {})
     assert [node.op_type for node in model.graph.node] == ["Reshape", "ReduceSum", "MatMulNBits", "MatMul", "Add"]
     x = rng.standard_normal((1, 5, k)).astype(np.float32)
-    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = run_model(model, x)[0]
     want = x @ dequantize_offset_blocks(*offset_blocks(weight, block))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.linalg.norm(got - x @ weight) / np.linalg.norm(x @ weight) < 0.15  # 4 bits of a Gaussian
@@ -257,28 +278,6 @@ def test_each_weight_gets_its_formats_variant():
     assert got[frozenset()] == INT8_FORMAT  # no other kept weight
     assert {part for part, names in formats_by_node(INT4_FORMAT, matmuls, kept) if names} == {INT4_FORMAT,
                                                                                               INT8_FORMAT}
-
-
-def one_kernel(weight: np.ndarray, shape: tuple[int, ...], bits: int, accuracy_level: int) -> onnx.ModelProto:
-    """x [shape] @ proj.weight as onnxruntime's quantizer makes it: one MatMulNBits kernel."""
-    from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "proj.weight"], ["y"], name="proj")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*shape[:-1], weight.shape[1]])],
-                              [numpy_helper.from_array(weight, "proj.weight")])
-    quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-                                     bits=bits, block_size=32, is_symmetric=True, accuracy_level=accuracy_level)
-    quantizer.process()
-    return quantizer.model.model
-
-
-def run_model(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})
 
 
 @pytest.mark.parametrize("shape", [(3, 64), (1, 3, 64)])
