@@ -69,7 +69,7 @@ def measure(engine: Engine, tokenizer: ArtifactTokenizer, context: int, depth: f
     return {"context": len(prompt.tokens), "depth": depth, "key": str(key), "reply": text,
             "found": str(key) in text, "prefill_s": prefill_s, "prefill_tok_s": len(prompt.tokens) / prefill_s,
             "decode_tok_s": 1 / float(np.median(times)), "peak_rss_mib": peak_rss_mib(),
-            "kv_mib": {tier: n / MIB for tier, n in usage.kv_bytes.items()}}
+            "kv_mib": {tier: n / MIB for tier, n in usage.kv_bytes.items()}, "bounds_mib": usage.bounds_bytes / MIB}
 
 
 def main() -> None:
@@ -97,7 +97,8 @@ def main() -> None:
             print(f"  {row['context']} tokens: prefill {row['prefill_s']:.0f} s ({row['prefill_tok_s']:.0f} tok/s), "
                   f"reply {row['reply']!r} ({'found' if row['found'] else 'missed'}), decode "
                   f"{row['decode_tok_s']:.2f} tok/s, peak RSS {row['peak_rss_mib']:.0f} MiB, KV MiB "
-                  + "/".join(f"{v:.0f}" for v in row["kv_mib"].values()), file=sys.stderr, flush=True)
+                  + "/".join(f"{v:.0f}" for v in row["kv_mib"].values())
+                  + f", Quest's bounds {row['bounds_mib']:.0f} MiB", file=sys.stderr, flush=True)
     finally:
         engine.close()
     rss_bound = 1.25 * (weights_mib + host_budget_mib)

@@ -102,7 +102,8 @@ def main() -> None:
             captured.append((q.reshape(bounds.shape[0], -1, q.shape[-1]), bounds.copy(), selection.middle.shape[1]))
         return selection
 
-    engine = Engine.open(args.artifact, "quest", kv_dtype=args.kv_dtype)
+    # absolute: every page scored on its bounds at its own position (a far scheme drops those of far pages)
+    engine = Engine.open(args.artifact, "quest", kv_dtype=args.kv_dtype, positions="absolute")
     try:
         token = int(np.argmax(engine.prefill(prompt)))
         engine.cache.reselect = capture

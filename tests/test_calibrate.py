@@ -127,3 +127,7 @@ def test_calibrate_refuses_a_short_text_and_a_quantized_artifact(tiny_artifacts,
     assert result.returncode != 0
     assert "calibration text" in result.stderr and "fewer than the 512" in result.stderr
     assert not (tmp_path / "out").exists()
+    result = run_edgekv("calibrate", str(tiny_artifacts["llama"]), "--context", "1024", "--out", str(tmp_path / "out"))
+    assert result.returncode != 0
+    assert "--context 1024 passes the model's trained context (512 tokens): calibrate inside it" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ from edgekv.runtime import positions
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.kernels.pages import EMPTY
 from edgekv.runtime.kernels.rotation import rotate_half_reference
+from edgekv.runtime.page_bounds import GROWTH, ROW_PAD_PAGES, PageBounds
 from edgekv.runtime.positions import FOLD_TOKENS, GROUP_TOKENS, FarPages, FarPositions
 from edgekv.runtime.rope import Rope
 
@@ -200,6 +201,38 @@ def test_a_long_far_run_spilled_to_disk_equals_it_in_memory(tiny_artifacts, tmp_
     assert pages_spilled > 0
     np.testing.assert_array_equal(in_memory, spilled)
     assert list(tmp_path.iterdir()) == []  # the session's spill file went with it
+
+
+@pytest.mark.parametrize("policy,scheme", [("quest", "clamped"), ("rerank", "grouped")])
+def test_far_pages_own_bounds_are_dropped_and_nothing_changes(tiny_artifacts, policy, scheme, monkeypatch):
+    """Far pages are scored on their far bounds only, so their bounds at their own positions are dropped
+    (PageBounds.drop_before): the same logits as a run that keeps them all, and a bounds array sized by the
+    near pages instead of every page."""
+    ids = random_ids(1500)
+
+    def run_and_measure() -> tuple[np.ndarray, int]:
+        engine = Engine.open(tiny_artifacts["mistral"], policy, positions=scheme)
+        try:
+            logits = [engine.prefill(ids)]
+            for _ in range(12):
+                logits.append(engine.decode(int(np.argmax(logits[-1]))))
+            far, n_pages = engine.cache.far, engine.cache.layers[0].n_pages
+            for pages in engine.cache.layers:
+                if pages.metadata.first:  # dropped
+                    assert 0 < pages.metadata.base <= pages.metadata.first == far.pages
+                    # room for a few times the kept pages (here 53 or 31 of 189), not for every page
+                    assert pages.metadata.full.shape[2] <= 2 * GROWTH * (n_pages - far.pages) + 64 + ROW_PAD_PAGES
+                    with pytest.raises(ValueError, match="are dropped"):
+                        pages.bounds()
+            return np.array(logits), engine.cache.usage().bounds_bytes
+        finally:
+            engine.close()
+
+    logits, bounds_bytes = run_and_measure()
+    monkeypatch.setattr(PageBounds, "drop_before", lambda self, page: None)
+    kept_logits, kept_bytes = run_and_measure()
+    np.testing.assert_array_equal(logits, kept_logits)
+    assert bounds_bytes < kept_bytes
 
 
 def test_unknown_position_scheme_is_refused(tiny_artifacts):

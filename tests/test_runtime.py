@@ -208,7 +208,7 @@ def test_reselect_replaces_the_selection_of_every_step(tiny_artifacts):
 
     def as_streaming(layer, q, store, selection):
         calls.append(layer)
-        return select_pages("streaming", q, store.bounds(), store.n_pages, selection.first_new,
+        return select_pages("streaming", q, store.metadata.full, store.n_pages, selection.first_new,
                             selection.middle.shape[1] + 1 + store.n_pages - selection.first_new)
 
     streaming, layers = logits("streaming")

@@ -67,6 +67,25 @@ def test_page_bounds_keep_every_page_as_they_grow_by_a_quarter_and_never_stride_
     np.testing.assert_array_equal(bounds.full[:, :, :2100], np.stack(sealed, axis=-1))
 
 
+def test_page_bounds_behind_a_moving_first_page_are_dropped_and_the_rest_kept():
+    """A far position scheme drops the bounds of pages that have become far, a window of about 1000 pages
+    behind the newest: the array stays a few times that window, and every kept page's bounds survive its
+    moves, in column page - base."""
+    bounds, rng, window = PageBounds(3, 64), np.random.default_rng(3), 1000
+    sealed = []
+    for page in range(6000):
+        bounds.drop_before(page - window)
+        bounds.add_page(page)
+        bounds.open[:] = rng.normal(size=bounds.open.shape)
+        sealed.append(bfloat16_outward(bounds.open))
+        bounds.seal(page)
+        assert bounds.full.strides[1] % 4096 != 0
+        assert bounds.base <= bounds.first == max(page - window, 0)
+        assert bounds.full.shape[2] <= 2 * GROWTH * (window + 1) + 64 + ROW_PAD_PAGES
+    kept = np.stack(sealed[bounds.first:], axis=-1)
+    np.testing.assert_array_equal(bounds.full[:, :, bounds.first - bounds.base:6000 - bounds.base], kept)
+
+
 @pytest.mark.parametrize("steps", [1, 8])  # decode's few rows (compiled loop) and a chunk's many (BLAS)
 def test_quest_score_is_the_per_channel_upper_bound(steps):
     rng = np.random.default_rng(1)

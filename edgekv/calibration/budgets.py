@@ -94,7 +94,9 @@ def captured_mass(q: np.ndarray, keys: np.ndarray, bounds: np.ndarray, page_size
 def measure_mass(artifact: Path, prompts: list[list[int]], scored: int, candidates: list[int],
                  progress: Callable[[str], None]) -> np.ndarray:
     """[layers, candidates] mean captured attention mass over the scored decode steps of the prompts."""
-    engine = Engine.open(artifact, "quest")
+    # Quest's scores of every page at its own position: what every position scheme uses inside the trained
+    # context, and what the far schemes stop keeping for far pages (so `absolute`, which keeps them).
+    engine = Engine.open(artifact, "quest", positions="absolute")
     model = engine.manifest.model
     scaling = 1.0 / math.sqrt(model["head_dim"])
     graph_budgets = [g.budget for g in engine.manifest.variant("budget-decode")[1:]]
@@ -210,6 +212,9 @@ def calibrate_budgets(artifact: Path, target: float, context: int, scored: int, 
         raise EdgekvError(f"--target-agreement must lie in (0, 1], got {target}")
     if not 2 <= scored < context:
         raise EdgekvError("--scored-tokens must be at least 2 and below --context")
+    if context > manifest.model["max_context"]:
+        raise EdgekvError(f"--context {context} passes the model's trained context ({manifest.model['max_context']} "
+                          "tokens): calibrate inside it, where every position scheme keeps every key's own position")
     profile = manifest.profile
     largest = max(g.budget for g in manifest.variant("budget-decode")[1:])
     candidates = candidate_budgets(profile.page_size, largest)

@@ -25,20 +25,34 @@ GROWTH = 1.25
 
 
 class PageBounds:
+    """The bounds of pages first.. (all of them unless drop_before was called): page p in column p - base of
+    `full`."""
+
     def __init__(self, kv_heads: int, head_dim: int):
         self.full = np.empty((kv_heads, 2 * head_dim, 64 + ROW_PAD_PAGES), dtype=np.uint16)  # full pages, bfloat16 bits
+        self.base = 0  # the page in column 0 of `full`
+        self.first = 0  # the first page whose bounds are kept (pages base..first-1 are dead columns)
         # The open page's bounds, updated at every token, are kept apart in one contiguous block: its
         # column of `full` spans kv_heads*2*head_dim cache lines, each a likely miss after a graph call has
         # streamed the weights through the caches. No selection reads them: the open page is always selected.
         self.open = np.empty((kv_heads, 2 * head_dim), dtype=np.float32)
 
     def add_page(self, page: int) -> None:
-        if page == self.full.shape[2]:  # grow by a constant factor: amortised O(1) per page
-            capacity = -(-int(page * GROWTH) // 64) * 64 + ROW_PAD_PAGES
-            grown = np.empty(self.full.shape[:2] + (capacity,), self.full.dtype)
-            grown[:, :, :page] = self.full
-            self.full = grown
+        if page - self.base == self.full.shape[2]:  # full: the kept columns move to column 0 of a new array
+            kept = page - self.first
+            # Grown by a constant factor: amortised O(1) per page. Once pages are dropped, room for as many
+            # new pages as are kept, so that a moving window of kept pages is copied once per that many pages.
+            wanted = GROWTH * (page if self.first == 0 else 2 * kept)
+            moved = np.empty(self.full.shape[:2] + (-(-int(wanted) // 64) * 64 + ROW_PAD_PAGES,), self.full.dtype)
+            moved[:, :, :kept] = self.full[:, :, self.first - self.base:page - self.base]
+            self.full, self.base = moved, self.first
 
     def seal(self, page: int) -> None:
         """The open page filled: its bounds join the full pages'."""
-        self.full[:, :, page] = bfloat16_outward(self.open)
+        self.full[:, :, page - self.base] = bfloat16_outward(self.open)
+
+    def drop_before(self, page: int) -> None:
+        """Forget the bounds of the pages before `page`, which no selection will score on these bounds again
+        (a far position scheme scores them on their far bounds from now on); their memory is reused when
+        the array next fills."""
+        self.first = max(self.first, page)

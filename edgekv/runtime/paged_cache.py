@@ -84,7 +84,11 @@ class LayerPages:
     def bounds(self) -> np.ndarray:
         """Per-page key max and min as bfloat16 bits (uint16), [kv_heads, 2*head_dim, capacity]: the array
         itself (no copy), whose columns 0 .. length // page_size - 1, the full pages, are set. The page axis
-        runs to the capacity so that the array stays C-contiguous, which the compiled decode score needs."""
+        runs to the capacity so that the array stays C-contiguous, which the compiled decode score needs.
+        Refused once a far position scheme has dropped the far pages' (PagedCache.begin)."""
+        if self.metadata.first:
+            raise ValueError(f"the bounds of pages 0..{self.metadata.first - 1} at their own positions are dropped: "
+                             "they are far pages, scored on their far bounds (`folded`)")
         return self.metadata.full
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
@@ -192,6 +196,11 @@ class PagedCache:
         self.first_new = start // self.page_size
         self.masked = {}
         self.far = self.far_positions.far(start, self.page_size) if self.far_positions is not None else None
+        if self.far is not None:
+            # Far pages stay far (the boundary only moves forward, and no cache is ever cut short: a restore
+            # appends every key again), so their bounds at their own positions are never read again.
+            for pages in self.layers:
+                pages.metadata.drop_before(self.far.pages)
 
     def append(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
         started = time.perf_counter()
@@ -207,8 +216,8 @@ class PagedCache:
         far = None
         if self.far is not None:
             far = FarView(self.far.pages, self.rope.rotate(q, -self.far.base), pages.folded.full,
-                          FarKeys(keys, self.far, self.shifter) if keys is not None else None)
-        selection = select_pages(self.policy, q, pages.bounds(), pages.n_pages, self.first_new, limit, keys,
+                          FarKeys(keys, self.far, self.shifter) if keys is not None else None, pages.metadata.base)
+        selection = select_pages(self.policy, q, pages.metadata.full, pages.n_pages, self.first_new, limit, keys,
                                  self.row_positions[self.pad:], far, self.local_pages)
         if self.reselect is not None:
             selection = self.reselect(layer, q, pages, selection)
@@ -242,8 +251,10 @@ class PagedCache:
 
     def usage(self) -> CacheUsage:
         pages = self.pool.counts()
+        bounds = [pages.metadata for pages in self.layers] + [pages.folded for pages in self.layers if pages.folded]
         return CacheUsage(pages, {tier: n * self.pool.page_bytes for tier, n in pages.items()},
-                          self.pool.transfer_bytes, self.pool.pages_spilled, self.pool.pages_restored)
+                          self.pool.transfer_bytes, self.pool.pages_spilled, self.pool.pages_restored,
+                          sum(b.full.nbytes + b.open.nbytes for b in bounds))
 
     def close(self) -> None:
         self.pool.close()

@@ -79,12 +79,15 @@ class FarView:
     """Pages 0..pages-1 as a step sees them under a far position scheme (runtime/positions.py): the key at
     n sits at base + m(n) (m: n % fold, n // group). They are scored on the bounds of their keys rotated to
     m(n) (`bounds`) with the query rows rotated back by the base (`q`): q·R(b + m)k = (R(-b)q)·R(m)k, so the
-    bound holds for the keys the graph receives. rerank reads their keys rotated to those positions (`keys`)."""
+    bound holds for the keys the graph receives. rerank reads their keys rotated to those positions (`keys`).
+    The near pages' bounds at their own positions may start at a later page than 0 (`near_base`, at most
+    `pages`): the far pages' are dropped (page_bounds.PageBounds.drop_before)."""
 
     pages: int
     q: np.ndarray
     bounds: np.ndarray
     keys: KeyReader | None = None
+    near_base: int = 0
 
 
 def quest_page_scores(q: np.ndarray, bounds: np.ndarray, pages: slice) -> np.ndarray:
@@ -107,12 +110,14 @@ def quest_page_scores(q: np.ndarray, bounds: np.ndarray, pages: slice) -> np.nda
 
 
 def candidate_scores(q: np.ndarray, bounds: np.ndarray, first_new: int, far: FarView | None) -> np.ndarray:
-    """Quest's bounds of the candidate pages 1..first_new-1, the far ones' (if any) under their position."""
+    """Quest's bounds of the candidate pages 1..first_new-1, the far ones' (if any) under their position;
+    `bounds` holds page p's at its own position in column p - far.near_base."""
+    base = 0 if far is None else far.near_base
     if far is None or far.pages <= 1:
-        return quest_page_scores(q, bounds, slice(1, first_new))
+        return quest_page_scores(q, bounds, slice(1 - base, first_new - base))
     split = min(far.pages, first_new)
     return np.concatenate([quest_page_scores(far.q, far.bounds, slice(1, split)),
-                           quest_page_scores(q, bounds, slice(split, first_new))], axis=1)
+                           quest_page_scores(q, bounds, slice(split - base, first_new - base))], axis=1)
 
 
 def top_pages(scores: np.ndarray, count: int) -> np.ndarray:
