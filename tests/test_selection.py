@@ -81,7 +81,7 @@ def test_page_bounds_behind_a_moving_first_page_are_dropped_and_the_rest_kept():
         bounds.seal(page)
         assert bounds.full.strides[1] % 4096 != 0
         assert bounds.base <= bounds.first == max(page - window, 0)
-        assert bounds.full.shape[2] <= 2 * GROWTH * (window + 1) + 64 + ROW_PAD_PAGES
+        assert bounds.full.shape[2] <= GROWTH * (window + 1) + 64 + ROW_PAD_PAGES
     kept = np.stack(sealed[bounds.first:], axis=-1)
     np.testing.assert_array_equal(bounds.full[:, :, bounds.first - bounds.base:6000 - bounds.base], kept)
 

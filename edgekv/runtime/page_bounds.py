@@ -40,10 +40,10 @@ class PageBounds:
     def add_page(self, page: int) -> None:
         if page - self.base == self.full.shape[2]:  # full: the kept columns move to column 0 of a new array
             kept = page - self.first
-            # Grown by a constant factor: amortised O(1) per page. Once pages are dropped, room for as many
-            # new pages as are kept, so that a moving window of kept pages is copied once per that many pages.
-            wanted = GROWTH * (page if self.first == 0 else 2 * kept)
-            moved = np.empty(self.full.shape[:2] + (-(-int(wanted) // 64) * 64 + ROW_PAD_PAGES,), self.full.dtype)
+            # A constant factor more than the kept pages: amortised O(1) copies per page, whether the pages
+            # all stay or a window of them moves along (then the array is sized by the window).
+            capacity = -(-int(kept * GROWTH) // 64) * 64 + ROW_PAD_PAGES
+            moved = np.empty(self.full.shape[:2] + (capacity,), self.full.dtype)
             moved[:, :, :kept] = self.full[:, :, self.first - self.base:page - self.base]
             self.full, self.base = moved, self.first
 
