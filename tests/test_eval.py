@@ -3,13 +3,14 @@ cases, budgets below the artifact's, and a small end-to-end `edgekv eval` on a t
 
 import json
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
 from conftest import run_edgekv
 from edgekv.core.errors import EdgekvError
-from edgekv.evaluation.evaluate import record_rows
+from edgekv.evaluation.evaluate import EvalPlan, record_rows, run_retrieval
 from edgekv.evaluation.metrics import log_softmax, mean_kl, perplexity, top1_agreement
 from edgekv.evaluation.perplexity import window_nll
 from edgekv.evaluation.tasks import TASKS, task_prompt
@@ -72,6 +73,23 @@ def test_a_smaller_budget_masks_the_rest_and_is_exact_while_the_context_fits(tin
     assert np.abs(runs[None][-1] - runs[48][-1]).max() > 1e-3
     with pytest.raises(EdgekvError, match="budget 8 is outside this artifact's range 40..512"):
         Engine.open(tiny_artifacts["llama"], "quest", budget=8)
+
+
+def test_retrieval_reports_each_prompts_prefill_as_it_goes(tiny_artifacts):
+    """A long prompt's prefill takes minutes: run_retrieval hands each prompt's length to the progress
+    context it is given (the CLI's progress bar) and the engine's chunks to the callback it yields."""
+    seen: list[tuple[int, list[int]]] = []
+
+    @contextmanager
+    def progress(tokens: int):
+        seen.append((tokens, []))
+        yield seen[-1][1].append
+
+    plan = EvalPlan([300], [0.0, 1.0], [512], ["quest"])
+    rows = list(run_retrieval(tiny_artifacts["llama"], "passkey", plan, prefill_progress=progress))
+    assert [tokens for tokens, _ in seen] == [row["context"] for row in rows]
+    for tokens, done in seen:
+        assert done == sorted(done) and done[-1] == tokens and len(done) > 1  # 64-token chunks
 
 
 def test_eval_end_to_end_on_a_tiny_model(tiny_artifacts, tmp_path):

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from edgekv.cli.artifacts import print_violations
 from edgekv.cli.common import (POSITIONS_HELP, backend_option, int_list, out, parse_policies,
-                               parse_positions, positions_option)
+                               parse_positions, positions_option, prefill_bar)
 from edgekv.core.constants import DEFAULT_POLICY, KV_DTYPES, POLICIES
 from edgekv.core.errors import EdgekvError
 from edgekv.core.manifest import artifact_dir
@@ -241,7 +241,7 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
                           str(r["context"]), f"{r['top1_agreement']:.3f}", f"{r['mean_kl']:.4f}",
                           f"{r['perplexity']:.2f}")
     else:
-        rows = record_rows(run_retrieval(artifact, task, plan), json_path, header)
+        rows = record_rows(run_retrieval(artifact, task, plan, prefill_progress=prefill_bar), json_path, header)
         table = Table(title=f"{task}: share of right answers over {len(depth_list)} depths")
         for column in ("policy", "positions", "window", "budget", "context", "accuracy", "right at depths"):
             table.add_column(column, justify="right")

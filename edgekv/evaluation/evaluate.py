@@ -11,7 +11,9 @@ import json
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable, ContextManager
 from pathlib import Path
 
 import numpy as np
@@ -77,12 +79,18 @@ def plan_runs(plan: EvalPlan) -> list[EvalRun]:
     return runs
 
 
+# Given a prompt's length, a context around its prefill that yields the engine's on_prefill callback (or None).
+PrefillProgress = Callable[[int], ContextManager[Callable[[int], None] | None]]
+
+
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_retrieval(artifact: Path, task: str, plan: EvalPlan, seed: int = 0) -> Iterator[dict]:
-    """One row per policy, budget, context and depth, as each is measured."""
+def run_retrieval(artifact: Path, task: str, plan: EvalPlan, seed: int = 0,
+                  prefill_progress: PrefillProgress | None = None) -> Iterator[dict]:
+    """One row per policy, budget, context and depth, as each is measured. `prefill_progress(n)`, given a
+    prompt's n tokens, is a context around its prefill that yields the engine's on_prefill (or None)."""
     for run in dict.fromkeys(plan_runs(plan)):
         engine = run.open(artifact, plan.kv_dtype, plan.backend)
         try:
@@ -91,8 +99,11 @@ def run_retrieval(artifact: Path, task: str, plan: EvalPlan, seed: int = 0) -> I
                 for i, depth in enumerate(plan.depths):
                     engine.reset()
                     prompt = task_prompt(task, tokenizer.encode, context, depth, seed + i)
-                    reply = tokenizer.decode(list(engine.generate(prompt.tokens, ANSWER_TOKENS[task],
-                                                                  Sampler(SamplingConfig()), eos_ids=set())))
+                    progress = prefill_progress(len(prompt.tokens)) if prefill_progress else nullcontext()
+                    with progress as on_prefill:
+                        reply = tokenizer.decode(list(engine.generate(prompt.tokens, ANSWER_TOKENS[task],
+                                                                      Sampler(SamplingConfig()), eos_ids=set(),
+                                                                      on_prefill=on_prefill)))
                     row = {"task": task, **run.fields(engine), "context": len(prompt.tokens),
                            "requested_context": context, "depth": depth, "answer": prompt.answer,
                            "reply": reply, "correct": prompt.answer in reply}

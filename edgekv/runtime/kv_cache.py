@@ -30,7 +30,7 @@ class CacheUsage:
     transfer_bytes: int  # moved into the graphs' KV inputs from below the device tier, so far
     pages_spilled: int = 0
     pages_restored: int = 0
-    bounds_bytes: int = 0  # Quest's page bounds in host RAM (both sets under a far position scheme)
+    bounds_bytes: int = 0  # Quest's page bounds in host RAM (under a far position scheme, the far set too)
 
 
 LayerInputs = tuple[np.ndarray, np.ndarray, np.ndarray]  # one layer graph's bound k_sel, v_sel and mask

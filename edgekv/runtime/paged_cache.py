@@ -251,7 +251,7 @@ class PagedCache:
 
     def usage(self) -> CacheUsage:
         pages = self.pool.counts()
-        bounds = [pages.metadata for pages in self.layers] + [pages.folded for pages in self.layers if pages.folded]
+        bounds = [layer.metadata for layer in self.layers] + [layer.folded for layer in self.layers if layer.folded]
         return CacheUsage(pages, {tier: n * self.pool.page_bytes for tier, n in pages.items()},
                           self.pool.transfer_bytes, self.pool.pages_spilled, self.pool.pages_restored,
                           sum(b.full.nbytes + b.open.nbytes for b in bounds))
