@@ -99,28 +99,32 @@ class Engine:
             raise EdgekvError(f"layer budgets must be {len(graph_budgets)} values, each from 2 pages up to its decode "
                               f"graph's budget ({graph_budgets})")
         session_dir = make_session_dir(spill_dir)
-        timers = HostTimers()
-        rope = Rope.from_manifest(model)
-        if policy == "dense":
-            cache: KVCache = StaticCache(model["kv_heads"], model["head_dim"], model["max_context"], timers,
-                                         profile.mask_value)
-        else:
-            pool = TieredPool(model["layers"], model["kv_heads"], model["head_dim"], profile.page_size,
-                              device_kv_bytes or profile.device_kv_bytes, host_kv_bytes or profile.host_kv_bytes,
-                              session_dir / KV_SPILL_FILE, kv_dtype or profile.kv_dtype)
-            far_positions = (None if positions == "absolute" else
-                             FarPositions.for_model(positions, model["max_context"], profile.prefill_chunk))
-            cache = PagedCache(policy, pool, [b // profile.page_size for b in layer_budgets], scale, timers,
-                               mask_value=profile.mask_value, far_positions=far_positions, rope=rope,
-                               local_pages=local_window // profile.page_size)
-        runner = backend(manifest, threads)
-        steps = []
-        for kind in ("prefill", "decode"):
-            graphs = manifest.variant(f"{cache.family}-{kind}")
-            steps.append(bind_step(runner, graphs, cache.inputs(graphs, decoding=kind == "decode")))
-        return cls(manifest, policy, Embedding.open(manifest), rope, runner, cache, *steps, session_dir, timers,
-                   positions="absolute" if policy == "dense" else positions,
-                   local_window=0 if policy == "dense" else local_window)
+        try:
+            timers = HostTimers()
+            rope = Rope.from_manifest(model)
+            if policy == "dense":
+                cache: KVCache = StaticCache(model["kv_heads"], model["head_dim"], model["max_context"], timers,
+                                             profile.mask_value)
+            else:
+                pool = TieredPool(model["layers"], model["kv_heads"], model["head_dim"], profile.page_size,
+                                  device_kv_bytes or profile.device_kv_bytes, host_kv_bytes or profile.host_kv_bytes,
+                                  session_dir / KV_SPILL_FILE, kv_dtype or profile.kv_dtype)
+                far_positions = (None if positions == "absolute" else
+                                 FarPositions.for_model(positions, model["max_context"], profile.prefill_chunk))
+                cache = PagedCache(policy, pool, [b // profile.page_size for b in layer_budgets], scale, timers,
+                                   mask_value=profile.mask_value, far_positions=far_positions, rope=rope,
+                                   local_pages=local_window // profile.page_size)
+            runner = backend(manifest, threads)
+            steps = []
+            for kind in ("prefill", "decode"):
+                graphs = manifest.variant(f"{cache.family}-{kind}")
+                steps.append(bind_step(runner, graphs, cache.inputs(graphs, decoding=kind == "decode")))
+            return cls(manifest, policy, Embedding.open(manifest), rope, runner, cache, *steps, session_dir, timers,
+                       positions="absolute" if policy == "dense" else positions,
+                       local_window=0 if policy == "dense" else local_window)
+        except BaseException:  # a failed or interrupted open (its sessions take seconds) leaves no directory
+            shutil.rmtree(session_dir, ignore_errors=True)
+            raise
 
     def reset(self) -> None:
         """Empty the KV cache (a new conversation); the graphs and their bound buffers stay."""
