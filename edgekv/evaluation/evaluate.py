@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import numpy as np
 
