@@ -69,8 +69,8 @@ def test_page_bounds_keep_every_page_as_they_grow_by_a_quarter_and_never_stride_
 
 def test_page_bounds_behind_a_moving_first_page_are_dropped_and_the_rest_kept():
     """A far position scheme drops the bounds of pages that have become far, a window of about 1000 pages
-    behind the newest: the array stays a few times that window, and every kept page's bounds survive its
-    moves, in column page - base."""
+    behind the newest: the array stays that window and a quarter more, and every kept page's bounds survive
+    its moves, in column page - base."""
     bounds, rng, window = PageBounds(3, 64), np.random.default_rng(3), 1000
     sealed = []
     for page in range(6000):

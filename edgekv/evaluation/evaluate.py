@@ -14,7 +14,6 @@ from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
 
 import numpy as np
 
@@ -23,7 +22,7 @@ from edgekv.evaluation.metrics import mean_kl, perplexity, top1_agreement
 from edgekv.evaluation.plots import new_axes, save_figure
 from edgekv.evaluation.tasks import ANSWER_TOKENS, task_prompt
 from edgekv.runtime.backend import BackendFactory, OnnxruntimeBackend
-from edgekv.runtime.engine import Engine
+from edgekv.runtime.engine import Engine, PrefillProgress
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.tokens import ArtifactTokenizer
 
@@ -77,10 +76,6 @@ def plan_runs(plan: EvalPlan) -> list[EvalRun]:
         runs += [DENSE_RUN] if policy == "dense" else [
             EvalRun(policy, b, s, w) for b in plan.budgets for s in plan.positions for w in plan.local_windows]
     return runs
-
-
-# Given a prompt's length, a context around its prefill that yields the engine's on_prefill callback (or None).
-PrefillProgress = Callable[[int], ContextManager[Callable[[int], None] | None]]
 
 
 def log(text: str) -> None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
+from typing import Callable
 
 from edgekv.core.errors import EdgekvError
-from edgekv.runtime.engine import Engine
+from edgekv.runtime.engine import Engine, PrefillProgress
 from edgekv.runtime.sampling import Sampler, SamplingConfig
 from edgekv.runtime.stats import GenerationStats
 from edgekv.runtime.tokens import ArtifactTokenizer
@@ -61,7 +61,7 @@ class Conversation:
 
     def reply(self, user: str, max_new_tokens: int, on_token: Callable[[int], None] | None = None,
               interrupted: Callable[[], bool] = lambda: False,
-              prefill_progress: Callable[[int], ContextManager[Callable[[int], None] | None]] | None = None) -> Turn:
+              prefill_progress: PrefillProgress | None = None) -> Turn:
         """Run one turn. `interrupted` is polled after every token: when it turns true the reply stops
         there, and stays in the history marked as interrupted. `prefill_progress(n)`, given the turn's
         n tokens to prefill, is a context around the turn that yields the engine's on_prefill (or None)."""

@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import numpy as np
 
@@ -39,6 +39,11 @@ from edgekv.runtime.rope import Rope
 from edgekv.runtime.sampling import Sampler
 from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S, GenerationStats, HostTimers
 from edgekv.runtime.tiers import TieredPool
+
+# Given n prompt tokens to prefill, a context around the prefill that yields its on_prefill callback (or None):
+# how a caller shows a long prefill's progress (the CLI's progress bar).
+PrefillProgress = Callable[[int], ContextManager[Callable[[int], None] | None]]
+
 
 @dataclass
 class Engine:
