@@ -178,19 +178,6 @@ def test_a_failed_open_leaves_no_session_directory(tiny_artifacts, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sigterm_stops_generation_and_removes_the_session_directory(tiny_artifacts, tmp_path):
-    process = subprocess.Popen([EDGEKV, "generate", str(tiny_artifacts["llama"]), "--prompt", "Tell me a story.",
-                                "--max-new-tokens", "100000", "--spill-dir", str(tmp_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout.read(1)  # streaming has started
-    assert any(tmp_path.iterdir())
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM
-    assert "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_ctrl_c_stops_generation_cleanly(default_artifact, tmp_path):
     process = subprocess.Popen([EDGEKV, "generate", str(default_artifact), "--prompt", "Tell me a very long story.",
                                 "--max-new-tokens", "2000", "--temperature", "0.8", "--seed", "1",

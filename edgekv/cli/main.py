@@ -3,7 +3,6 @@ error and exit status 1."""
 
 from __future__ import annotations
 
-import signal
 import sys
 
 import click
@@ -27,14 +26,7 @@ for command in (profiles, export, validate, compile_command, install_rknn, gener
     cli.add_command(command)
 
 
-def exit_on_sigterm(signum: int, frame) -> None:
-    """SIGTERM (a job scheduler, `kill`, a container stopping) unwinds like Ctrl-C: every engine on the way
-    out closes and removes its session directory and spill file, instead of leaving them in the temp dir."""
-    sys.exit(128 + signum)
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         cli(standalone_mode=False)
     except EdgekvError as e:
