@@ -95,8 +95,8 @@ def test_attention_mass_is_its_reference(rows):
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("shifted", [False, True])
 def test_record_page_mass_is_its_reference(int8, shifted):
-    """With shifts, the keys of the first candidates are rotated (the far keys of the clamped and folded
-    schemes, some by 0 positions), the others read as they are."""
+    """With shifts, the keys of the first candidates are rotated (the far keys of the far schemes: a page's
+    shifts of one sign, any within it; some by 0 positions), the others read as they are."""
     kv_heads, page_size, head_dim, records, steps, groups = 3, 8, 16, 40, 2, 3
     span = kv_heads * page_size * head_dim
     element = np.int8 if int8 else np.float32
@@ -111,7 +111,9 @@ def test_record_page_mass_is_its_reference(int8, shifted):
     shifts, cos, sin = None, rotation.NO_TABLE, rotation.NO_TABLE
     if shifted:
         shifts = np.zeros(slots.shape + (page_size,), np.int64)
-        shifts[:, :6] = RNG.integers(-899, 900, size=(kv_heads, 6, page_size))  # |shift| < the table's 900 rows
+        shifts[:, :6] = RNG.integers(0, 900, size=(kv_heads, 6, page_size))  # |shift| < the table's 900 rows
+        shifts[1, :6] *= -1
+        shifts[2, 0] = 600 - np.arange(page_size)  # clamped: every key of the page at one position
         shifts[0, 0, :3] = 0
         cos, sin = rotation.shift_table(1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim), 900)
     got = np.empty(slots.shape, np.float32)

@@ -147,13 +147,29 @@ def record_page_mass_reference(rows: np.ndarray, records: np.ndarray, scales: np
     return attention_mass_reference(rows, keys, local_keys, visible)
 
 
+@njit(inline="always", fastmath=True)
+def rotate_by(source: np.ndarray, shift: int, cos: np.ndarray, sin: np.ndarray, out: np.ndarray) -> None:
+    """out = source [head_dim] rotated by `shift` positions (rotation.rotate_keys_reference's convention)."""
+    half = len(source) // 2
+    index, sign = (shift, np.float32(1)) if shift >= 0 else (-shift, np.float32(-1))
+    for c in range(half):
+        a, b = source[c], source[c + half]
+        co, si = cos[index, c], sin[index, c] * sign
+        out[c], out[c + half] = a * co - b * si, b * co + a * si
+
+
 @njit(cache=True, fastmath=True)
 def record_page_mass(rows: np.ndarray, records: np.ndarray, scales: np.ndarray | None, slots: np.ndarray,
                      page_size: int, local_keys: np.ndarray, local_positions: np.ndarray, row_positions: np.ndarray,
                      shifts: np.ndarray | None, cos: np.ndarray, sin: np.ndarray, mass: np.ndarray) -> None:
     """record_page_mass_reference into mass [kv_heads, c], reading the keys in place: copying the shortlist's
-    keys out of the records first (numpy's fancy index) cost more than the product. A key with a shift is
-    dequantized and rotated into a buffer first (the far keys of a far position scheme)."""
+    keys out of the records first (numpy's fancy index) cost more than the product.
+
+    A page's keys are shifted by s0 + d (s0: its first key's shift; d within a page under every far scheme:
+    -t under clamped, 0 under folded), and q·R(s0 + d)k = (R(-s0)q)·(R(d)k): the rows are rotated once a
+    page, by one row of the cos/sin table, and a key only by d, whose rows of the table stay in cache.
+    Rotating each key by its whole shift read a table row per key, spread over the context's length.
+    A page's shifts have one sign (every scheme's do), so the table that covers them covers d."""
     kv_heads, n_rows, head_dim = rows.shape
     n, n_local, steps = slots.shape[1], local_keys.shape[1], len(row_positions)
     span = page_size * head_dim  # one KV head's keys of a page, contiguous in its record
@@ -161,9 +177,10 @@ def record_page_mass(rows: np.ndarray, records: np.ndarray, scales: np.ndarray |
     logits = np.empty((n_rows, n * page_size), np.float32)
     local_logits = np.empty((n_rows, n_local), np.float32)
     scaled = np.empty((n_rows, head_dim), np.float32)
-    head_rows = np.empty((n_rows, head_dim), np.float32)  # an INT8 page's rows times its key scales
-    rotated = np.empty(head_dim, np.float32)  # a shifted key, dequantized and rotated
-    half = head_dim // 2
+    page_rows = np.empty((n_rows, head_dim), np.float32)  # the rows rotated back by the page's first shift
+    head_rows = np.empty((n_rows, head_dim), np.float32)  # those times an INT8 page's key scales
+    key_values = np.empty(head_dim, np.float32)  # a shifted key, dequantized
+    rotated = np.empty(head_dim, np.float32)  # and rotated by its shift within the page
     for head in range(kv_heads):
         for r in range(n_rows):
             for d in range(head_dim):
@@ -173,6 +190,7 @@ def record_page_mass(rows: np.ndarray, records: np.ndarray, scales: np.ndarray |
                 for d in range(head_dim):
                     logit += scaled[r, d] * local_keys[head, j, d]
                 local_logits[r, j] = logit if local_positions[j] <= row_positions[r % steps] else -np.inf
+        page_rows[:] = scaled
         head_rows[:] = scaled
         for i in range(n):
             # The pages lie scattered in memory and the step runs cold after a graph call: without asking
@@ -181,38 +199,37 @@ def record_page_mass(rows: np.ndarray, records: np.ndarray, scales: np.ndarray |
                 ahead = slots[head, i + PREFETCH_PAGES_AHEAD] * records.shape[1] + head * span
                 for offset in range(0, span, line):
                     prefetch(records, ahead + offset)
-                if shifts is not None:  # and the cos/sin rows its keys' shifts read
-                    for t in range(page_size):
-                        row = abs(shifts[head, i + PREFETCH_PAGES_AHEAD, t]) * half
-                        for offset in range(0, half, TABLE_LINE):
-                            prefetch(cos, row + offset)
-                            prefetch(sin, row + offset)
+                if shifts is not None:  # and the cos/sin row its rows are rotated by
+                    row = abs(shifts[head, i + PREFETCH_PAGES_AHEAD, 0]) * cos.shape[1]
+                    for offset in range(0, cos.shape[1], TABLE_LINE):
+                        prefetch(cos, row + offset)
+                        prefetch(sin, row + offset)
             slot = slots[head, i]
-            if scales is not None:
+            first = 0 if shifts is None else shifts[head, i, 0]
+            if shifts is not None:
+                for r in range(n_rows):
+                    rotate_by(scaled[r], -first, cos, sin, page_rows[r])
+            if scales is not None or shifts is not None:
                 for r in range(n_rows):
                     for d in range(head_dim):
-                        head_rows[r, d] = scaled[r, d] * scales[slot, head, d]
+                        head_rows[r, d] = page_rows[r, d] * (np.float32(1) if scales is None else scales[slot, head, d])
             for t in range(page_size):
                 key = records[slot, head * span + t * head_dim:head * span + (t + 1) * head_dim]
-                shift = 0 if shifts is None else shifts[head, i, t]
-                if shift == 0:
+                within = 0 if shifts is None else shifts[head, i, t] - first
+                if within == 0:
                     for r in range(n_rows):
                         acc = np.float32(0)
                         for d in range(head_dim):
                             acc += head_rows[r, d] * np.float32(key[d])
                         logits[r, i * page_size + t] = acc
                     continue
-                index, sign = (shift, np.float32(1)) if shift > 0 else (-shift, np.float32(-1))
-                for c in range(half):
-                    a, b = np.float32(key[c]), np.float32(key[c + half])
-                    if scales is not None:
-                        a, b = a * scales[slot, head, c], b * scales[slot, head, c + half]
-                    co, si = cos[index, c], sin[index, c] * sign
-                    rotated[c], rotated[c + half] = a * co - b * si, b * co + a * si
+                for d in range(head_dim):
+                    key_values[d] = np.float32(key[d]) * (np.float32(1) if scales is None else scales[slot, head, d])
+                rotate_by(key_values, within, cos, sin, rotated)
                 for r in range(n_rows):
                     acc = np.float32(0)
                     for d in range(head_dim):
-                        acc += scaled[r, d] * rotated[d]
+                        acc += page_rows[r, d] * rotated[d]
                     logits[r, i * page_size + t] = acc
         mass[head] = 0
         add_softmax_page_mass(logits, local_logits, page_size, mass[head])
