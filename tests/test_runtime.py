@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
+from threadpoolctl import ThreadpoolController
 
 from conftest import EDGEKV, run_edgekv
 from edgekv.core.constants import POLICIES
@@ -254,3 +255,21 @@ def test_prefill_reports_its_progress_chunk_by_chunk(tiny_artifacts):
     body = len(prompt) - 1
     assert body % chunk and body > chunk  # a remainder chunk and full ones
     assert seen == [*range(body % chunk, body + 1, chunk), len(prompt)]
+
+
+def test_the_host_blas_runs_on_one_thread_while_the_graphs_run(tiny_artifacts):
+    """OpenBLAS's idle threads spin after a product and would take the cores from the graph call after a
+    prefill chunk's page scores: every graph runs with the BLAS held to one thread, restored after."""
+    controller = ThreadpoolController()
+    before = [pool.num_threads for pool in controller.select(user_api="blas").lib_controllers]
+    engine = Engine.open(tiny_artifacts["llama"], "quest")
+    seen = []
+    engine.on_graph = lambda graph, inputs: seen.extend(
+        pool.num_threads for pool in ThreadpoolController().select(user_api="blas").lib_controllers)
+    try:
+        engine.prefill(np.random.default_rng(5).integers(3, 300, 200).tolist())
+        engine.decode(7)
+    finally:
+        engine.close()
+    assert before and seen and set(seen) == {1}
+    assert [pool.num_threads for pool in ThreadpoolController().select(user_api="blas").lib_controllers] == before

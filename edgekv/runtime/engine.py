@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from edgekv.core.constants import DEFAULT_POLICY, KV_DTYPES, POLICIES, POSITION_SCHEMES
 from edgekv.core.errors import EdgekvError
@@ -65,6 +66,9 @@ class Engine:
     warned_context: bool = False
     # Called with each graph and its bound inputs just before it runs (INT8 calibration records them).
     on_graph: Callable[[GraphEntry, dict[str, np.ndarray]], None] | None = None
+    # The host's BLAS (a prefill chunk's page scores) runs on one thread: OpenBLAS's idle threads spin after
+    # each product and slow the graph call that follows (benchmarks/RESULTS.md, "One BLAS thread").
+    blas: ThreadpoolController = field(default_factory=ThreadpoolController)
 
     @classmethod
     def open(cls, artifact: Path | str, policy: str = DEFAULT_POLICY, spill_dir: Path | str | None = None,
@@ -172,13 +176,14 @@ class Engine:
         b["ids"][pad:] = tokens
         self.embedding.lookup(b["ids"], b["hidden0"])
         self.rope.fill(b["positions"], b["cos"], b["sin"])
-        for layer in range(len(step.layer_kv)):
-            # Graph `layer` (qkv, then each layer's) wrote layer `layer`'s q and k before RoPE.
-            self._run(step, layer)
-            rotate_half_in_place(b[f"q{layer % 2}"], b["k_new"], b["cos"], b["sin"])
-            self.cache.append(layer, b["k_new"][:, pad:], b["v_new"][:, pad:])
-            self.cache.prepare(layer, b[f"q{layer % 2}"][:, pad:])
-        self._run(step, len(step.layer_kv))  # the head
+        with self.blas.limit(limits=1, user_api="blas"):
+            for layer in range(len(step.layer_kv)):
+                # Graph `layer` (qkv, then each layer's) wrote layer `layer`'s q and k before RoPE.
+                self._run(step, layer)
+                rotate_half_in_place(b[f"q{layer % 2}"], b["k_new"], b["cos"], b["sin"])
+                self.cache.append(layer, b["k_new"][:, pad:], b["v_new"][:, pad:])
+                self.cache.prepare(layer, b[f"q{layer % 2}"][:, pad:])
+            self._run(step, len(step.layer_kv))  # the head
         self.tokens.extend(tokens)
         return b["logits"][0, -1].copy()  # the buffer is overwritten by the next step
 
