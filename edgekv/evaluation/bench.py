@@ -1,9 +1,9 @@
 """`edgekv bench`: decode and prefill speed of each policy as the context grows, measured and projected.
 
 Each policy runs in its own child process (so its peak memory is its own). Its engine is prefilled with
-seeded random tokens up to each context in turn (speed does not depend on the text; an untimed prompt of
-WARMUP_PROMPT_TOKENS before the first), then decodes WARMUP_TOKENS untimed and `steps` timed tokens; the
-median step gives decode tokens/s. Every row also carries the profile-device projection of the same step
+seeded random tokens up to each context in turn (speed does not depend on the text; an untimed prompt
+past the prefill budget before the first), then decodes WARMUP_TOKENS untimed and `steps` timed tokens;
+the median step gives decode tokens/s. Every row also carries the profile-device projection of the same step
 (evaluation/projection.py).
 """
 
@@ -25,7 +25,6 @@ from edgekv.runtime.engine import Engine
 from edgekv.runtime.stats import READING_SPEED_TOKENS_PER_S
 
 WARMUP_TOKENS = 4
-WARMUP_PROMPT_TOKENS = 256
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384)
 DENSE_HEADROOM = WARMUP_TOKENS + 64  # the dense baseline's largest point leaves room for the decoded tokens
 
@@ -65,8 +64,10 @@ def measure_policy(artifact: str, policy: str, contexts: list[int], steps: int, 
     try:
         vocab = engine.manifest.model["vocab"]
         # One untimed prompt first: the first graph calls and compiled kernels' loads (their compilation, in
-        # a fresh clone) would otherwise count in the first point's prefill rate.
-        engine.prefill(rng.integers(vocab // 8, vocab, WARMUP_PROMPT_TOKENS).tolist())
+        # a fresh clone) would otherwise count in the first point's prefill rate. About twice the prefill
+        # budget, so that page selection runs (and compiles) in prefill and decode; inside dense's context.
+        warmup = min(2 * engine.manifest.profile.prefill_budget, engine.manifest.model["max_context"])
+        engine.prefill(rng.integers(vocab // 8, vocab, warmup - DENSE_HEADROOM).tolist())
         engine.reset()
         for requested in contexts:
             context = usable_context(requested, policy, engine.manifest.model["max_context"])
