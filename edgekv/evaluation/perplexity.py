@@ -64,4 +64,5 @@ def plot_perplexity(rows: list[dict], path: Path, title: str) -> None:
                 label=f"{policy} ({positions}, window {window}), {context} tokens")
     ax.set_xlabel("position in the text (end of each window)")
     ax.set_ylabel("perplexity")
+    ax.set_yscale("log")  # a scheme that breaks reaches thousands; the working ones differ by percent
     save_figure(fig, ax, path, title)
