@@ -1,7 +1,7 @@
 """The reference for `edgekv eval --task perplexity` past the trained context (issue 21): each window past it
-scored again with only the tokens of the trained context before its end, where every position scheme is
-`absolute`. A scheme's window divided by this one tells what the far context does to it, apart from how
-hard the window's own text is.
+scored again under `absolute` positions with only the tokens before its end that fit the trained context.
+A scheme's window divided by this one tells what the far context does to it, apart from how hard the
+window's own text is.
 
 Usage: .venv/bin/python benchmarks/perplexity_capped.py ARTIFACT [--policy rerank] [--context 32768]
            [--window 4096] [--scored-tokens 512] [--json PATH]
@@ -34,7 +34,7 @@ def main() -> None:
     engine = Engine.open(args.artifact, args.policy, positions="absolute")
     try:
         text = ArtifactTokenizer.load(engine.manifest).encode("\n\n".join(reference_paragraphs()))
-        # The longest context every scheme keeps exact (runtime/positions.py: clamped moves keys from here).
+        # Inside the trained context, a prefill chunk short of it: where clamped still equals absolute.
         cap = engine.manifest.model["max_context"] - engine.manifest.profile.prefill_chunk
         rows = []
         for end in range(args.window, args.context + 1, args.window):
