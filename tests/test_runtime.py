@@ -179,7 +179,8 @@ def test_a_failed_open_leaves_no_session_directory(tiny_artifacts, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_stops_generation_cleanly(default_artifact, tmp_path):
+@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_a_stopped_generation_exits_cleanly(default_artifact, tmp_path, stop, code):
     process = subprocess.Popen([EDGEKV, "generate", str(default_artifact), "--prompt", "Tell me a very long story.",
                                 "--max-new-tokens", "2000", "--temperature", "0.8", "--seed", "1",
                                 "--spill-dir", str(tmp_path)],
@@ -191,10 +192,11 @@ def test_ctrl_c_stops_generation_cleanly(default_artifact, tmp_path):
     assert first
     assert any(tmp_path.iterdir())  # the session directory exists while generating
     time.sleep(1)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130
-    assert "interrupted" in err and "Traceback" not in err
+    assert process.returncode == code
+    assert "Traceback" not in err
+    assert ("interrupted" in err) == (stop == signal.SIGINT)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -3,6 +3,7 @@ error and exit status 1."""
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -26,7 +27,14 @@ for command in (profiles, export, validate, compile_command, install_rknn, gener
     cli.add_command(command)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SIGTERM's default ends the process without unwinding, leaving an engine's session directory (and its
+    # spill file) behind; an exit runs every close on the way out. `serve` installs its own handler.
+    sys.exit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         cli(standalone_mode=False)
     except EdgekvError as e:
