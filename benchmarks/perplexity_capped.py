@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekv.evaluation.perplexity import window_nll
-from edgekv.evaluation.tasks import reference_paragraphs
+from edgekv.evaluation.tasks import reference_text
 from edgekv.runtime.engine import Engine
 from edgekv.runtime.tokens import ArtifactTokenizer
 
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     engine = Engine.open(args.artifact, args.policy, positions="absolute")
     try:
-        text = ArtifactTokenizer.load(engine.manifest).encode("\n\n".join(reference_paragraphs()))
+        text = ArtifactTokenizer.load(engine.manifest).encode(reference_text())
         # Inside the trained context, a prefill chunk short of it: where clamped still equals absolute.
         cap = engine.manifest.model["max_context"] - engine.manifest.profile.prefill_chunk
         rows = []

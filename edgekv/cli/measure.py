@@ -183,7 +183,7 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
     from edgekv.evaluation.evaluate import (EvalPlan, plot_eval, record_rows, run_agreement, run_retrieval,
                                             self_written_text)
     from edgekv.evaluation.perplexity import plot_perplexity, run_perplexity
-    from edgekv.evaluation.tasks import reference_paragraphs
+    from edgekv.evaluation.tasks import reference_text
     from edgekv.targets.registry import BACKENDS, backend_name
 
     artifact = artifact_dir(directory)
@@ -207,7 +207,7 @@ def evaluate(directory, task, contexts, depths, budgets, policies, text_file, sc
                           "or leave dense out of --policies")
     if task == "perplexity":
         text = eval_text(text_file, manifest, max(plan.contexts),
-                         lambda encode: encode("\n\n".join(reference_paragraphs())), "Python's language reference")
+                         lambda encode: encode(reference_text()), "Python's language reference")
         if not 2 <= scored_tokens < window:
             raise EdgekvError("--scored-tokens must be at least 2 and below --window")
         rows = record_rows(run_perplexity(artifact, text, plan, window, scored_tokens), json_path,

@@ -86,6 +86,11 @@ def reference_paragraphs() -> list[str]:
     return [p for text in topics.values() for p in text.split("\n\n") if p.strip()]
 
 
+def reference_text() -> str:
+    """The running text of `edgekv eval --task perplexity`: the reference's paragraphs, one after another."""
+    return "\n\n".join(reference_paragraphs())
+
+
 def text_passkey_prompt(encode: Callable[[str], list[int]], total_tokens: int, depth: float, key: int) -> TaskPrompt:
     needle = f"A note for the reader: the pass key is {key}. Remember it. {key} is the pass key."
     question = "\n\nWhat is the pass key? The pass key is"
