@@ -394,6 +394,30 @@ def test_rerank_and_the_oracle_keep_the_page_attention_wants_where_quests_bound_
     assert study.attention_mass_selection(0, q, store, quest).pages().tolist() == [[0, 3, 9]] * KV_HEADS
 
 
+def test_a_decode_shortlist_holds_the_pages_kept_from_the_step_before(tmp_path):
+    """Pages 5-9 bound high (each channel's max from a different key) and score 0; page 3's keys score 8
+    but bound lower than those five. With a room of 1 the shortlist of 4 holds only misleading pages, and
+    rerank picks one of them; with page 3 kept from the step before it is shortlisted, and chosen. Kept
+    pages outside 1..older-1 (the sink, the page the step writes) change nothing."""
+    pool, store = make_store(tmp_path)
+    keys = np.full((KV_HEADS, 12 * PAGE, HEAD_DIM), -1.0, np.float32)
+    keys[:, 3 * PAGE:4 * PAGE] = 0.5
+    for page in range(5, 10):
+        for i in range(HEAD_DIM):
+            keys[:, page * PAGE + i % PAGE, i] = 3.0
+    store.append(keys, keys)
+    q = np.ones((KV_HEADS * GROUPS, 1, HEAD_DIM), np.float32)
+
+    def middle(kept):
+        return select_pages("rerank", q, store.bounds(), store.n_pages, 11, 3, LayerKeys(pool, 0),
+                            np.array([store.length - 1]), kept=kept).middle.tolist()
+
+    alone = middle(None)
+    assert all(5 <= page <= 9 for (page,) in alone)
+    assert middle(np.array([[3]] * KV_HEADS)) == [[3]] * KV_HEADS
+    assert middle(np.array([[0, 11]] * KV_HEADS)) == alone
+
+
 @pytest.mark.parametrize("outliers", [False, True])
 @pytest.mark.parametrize("count", [1, 62, 499])
 def test_top_pages_are_the_highest_of_distinct_scores(count, outliers):

@@ -156,6 +156,8 @@ class PagedCache:
     masked: dict[int, int] = field(init=False, default_factory=dict)  # budget -> the page limit its mask holds
     far: FarPages | None = field(init=False, default=None)  # the step's far pages (far_positions)
     shifter: KeyShifter | None = field(init=False, default=None)  # rotates far keys (far_positions)
+    # Per layer: the middle pages of its last selection, which rerank's next decode step shortlists.
+    chosen: list[np.ndarray | None] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.layers = self._new_layers()
@@ -163,6 +165,7 @@ class PagedCache:
             self.shifter = KeyShifter(self.rope)
 
     def _new_layers(self) -> list[LayerPages]:
+        self.chosen = [None] * self.pool.table.layers
         if self.far_positions is None:
             return [LayerPages(layer, self.pool) for layer in range(self.pool.table.layers)]
         return [LayerPages(layer, self.pool, self.rope, self.far_positions)
@@ -218,9 +221,11 @@ class PagedCache:
             far = FarView(self.far.pages, self.rope.rotate(q, -self.far.base), pages.folded.full,
                           FarKeys(keys, self.far, self.shifter) if keys is not None else None, pages.metadata.base)
         selection = select_pages(self.policy, q, pages.metadata.full, pages.n_pages, self.first_new, limit, keys,
-                                 self.row_positions[self.pad:], far, self.local_pages)
+                                 self.row_positions[self.pad:], far, self.local_pages,
+                                 self.chosen[layer] if self.decoding else None)
         if self.reselect is not None:
             selection = self.reselect(layer, q, pages, selection)
+        self.chosen[layer] = selection.middle
         selected = time.perf_counter()
         if not self.decoding:  # the buffer held the previous layer's pages
             buffer.clear()

@@ -8,7 +8,8 @@ selected, which is exactly dense attention.
 - quest: the pages of highest Quest bound (an upper bound of q·k over the page, from its key min/max).
 - rerank: Quest's shortlist of a few times the free room (RERANK_SHORTLIST_*), re-ranked by the
   attention the step's query rows really give each page (softmax over the shortlist, the sink and the
-  step's pages). A bound adds each channel's largest product, which can come from different keys, so
+  step's pages). A decode step's shortlist also holds the pages its layer chose at the step before, so a
+  page the question needs, once found, is not lost to a bound that ranks it low for one token. A bound adds each channel's largest product, which can come from different keys, so
   on repeated text many filler pages bound as high as the one page a question needs; their true
   attention does not (benchmarks/selection_oracle.py). It reads the shortlist's keys: a cost that
   stops growing once the context passes the shortlist.
@@ -129,13 +130,14 @@ def top_pages(scores: np.ndarray, count: int) -> np.ndarray:
 
 def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, first_new: int,
                  budget_pages: int, keys: KeyReader | None = None, row_positions: np.ndarray | None = None,
-                 far: FarView | None = None, local_pages: int = 0) -> Selection:
+                 far: FarView | None = None, local_pages: int = 0, kept: np.ndarray | None = None) -> Selection:
     """The selection of one layer and step (quest, rerank or streaming).
 
     `first_new` is the first page the step writes. rerank also needs the layer's `keys` and the positions
     of q's rows. `far`: the far pages under a far position scheme, if any. `local_pages`:
     the most recent pages before the step's, kept whatever their score (a local window), the rest of the
-    room chosen by the policy among the older pages.
+    room chosen by the policy among the older pages. `kept` [kv_heads, k]: pages rerank shortlists whatever
+    their bound (the layer's previous selection).
     """
     kv_heads = bounds.shape[0]
     if first_new == 0:
@@ -159,10 +161,21 @@ def select_pages(policy: str, q: np.ndarray, bounds: np.ndarray, n_pages: int, f
     if shortlist == older - 1:  # every candidate is shortlisted: no need for their bounds
         candidates = np.broadcast_to(np.arange(1, older), (kv_heads, shortlist))
     else:
-        candidates = top_pages(candidate_scores(q, bounds, older, far), shortlist) + 1
+        scores = candidate_scores(q, bounds, older, far)
+        if kept is not None:
+            shortlist_kept(scores, kept, older)
+        candidates = top_pages(scores, shortlist) + 1
     chosen = most_attended(q, candidates, room, keys if far is None else far.keys, row_positions, first_new,
                            n_pages)
     return Selection(np.concatenate([chosen, local], axis=1), first_new, n_pages)
+
+
+def shortlist_kept(scores: np.ndarray, kept: np.ndarray, older: int) -> None:
+    """Raise the scores [kv_heads, older-1] of pages 1..older-1 to their head's highest, for the pages of
+    kept [kv_heads, k] among them: the top of the shortlist holds them (ties at the highest score aside)."""
+    heads = np.broadcast_to(np.arange(kept.shape[0])[:, None], kept.shape)
+    inside = (kept >= 1) & (kept < older)
+    scores[heads[inside], kept[inside] - 1] = scores.max(axis=1)[heads[inside]]
 
 
 def most_attended(q: np.ndarray, candidates: np.ndarray, room: int, keys: KeyReader, row_positions: np.ndarray,
