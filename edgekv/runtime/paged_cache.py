@@ -222,7 +222,7 @@ class PagedCache:
                           FarKeys(keys, self.far, self.shifter) if keys is not None else None, pages.metadata.base)
         selection = select_pages(self.policy, q, pages.metadata.full, pages.n_pages, self.first_new, limit, keys,
                                  self.row_positions[self.pad:], far, self.local_pages,
-                                 self.chosen[layer] if self.decoding else None)
+                                 kept=self.chosen[layer] if self.decoding else None)
         if self.reselect is not None:
             selection = self.reselect(layer, q, pages, selection)
         self.chosen[layer] = selection.middle
