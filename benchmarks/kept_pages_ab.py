@@ -3,8 +3,9 @@
 Per retrieval prompt (as `edgekv eval` builds them, its seeds numbered by depth): one prefill, a greedy
 reply with the kept pages (the runtime as it is), then the prefilled cache restored (bit-exact, the
 kept pages too) and a reply whose decode shortlists come from Quest's bounds alone. `dense` answers the
-prompts where either misses. The first prompt is also answered a second time with the kept pages after
-the restore, which must give the first reply again. One line per prompt, and JSON lines with --jsonl.
+prompts where either misses, inside the trained context (as far as it goes). The first prompt is also
+answered a second time with the kept pages after the restore, which must give the first reply again.
+One line per prompt, and JSON lines with --jsonl.
 
 Usage: .venv/bin/python benchmarks/kept_pages_ab.py [ARTIFACT] [--tasks retrieve-number,passkey,text-passkey]
            [--contexts 2048,4096,8000] [--depths 0,0.25,0.5,0.75,1] [--jsonl PATH]
@@ -75,7 +76,8 @@ def main() -> None:
                     if not checked:
                         assert replies.pop("kept again") == replies["kept"], "the restored cache answers otherwise"
                         checked = True
-                    if not all(prompt.answer in reply for reply in replies.values()):
+                    fits_dense = len(prompt.tokens) <= engine.manifest.model["max_context"]
+                    if fits_dense and not all(prompt.answer in reply for reply in replies.values()):
                         dense = dense or Engine.open(args.artifact, "dense")
                         dense.reset()
                         replies["dense"] = tokenizer.decode(greedy(dense, dense.prefill(prompt.tokens),
