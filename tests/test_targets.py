@@ -33,6 +33,16 @@ def compiled(tiny_artifacts, tmp_path_factory):
     return artifact, outputs
 
 
+def test_openvino_sends_no_telemetry(tiny_artifacts, tmp_path):
+    """OpenVINO's telemetry, on unless declined, keeps a client id under ~/intel and sends usage data from
+    a forked process; edgekv blocks it: a compile leaves no ~/intel."""
+    artifact, home = tmp_path / "llama", tmp_path / "home"
+    shutil.copytree(tiny_artifacts["llama"], artifact)
+    home.mkdir()
+    run_edgekv("compile", str(artifact), "--target", "openvino", check=True, env={"HOME": str(home)})
+    assert not (home / "intel").exists()
+
+
 def test_compile_records_every_graph_with_its_placement(compiled):
     artifact, outputs = compiled
     manifest = load_verified(artifact)  # the compiled files' sha256 are in the manifest and hold

@@ -4,10 +4,16 @@
 so a float32 graph stays float32 (a profile's float16 graphs are float16 already). The device is the
 NPU plugin where the machine has one and the CPU plugin otherwise. The plugin is told the compile's
 precision (float32 by default: on CPUs with bfloat16 units the CPU plugin's default would be bfloat16).
+
+OpenVINO's import and `convert_model` send usage telemetry (`openvino_telemetry`, installed with it) to
+the network from a process forked off a worker thread; edgekv makes no network calls, and that fork of
+a threaded process hung the test suite on the loader's lock. It is blocked before OpenVINO is imported:
+without it OpenVINO uses its own no-op stub.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +29,7 @@ NAME = "openvino"
 
 
 def _openvino():
+    sys.modules.setdefault("openvino_telemetry", None)  # None: its import fails (and OpenVINO's stub is used)
     return require("openvino", INSTALL)
 
 
