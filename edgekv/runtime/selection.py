@@ -8,10 +8,11 @@ selected, which is exactly dense attention.
 - quest: the pages of highest Quest bound (an upper bound of q·k over the page, from its key min/max).
 - rerank: Quest's shortlist of a few times the free room (RERANK_SHORTLIST_*), re-ranked by the
   attention the step's query rows really give each page (softmax over the shortlist, the sink and the
-  step's pages). A decode step's shortlist also holds the pages its layer chose at the step before, so a
-  page the question needs, once found, is not lost to a bound that ranks it low for one token. A bound adds each channel's largest product, which can come from different keys, so
+  step's pages). A bound adds each channel's largest product, which can come from different keys, so
   on repeated text many filler pages bound as high as the one page a question needs; their true
-  attention does not (benchmarks/selection_oracle.py). It reads the shortlist's keys: a cost that
+  attention does not (benchmarks/selection_oracle.py). A decode step's shortlist also holds the pages
+  its layer chose at the step before, so a page the question needs, once found, is not lost to a bound
+  that ranks it low for one token. It reads the shortlist's keys: a cost that
   stops growing once the context passes the shortlist.
 - streaming: the most recent pages (StreamingLLM).
 
